@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (as root: tests mount FUSE filesystems, attach
+# loop devices and start QEMU). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: run as root (tests mount filesystems and attach loop devices)" >&2
+  exit 2
+fi
+cargo build --quiet
+cargo test "$@"
+leftover=$(awk '$3 ~ /^fuse/ && $2 ~ /migsafe-test-/ {print $2}' /proc/mounts)
+if [ -n "$leftover" ]; then
+  echo "scripts/test.sh: tests left mounts behind: $leftover" >&2
+  exit 1
+fi

@@ -1,0 +1,235 @@
+//! Running control commands on images and formatting their results.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use fuser::Notifier;
+use serde_json::json;
+
+use super::request::{self, Target};
+use crate::cache::Identity;
+use crate::fs::MigsafeFs;
+use crate::image::{CommandContext, Image, Outcome, Registry, Source};
+use crate::settings::Settings;
+use crate::sys;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Activate,
+    Inactivate,
+    Invalidate,
+    Flush,
+    Check,
+}
+
+impl Command {
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Activate => "activate",
+            Command::Inactivate => "inactivate",
+            Command::Invalidate => "invalidate",
+            Command::Flush => "flush",
+            Command::Check => "check",
+        }
+    }
+}
+
+/// A command request detached from the request handler, owning everything
+/// it needs so it can run on a worker thread.
+pub struct Job {
+    command: Command,
+    data: Vec<u8>,
+    ctl_name: String,
+    registry: Arc<Registry>,
+    settings: Arc<Settings>,
+    root_fd: Arc<OwnedFd>,
+    notifier: Arc<OnceLock<Notifier>>,
+    devices: Vec<(String, Arc<Image>)>,
+}
+
+impl Job {
+    pub fn new(fs: &MigsafeFs, command: Command, data: &[u8]) -> Job {
+        let devices = fs
+            .devices
+            .iter()
+            .filter_map(|(name, id)| {
+                let inode = fs.inodes.get(*id)?;
+                Some((name.clone(), inode.image()?.clone()))
+            })
+            .collect();
+        Job {
+            command,
+            data: data.to_vec(),
+            ctl_name: fs.config.ctl_name.clone(),
+            registry: fs.registry.clone(),
+            settings: fs.settings.clone(),
+            root_fd: fs.root_fd.clone(),
+            notifier: fs.notifier.clone(),
+            devices,
+        }
+    }
+
+    /// Runs the command on every target; returns the errno of the first
+    /// failure (what write() fails with) and the read-back text.
+    pub fn run(self) -> (Option<i32>, String) {
+        let start = Instant::now();
+        let targets = match request::parse(&self.data, &self.ctl_name) {
+            Ok(t) => t,
+            Err(bad) => {
+                log::warn!("{}: rejected request: {}", self.command.name(), bad.message);
+                return (
+                    Some(bad.errno),
+                    format!(
+                        "result=error errno={} detail={:?}\n",
+                        sys::errno_name(bad.errno),
+                        bad.message
+                    ),
+                );
+            }
+        };
+        let notifier = self.notifier.clone();
+        let invalidate = move |img: &Image| MigsafeFs::invalidate_attrs_async(&notifier, img);
+        let ctx = CommandContext {
+            settings: &self.settings,
+            invalidate_attrs: &invalidate,
+        };
+        let mut first_errno = None;
+        let mut text = String::new();
+        for target in &targets {
+            for resolved in self.resolve(target) {
+                let t0 = Instant::now();
+                let (name, outcome) = match resolved {
+                    Ok(image) => (image.path(), self.apply(&image, &ctx)),
+                    Err((name, outcome)) => (name, outcome),
+                };
+                first_errno = first_errno.or(outcome.errno);
+                text.push_str(&result_line(&name, &outcome, t0.elapsed().as_millis()));
+            }
+        }
+        log::info!(
+            "{} ({} targets): {} in {} ms",
+            self.command.name(),
+            targets.len(),
+            first_errno
+                .map(sys::errno_name)
+                .unwrap_or_else(|| "ok".into()),
+            start.elapsed().as_millis()
+        );
+        (first_errno, text)
+    }
+
+    fn apply(&self, image: &Image, ctx: &CommandContext<'_>) -> Outcome {
+        match self.command {
+            Command::Activate => image.activate(ctx),
+            Command::Inactivate => image.inactivate(ctx),
+            Command::Invalidate => image.invalidate(ctx),
+            Command::Flush => image.flush(ctx),
+            Command::Check => image.check(ctx),
+        }
+    }
+
+    fn resolve(&self, target: &Target) -> Vec<Result<Arc<Image>, (String, Outcome)>> {
+        match target {
+            Target::All => self
+                .registry
+                .all()
+                .into_iter()
+                // Images deleted since they were seen are not "this host's" any more.
+                .filter(|img| img.is_device() || img.open_backing(libc::O_RDONLY).is_ok())
+                .map(Ok)
+                .collect(),
+            Target::Path(path) => vec![self.resolve_path(path).map_err(|o| (path.clone(), o))],
+        }
+    }
+
+    /// Resolves a path beneath the backing root with `openat2(RESOLVE_BENEATH)`:
+    /// `..`, absolute symlinks and symlinks leading outside fail in the kernel.
+    fn resolve_path(&self, path: &str) -> Result<Arc<Image>, Outcome> {
+        if let Some((_, img)) = self.devices.iter().find(|(n, _)| n == path) {
+            return Ok(img.clone());
+        }
+        let fail = |errno: i32, detail: String| Outcome {
+            errno: Some(errno),
+            resident_pages: 0,
+            detail,
+        };
+        let cpath = sys::cstring(std::ffi::OsStr::new(path))
+            .map_err(|_| fail(libc::EINVAL, "bad path".into()))?;
+        let fd = sys::openat2_beneath(self.root_fd.as_fd(), &cpath, libc::O_PATH).map_err(|e| {
+            match sys::errno_of(&e) {
+                libc::EXDEV | libc::ELOOP => {
+                    fail(libc::EINVAL, "path leads outside the mount".into())
+                }
+                libc::ENOENT => fail(
+                    libc::ENOENT,
+                    "no such image; paths are relative to the mount root".into(),
+                ),
+                errno => fail(errno, format!("cannot resolve: {e}")),
+            }
+        })?;
+        let st = sys::fstat_fd(fd.as_fd()).map_err(|e| fail(sys::errno_of(&e), e.to_string()))?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(fail(libc::EINVAL, "is a directory, not an image".into())),
+            _ => return Err(fail(libc::EINVAL, "not a regular file".into())),
+        }
+        let identity = Identity::of_stat(&st);
+        Ok(self.registry.get_or_insert(identity, || {
+            Image::new(
+                identity,
+                Source::File {
+                    root: self.root_fd.clone(),
+                    live: Default::default(),
+                },
+                path.to_string(),
+            )
+        }))
+    }
+}
+
+/// One read-back line: `image=disk.img result=ok resident_pages=0 ms=3`.
+fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
+    match o.errno {
+        None => format!(
+            "image={name} result=ok resident_pages={} ms={ms}\n",
+            o.resident_pages
+        ),
+        Some(e) => format!(
+            "image={name} result=error errno={} resident_pages={} ms={ms} detail={:?}\n",
+            sys::errno_name(e),
+            o.resident_pages,
+            o.detail
+        ),
+    }
+}
+
+/// The `status` document.
+pub fn status_json(fs: &MigsafeFs) -> serde_json::Value {
+    let images: Vec<serde_json::Value> = fs
+        .registry
+        .all()
+        .iter()
+        .filter_map(|img| {
+            let size = if img.is_device() {
+                img.device_size.load(Ordering::Relaxed)
+            } else {
+                let f = img.open_backing(libc::O_RDONLY).ok()?;
+                crate::cache::file_size(&f).unwrap_or(0)
+            };
+            Some(img.status_json(size))
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "data_paths": {
+            "passthrough_supported": fs.passthrough_active.load(Ordering::Relaxed),
+            "io": format!("{:?}", fs.config.io).to_lowercase(),
+            "devices": "relay",
+        },
+        "ctl_name": fs.config.ctl_name,
+        "settings": fs.settings.to_json(),
+        "images": images,
+    })
+}

@@ -1,0 +1,99 @@
+//! The two data paths of DESIGN §2.
+//!
+//! passthrough: the kernel reads and writes the backing file itself; the
+//! daemon only registers one backing file per inode (shared by all handles,
+//! released with the last one).
+//!
+//! relay: the daemon serves each request with pread/pwrite on a buffered (or,
+//! for O_DIRECT openers, O_DIRECT) backing fd, while the FUSE side is opened
+//! FOPEN_DIRECT_IO so the FUSE inode caches nothing: the only page cache is
+//! the backing's, the one migration control manages.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use fuser::BackingId;
+
+use crate::sys::AlignedBuf;
+
+/// A backing file registered with the kernel for passthrough. Dropping it
+/// closes the kernel's backing id (fuser's `BackingId` does the ioctl).
+#[derive(Debug)]
+pub struct PassthroughBacking {
+    pub id: BackingId,
+    pub file: Arc<File>,
+}
+
+thread_local! {
+    /// One buffer per event-loop thread: no allocation per request, and
+    /// aligned so O_DIRECT backing fds accept it.
+    static BUFFER: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::empty()) };
+}
+
+/// Reads up to `size` bytes at `offset`, retrying short reads until EOF so a
+/// partial pread is never mistaken for end of file by the kernel.
+pub fn relay_read<R>(
+    file: &File,
+    offset: u64,
+    size: usize,
+    reply: impl FnOnce(io::Result<&[u8]>) -> R,
+) -> R {
+    BUFFER.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        let buf = buf.get(size);
+        let mut done = 0usize;
+        while done < size {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if done == 0 {
+                        return reply(Err(e));
+                    }
+                    break;
+                }
+            }
+        }
+        reply(Ok(&buf[..done]))
+    })
+}
+
+/// Writes `data` at `offset`. For O_DIRECT backing fds the data is copied
+/// into an aligned buffer first: FUSE places write data at an arbitrary
+/// offset inside its request buffer, and O_DIRECT rejects unaligned memory
+/// with EINVAL. A short write is returned as such; an error after partial
+/// progress reports the progress (POSIX write semantics).
+pub fn relay_write(file: &File, offset: u64, data: &[u8], direct: bool) -> io::Result<usize> {
+    if direct {
+        BUFFER.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let buf = buf.get(data.len());
+            buf.copy_from_slice(data);
+            write_all_at(file, offset, buf)
+        })
+    } else {
+        write_all_at(file, offset, data)
+    }
+}
+
+fn write_all_at(file: &File, offset: u64, data: &[u8]) -> io::Result<usize> {
+    let mut done = 0usize;
+    while done < data.len() {
+        match file.write_at(&data[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+        }
+    }
+    Ok(done)
+}

@@ -1,0 +1,608 @@
+//! Operations on open images: open/create (data-path choice, invalidate on
+//! open), read/write (relay), the sync rules (fsync, fsync on close, sticky
+//! errors), setattr, fallocate, lseek, copy_file_range.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, ReplyCreate, ReplyOpen, Request,
+    TimeOrNow,
+};
+
+use super::inodes::{Inode, Kind};
+use super::{IoMode, MigsafeFs, Open, attr};
+use crate::datapath::{self, PassthroughBacking};
+use crate::image::{CommandContext, DataPath, HandleInfo, Image};
+use crate::settings::OnOpen;
+use crate::sys::{self, FsCreds};
+
+/// One open handle of an image.
+pub(crate) struct FileHandleState {
+    pub inode: Arc<Inode>,
+    pub image: Arc<Image>,
+    /// The backing fd this handle reads, writes and syncs (opened with the
+    /// caller's access mode and O_DIRECT/O_SYNC flags).
+    pub file: Arc<File>,
+    pub data_path: DataPath,
+    pub direct: bool,
+    pub writable: bool,
+    /// Data written since the last successful sync. Passthrough writes never
+    /// reach the daemon, so a writable passthrough handle counts as written.
+    pub unsynced: AtomicBool,
+    /// Keeps the inode's passthrough registration alive while open.
+    _passthrough: Option<Arc<PassthroughBacking>>,
+}
+
+pub(crate) struct AttrChanges {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+}
+
+fn errno(e: std::io::Error) -> Errno {
+    Errno::from_i32(sys::errno_of(&e))
+}
+
+/// Flags for the daemon's backing fd: the caller's access mode and the flags
+/// that change I/O semantics. O_APPEND is left out: the kernel sends the
+/// write offset, and pwrite on an O_APPEND fd would ignore it.
+fn backing_flags(flags: i32) -> i32 {
+    flags & (libc::O_ACCMODE | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME)
+}
+
+impl MigsafeFs {
+    fn data_path_for(&self, inode: &Inode) -> DataPath {
+        if inode.device_name.is_some() {
+            // The kernel refuses a block device as passthrough backing (EINVAL).
+            return DataPath::Relay;
+        }
+        match self.config.io {
+            IoMode::Relay => DataPath::Relay,
+            _ if self.passthrough_active.load(Ordering::Relaxed) => DataPath::Passthrough,
+            _ => DataPath::Relay,
+        }
+    }
+
+    /// Close-to-open (DESIGN §3): on the first open of an image on this
+    /// host, drop whatever this host cached of it before the open completes.
+    fn invalidate_on_first_open(&self, image: &Image) -> Result<(), Errno> {
+        let mode = self.settings.on_open();
+        if mode == OnOpen::Off || !self.settings.drop_cache() || image.open_handle_count() > 0 {
+            return Ok(());
+        }
+        let invalidate = |img: &Image| Self::invalidate_attrs_async(&self.notifier, img);
+        let ctx = CommandContext {
+            settings: &self.settings,
+            invalidate_attrs: &invalidate,
+        };
+        let outcome = image.invalidate_on_open(&ctx);
+        match (outcome.errno, mode) {
+            (None, _) => Ok(()),
+            (Some(e), OnOpen::Invalidate) => {
+                log::warn!(
+                    "open {}: refused ({}): {}; run `migsafe ctl MOUNT check {}` to see what holds it",
+                    image.path(),
+                    sys::errno_name(e),
+                    outcome.detail,
+                    image.path()
+                );
+                Err(Errno::from_i32(e))
+            }
+            (Some(e), _) => {
+                log::warn!(
+                    "open {}: invalidate-on-open failed ({}), opening anyway: {}",
+                    image.path(),
+                    sys::errno_name(e),
+                    outcome.detail
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens the backing of an image inode for a handle, as the caller.
+    fn open_image_backing(
+        &self,
+        req: &Request,
+        inode: &Inode,
+        image: &Image,
+        flags: i32,
+    ) -> Result<File, Errno> {
+        let bflags = backing_flags(flags);
+        match &inode.fd {
+            Some(fd) => {
+                let _creds = FsCreds::switch(req.uid(), req.gid());
+                sys::reopen(fd.as_fd(), bflags).map_err(errno)
+            }
+            None => image.open_backing(bflags).map_err(|e| {
+                log::warn!("device {}: open: {e}", image.path());
+                errno(e)
+            }),
+        }
+    }
+
+    /// Returns the inode's passthrough registration, creating it with root's
+    /// credentials (the kernel opens the backing with the registering
+    /// credentials for every later opener; permission was already checked by
+    /// the caller's own open).
+    fn passthrough_backing(
+        &self,
+        inode: &Inode,
+        reply: &ReplyOpenLike<'_>,
+    ) -> std::io::Result<Arc<PassthroughBacking>> {
+        let mut slot = inode.passthrough.lock().expect("passthrough lock");
+        if let Some(existing) = slot.upgrade() {
+            return Ok(existing);
+        }
+        let fd = inode
+            .fd
+            .as_ref()
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let file = sys::reopen(fd.as_fd(), libc::O_RDWR)
+            .or_else(|_| sys::reopen(fd.as_fd(), libc::O_RDONLY))?;
+        let id = match reply {
+            ReplyOpenLike::Open(r) => r.open_backing(&file)?,
+            ReplyOpenLike::Create(r) => r.open_backing(&file)?,
+        };
+        let backing = Arc::new(PassthroughBacking {
+            id,
+            file: Arc::new(file),
+        });
+        *slot = Arc::downgrade(&backing);
+        Ok(backing)
+    }
+
+    /// Everything open and create share after the backing fd exists.
+    fn register_handle(
+        &self,
+        req: &Request,
+        inode: Arc<Inode>,
+        image: Arc<Image>,
+        file: File,
+        flags: i32,
+        reply: ReplyOpenLike<'_>,
+    ) -> Result<(u64, FopenFlags, Option<Arc<PassthroughBacking>>), Errno> {
+        let mut data_path = self.data_path_for(&inode);
+        let mut passthrough = None;
+        if data_path == DataPath::Passthrough {
+            match self.passthrough_backing(&inode, &reply) {
+                Ok(b) => passthrough = Some(b),
+                Err(e) if self.config.io == IoMode::Passthrough => {
+                    log::warn!(
+                        "open {}: passthrough registration failed: {e}",
+                        image.path()
+                    );
+                    return Err(errno(e));
+                }
+                Err(e) => {
+                    log::info!(
+                        "open {}: passthrough unavailable ({e}); using relay",
+                        image.path()
+                    );
+                    data_path = DataPath::Relay;
+                }
+            }
+        }
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let file = Arc::new(file);
+        let handle = Arc::new(FileHandleState {
+            inode: inode.clone(),
+            image: image.clone(),
+            file: file.clone(),
+            data_path,
+            direct: flags & libc::O_DIRECT != 0,
+            writable,
+            unsynced: AtomicBool::new(writable && data_path == DataPath::Passthrough),
+            _passthrough: passthrough.clone(),
+        });
+        let fh = self.add_handle(Open::File(handle));
+        image.add_handle(
+            fh,
+            HandleInfo {
+                pid: req.pid(),
+                data_path,
+                writable,
+                file,
+            },
+        );
+        log::info!(
+            "open {} data path={} pid={} flags={:#o}",
+            image.path(),
+            data_path.name(),
+            req.pid(),
+            flags
+        );
+        let fopen = match data_path {
+            DataPath::Passthrough => FopenFlags::empty(),
+            DataPath::Relay => {
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            }
+        };
+        Ok((fh, fopen, passthrough))
+    }
+
+    pub(crate) fn do_open(&self, req: &Request, ino: INodeNo, flags: i32, reply: ReplyOpen) {
+        let result = (|| {
+            let inode = self.inode(ino)?;
+            let image = match &inode.kind {
+                Kind::Image(img) => img.clone(),
+                Kind::Directory => return Err(Errno::EISDIR),
+                _ => return Err(Errno::EINVAL),
+            };
+            if flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0 {
+                image
+                    .check_writable(&self.settings)
+                    .map_err(Errno::from_i32)?;
+            }
+            self.invalidate_on_first_open(&image)?;
+            let file = self.open_image_backing(req, &inode, &image, flags)?;
+            self.register_handle(req, inode, image, file, flags, ReplyOpenLike::Open(&reply))
+        })();
+        match result {
+            Ok((fh, fopen, Some(pt))) => reply.opened_passthrough(FileHandle(fh), fopen, &pt.id),
+            Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(crate) fn do_create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| -> Result<Created, Errno> {
+            if self.is_ctl_name(parent, name) || parent.0 == super::inodes::CTL_DIR {
+                return Err(Errno::EPERM);
+            }
+            if let Some(id) = self.device_at_root(parent, name) {
+                // Creating over a device entry opens it, as O_CREAT on an
+                // existing file does; O_EXCL must fail.
+                if flags & libc::O_EXCL != 0 {
+                    return Err(Errno::EEXIST);
+                }
+                let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
+                let image = inode.image().ok_or(Errno::EIO)?.clone();
+                let file = self.open_image_backing(req, &inode, &image, flags)?;
+                let attr = self.attr_of(&inode)?;
+                let (fh, fopen, pt) = self.register_handle(
+                    req,
+                    inode,
+                    image,
+                    file,
+                    flags,
+                    ReplyOpenLike::Create(&reply),
+                )?;
+                return Ok((attr, fh, fopen, pt));
+            }
+            let dir = self.parent_dir(parent)?;
+            let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+            if name.is_empty() || name.as_encoded_bytes().contains(&b'/') {
+                return Err(Errno::EINVAL);
+            }
+            let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
+            let opath = {
+                let _creds = FsCreds::switch(req.uid(), req.gid());
+                // Create as the caller, then pin the new entry with O_PATH.
+                let created = sys::openat(
+                    dirfd.as_fd(),
+                    &cname,
+                    (flags & (libc::O_EXCL | libc::O_ACCMODE)) | libc::O_CREAT | libc::O_NOFOLLOW,
+                    mode,
+                )
+                .map_err(errno)?;
+                drop(created);
+                sys::openat(dirfd.as_fd(), &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                    .map_err(errno)?
+            };
+            let attr = self.enter(&dir, name, opath)?;
+            let inode = self.inodes.get(attr.ino.0).ok_or(Errno::EIO)?;
+            let image = inode.image().ok_or(Errno::EISDIR)?.clone();
+            if flags & libc::O_TRUNC != 0 {
+                image
+                    .check_writable(&self.settings)
+                    .map_err(Errno::from_i32)?;
+            }
+            let file = self.open_image_backing(req, &inode, &image, flags)?;
+            if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+                file.set_len(0).map_err(errno)?;
+            }
+            let attr = self.attr_of(&inode)?;
+            let (fh, fopen, pt) = self.register_handle(
+                req,
+                inode,
+                image,
+                file,
+                flags,
+                ReplyOpenLike::Create(&reply),
+            )?;
+            Ok((attr, fh, fopen, pt))
+        })();
+        match result {
+            Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
+                &attr::TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                fopen,
+                &pt.id,
+            ),
+            Ok((attr, fh, fopen, None)) => {
+                reply.created(&attr::TTL, &attr, Generation(0), FileHandle(fh), fopen)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(crate) fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: fuser::ReplyData) {
+        let h = match self.file_handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        h.image.counters.reads.fetch_add(1, Ordering::Relaxed);
+        datapath::relay_read(&h.file, offset, size as usize, |res| match res {
+            Ok(data) => reply.data(data),
+            Err(e) => {
+                log::warn!("read {} at {offset}: {e}", h.image.path());
+                reply.error(errno(e))
+            }
+        })
+    }
+
+    pub(crate) fn do_write(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, Errno> {
+        let h = self.file_handle(fh)?;
+        h.image
+            .check_writable(&self.settings)
+            .map_err(Errno::from_i32)?;
+        let mut data = data;
+        if h.inode.device_name.is_some() {
+            // A device cannot grow: writes past its end get ENOSPC, as on the
+            // block device itself.
+            let size = h.image.device_size.load(Ordering::Relaxed);
+            if offset >= size && !data.is_empty() {
+                return Err(Errno::ENOSPC);
+            }
+            let room = (size - offset) as usize;
+            data = &data[..data.len().min(room)];
+        }
+        h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
+        h.unsynced.store(true, Ordering::Relaxed);
+        datapath::relay_write(&h.file, offset, data, h.direct).map_err(|e| {
+            log::warn!("write {} at {offset}: {e}", h.image.path());
+            errno(e)
+        })
+    }
+
+    pub(crate) fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), Errno> {
+        let h = self.file_handle(fh)?;
+        h.image
+            .sync_file(&h.file, datasync, &self.settings)
+            .map_err(Errno::from_i32)?;
+        h.unsynced.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `close()` waits for FLUSH (not for RELEASE), so the fsync-on-close
+    /// rule syncs here and its error reaches the closing process.
+    pub(crate) fn do_flush(&self, fh: FileHandle) -> Result<(), Errno> {
+        let h = self.file_handle(fh)?;
+        if !self.settings.fsync_on_close() || !h.unsynced.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        h.image
+            .sync_file(&h.file, false, &self.settings)
+            .map_err(Errno::from_i32)?;
+        if h.data_path == DataPath::Relay {
+            h.unsynced.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn do_release(&self, fh: FileHandle) {
+        let Some(open) = self.remove_handle(fh) else {
+            return;
+        };
+        let Open::File(h) = open else {
+            return;
+        };
+        if self.settings.fsync_on_close() && h.unsynced.load(Ordering::Relaxed) && h.writable {
+            // Data written after the last flush (through a dup'ed fd or mmap).
+            if let Err(e) = h.image.sync_file(&h.file, false, &self.settings) {
+                log::warn!(
+                    "release {}: sync failed: {}",
+                    h.image.path(),
+                    sys::errno_name(e)
+                );
+            }
+        }
+        h.image.remove_handle(fh.0);
+    }
+
+    pub(crate) fn do_setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        ch: AttrChanges,
+        fh: Option<FileHandle>,
+    ) -> Result<FileAttr, Errno> {
+        if MigsafeFs::is_virtual(ino.0) {
+            // `echo x > .ctl/file` truncates first; control files have no size.
+            crate::ctl::check_writer(self, req)?;
+            return Ok(self.ctl_file_attr(ino.0));
+        }
+        let inode = self.inode(ino)?;
+        if inode.device_name.is_some() {
+            return self.setattr_device(&inode, &ch);
+        }
+        let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
+        let path = sys::proc_fd_path(fd.as_fd());
+        let is_link = matches!(inode.kind, Kind::Symlink);
+        let _creds = FsCreds::switch(req.uid(), req.gid());
+        if let Some(mode) = ch.mode {
+            if is_link {
+                return Err(Errno::from_i32(libc::EOPNOTSUPP));
+            }
+            // SAFETY: path is NUL-terminated.
+            if unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) } != 0 {
+                return Err(errno(std::io::Error::last_os_error()));
+            }
+        }
+        if ch.uid.is_some() || ch.gid.is_some() {
+            let uid = ch.uid.unwrap_or(u32::MAX);
+            let gid = ch.gid.unwrap_or(u32::MAX);
+            // SAFETY: empty path + AT_EMPTY_PATH acts on the O_PATH fd itself
+            // (also for symlinks).
+            let ret = unsafe {
+                libc::fchownat(
+                    std::os::fd::AsRawFd::as_raw_fd(&**fd),
+                    c"".as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+            if ret != 0 {
+                return Err(errno(std::io::Error::last_os_error()));
+            }
+        }
+        if let Some(size) = ch.size {
+            let image = inode.image().ok_or(Errno::EISDIR)?;
+            image
+                .check_writable(&self.settings)
+                .map_err(Errno::from_i32)?;
+            let handle_file = fh
+                .and_then(|fh| self.file_handle(fh).ok())
+                .filter(|h| h.writable);
+            match handle_file {
+                Some(h) => h.file.set_len(size).map_err(errno)?,
+                None => {
+                    // SAFETY: path is NUL-terminated.
+                    if unsafe { libc::truncate(path.as_ptr(), size as libc::off_t) } != 0 {
+                        return Err(errno(std::io::Error::last_os_error()));
+                    }
+                }
+            }
+        }
+        if ch.atime.is_some() || ch.mtime.is_some() {
+            if is_link {
+                return Err(Errno::from_i32(libc::EOPNOTSUPP));
+            }
+            let ts = |t: Option<TimeOrNow>| match t {
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(TimeOrNow::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(TimeOrNow::SpecificTime(t)) => {
+                    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    libc::timespec {
+                        tv_sec: d.as_secs() as i64,
+                        tv_nsec: d.subsec_nanos() as i64,
+                    }
+                }
+            };
+            let times = [ts(ch.atime), ts(ch.mtime)];
+            // SAFETY: path is NUL-terminated; times has two entries.
+            if unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) } != 0 {
+                return Err(errno(std::io::Error::last_os_error()));
+            }
+        }
+        self.attr_of(&inode)
+    }
+
+    /// A device entry's size is the device's: truncating to it is a no-op,
+    /// to anything else EINVAL; ownership and mode belong to the device node.
+    fn setattr_device(&self, inode: &Inode, ch: &AttrChanges) -> Result<FileAttr, Errno> {
+        let image = inode.image().ok_or(Errno::EIO)?;
+        if ch.mode.is_some() || ch.uid.is_some() || ch.gid.is_some() {
+            return Err(Errno::EPERM);
+        }
+        if let Some(size) = ch.size
+            && size != image.device_size.load(Ordering::Relaxed)
+        {
+            return Err(Errno::EINVAL);
+        }
+        self.attr_of(inode)
+    }
+
+    pub(crate) fn do_fallocate(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
+        let h = self.file_handle(fh)?;
+        h.image
+            .check_writable(&self.settings)
+            .map_err(Errno::from_i32)?;
+        if h.inode.device_name.is_some()
+            && mode & libc::FALLOC_FL_KEEP_SIZE == 0
+            && mode & libc::FALLOC_FL_PUNCH_HOLE == 0
+        {
+            let size = h.image.device_size.load(Ordering::Relaxed);
+            if offset.saturating_add(length) > size {
+                return Err(Errno::ENOSPC);
+            }
+        }
+        h.unsynced.store(true, Ordering::Relaxed);
+        sys::fallocate(h.file.as_fd(), mode, offset, length).map_err(errno)
+    }
+
+    pub(crate) fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let h = self.file_handle(fh)?;
+        sys::lseek(h.file.as_fd(), offset, whence).map_err(errno)
+    }
+
+    pub(crate) fn do_copy_file_range(
+        &self,
+        fh_in: FileHandle,
+        off_in: u64,
+        fh_out: FileHandle,
+        off_out: u64,
+        len: u64,
+    ) -> Result<usize, Errno> {
+        let hin = self.file_handle(fh_in)?;
+        let hout = self.file_handle(fh_out)?;
+        hout.image
+            .check_writable(&self.settings)
+            .map_err(Errno::from_i32)?;
+        let mut len = len.min(u32::MAX as u64 & !0xfff) as usize;
+        if hout.inode.device_name.is_some() {
+            let size = hout.image.device_size.load(Ordering::Relaxed);
+            if off_out >= size {
+                return Err(Errno::ENOSPC);
+            }
+            len = len.min((size - off_out) as usize);
+        }
+        hout.unsynced.store(true, Ordering::Relaxed);
+        sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len)
+            .map_err(errno)
+    }
+}
+
+/// What create hands back: attributes, handle, open flags, passthrough id.
+type Created = (FileAttr, u64, FopenFlags, Option<Arc<PassthroughBacking>>);
+
+/// open and create replies both register passthrough backings.
+pub(crate) enum ReplyOpenLike<'a> {
+    Open(&'a ReplyOpen),
+    Create(&'a ReplyCreate),
+}

@@ -1,0 +1,702 @@
+//! The fuser `Filesystem`: inode table, handles, and one module per group of
+//! operations (namespace, files, control directory).
+
+pub mod attr;
+mod files;
+pub mod inodes;
+mod namespace;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::SystemTime;
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::cache::Identity;
+use crate::ctl::{self, CtlHandle};
+use crate::image::{Image, Registry, Source};
+use crate::settings::Settings;
+use crate::sys;
+use inodes::{Inode, InodeTable, Kind};
+
+/// `--io`: which data path regular files use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    Auto,
+    Passthrough,
+    Relay,
+}
+
+/// A `--device NAME=PATH` entry, validated at start.
+#[derive(Debug)]
+pub struct DeviceSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub stat: libc::stat,
+    pub size: u64,
+}
+
+/// Everything fixed at mount time.
+#[derive(Debug)]
+pub struct FsConfig {
+    pub io: IoMode,
+    pub ctl_name: String,
+    pub xattr: bool,
+    /// The user who mounted: besides root, the only one allowed to write
+    /// control files.
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    pub max_write: u32,
+    pub max_background: u16,
+}
+
+/// An open file, directory or control file.
+pub(crate) enum Open {
+    File(Arc<files::FileHandleState>),
+    Dir(Arc<namespace::DirSnapshot>),
+    Ctl(Arc<CtlHandle>),
+}
+
+pub struct MigsafeFs {
+    pub(crate) config: FsConfig,
+    pub settings: Arc<Settings>,
+    pub registry: Arc<Registry>,
+    pub(crate) root_fd: Arc<OwnedFd>,
+    pub(crate) inodes: InodeTable,
+    pub(crate) handles: RwLock<HashMap<u64, Open>>,
+    next_fh: AtomicU64,
+    /// (name, node id) of `--device` entries, in command-line order.
+    pub(crate) devices: Vec<(String, u64)>,
+    /// Filled after the session exists; used from worker threads only.
+    pub notifier: Arc<OnceLock<Notifier>>,
+    pub(crate) passthrough_active: AtomicBool,
+    pub(crate) mounted_at: SystemTime,
+}
+
+impl MigsafeFs {
+    pub fn new(
+        config: FsConfig,
+        settings: Arc<Settings>,
+        root_fd: OwnedFd,
+        devices: Vec<DeviceSpec>,
+    ) -> std::io::Result<MigsafeFs> {
+        let root_fd = Arc::new(root_fd);
+        let root_st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&*root_fd))?;
+        let inodes = InodeTable::new();
+        inodes.insert_pinned(
+            Some(inodes::ROOT),
+            Some(root_fd.clone()),
+            Identity::of_stat(&root_st),
+            Kind::Directory,
+            None,
+        );
+        let registry = Arc::new(Registry::default());
+        let mut device_ids = Vec::new();
+        for dev in devices {
+            let identity = Identity::of_stat(&dev.stat);
+            let image = registry.get_or_insert(identity, || {
+                Image::new(identity, Source::Device(dev.path.clone()), dev.name.clone())
+            });
+            image.device_size.store(dev.size, Ordering::Relaxed);
+            let inode = inodes.insert_pinned(
+                None,
+                None,
+                identity,
+                Kind::Image(image.clone()),
+                Some(dev.name.clone()),
+            );
+            image.nodeid.store(inode.nodeid, Ordering::Relaxed);
+            device_ids.push((dev.name, inode.nodeid));
+        }
+        Ok(MigsafeFs {
+            config,
+            settings,
+            registry,
+            root_fd,
+            inodes,
+            handles: RwLock::default(),
+            next_fh: AtomicU64::new(1),
+            devices: device_ids,
+            notifier: Arc::new(OnceLock::new()),
+            passthrough_active: AtomicBool::new(false),
+            mounted_at: SystemTime::now(),
+        })
+    }
+
+    pub(crate) fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    pub(crate) fn add_handle(&self, open: Open) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().expect("handles lock").insert(fh, open);
+        fh
+    }
+
+    pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<files::FileHandleState>, Errno> {
+        match self.handles.read().expect("handles lock").get(&fh.0) {
+            Some(Open::File(h)) => Ok(h.clone()),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    pub(crate) fn ctl_handle(&self, fh: FileHandle) -> Option<Arc<CtlHandle>> {
+        match self.handles.read().expect("handles lock").get(&fh.0) {
+            Some(Open::Ctl(h)) => Some(h.clone()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn remove_handle(&self, fh: FileHandle) -> Option<Open> {
+        self.handles.write().expect("handles lock").remove(&fh.0)
+    }
+
+    /// The path of `name` in directory `parent`, relative to the mount root.
+    pub(crate) fn child_path(parent: &Inode, name: &OsStr) -> String {
+        let p = parent.path.read().expect("path lock");
+        if p.is_empty() {
+            name.to_string_lossy().into_owned()
+        } else {
+            format!("{p}/{}", name.to_string_lossy())
+        }
+    }
+
+    pub(crate) fn is_ctl_name(&self, parent: INodeNo, name: &OsStr) -> bool {
+        parent == INodeNo::ROOT && name == OsStr::new(&self.config.ctl_name)
+    }
+
+    pub(crate) fn device_at_root(&self, parent: INodeNo, name: &OsStr) -> Option<u64> {
+        if parent != INodeNo::ROOT {
+            return None;
+        }
+        self.devices
+            .iter()
+            .find(|(n, _)| OsStr::new(n) == name)
+            .map(|(_, id)| *id)
+    }
+
+    /// Attributes of any node (backing entry, device or control node).
+    pub(crate) fn attr_of(&self, inode: &Inode) -> Result<fuser::FileAttr, Errno> {
+        if let Some(name) = &inode.device_name {
+            let image = inode.image().ok_or(Errno::EIO)?;
+            let Source::Device(path) = &image.source else {
+                return Err(Errno::EIO);
+            };
+            let st = sys::stat_path(&sys::cstring(path.as_os_str()).map_err(Errno::from)?)
+                .map_err(|e| {
+                    log::warn!("device {name}: stat {}: {e}", path.display());
+                    Errno::from(e)
+                })?;
+            return Ok(attr::device(
+                inode.nodeid,
+                &st,
+                image.device_size.load(Ordering::Relaxed),
+            ));
+        }
+        let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
+        let st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&**fd)).map_err(Errno::from)?;
+        Ok(attr::from_stat(inode.nodeid, &st))
+    }
+
+    /// Invalidates the kernel's attributes (and any FUSE-side pages) of the
+    /// image's inode. Must run on a worker thread: the kernel may wait on
+    /// locks held by the request being served when called from a handler.
+    pub(crate) fn invalidate_attrs_async(notifier: &Arc<OnceLock<Notifier>>, image: &Image) {
+        let nodeid = image.nodeid.load(Ordering::Relaxed);
+        if nodeid == 0 {
+            return;
+        }
+        let notifier = notifier.clone();
+        std::thread::spawn(move || {
+            if let Some(n) = notifier.get()
+                && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
+            {
+                log::debug!("inval_inode {nodeid}: {e}");
+            }
+        });
+    }
+
+    pub(crate) fn ctl_file_attr(&self, nodeid: u64) -> fuser::FileAttr {
+        let perm = ctl::file_mode(nodeid);
+        attr::virtual_node(
+            nodeid,
+            nodeid == inodes::CTL_DIR,
+            perm,
+            self.config.owner_uid,
+            self.config.owner_gid,
+            self.mounted_at,
+        )
+    }
+
+    pub(crate) fn is_virtual(nodeid: u64) -> bool {
+        nodeid >= inodes::CTL_DIR && nodeid < inodes::CTL_FIRST + ctl::FILES.len() as u64
+    }
+}
+
+impl Filesystem for MigsafeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        let want_pt = self.config.io != IoMode::Relay;
+        let pt_offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
+        if want_pt && pt_offered && sys::has_cap_sys_admin() {
+            config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .map_err(|_| std::io::Error::other("kernel refused FUSE_PASSTHROUGH"))?;
+            // Backing files on ordinary filesystems have stack depth 0; 1 also
+            // allows a backing that is itself a FUSE mount (mergerfs, NFS-like).
+            let _ = config.set_max_stack_depth(2);
+            self.passthrough_active.store(true, Ordering::Relaxed);
+        } else if self.config.io == IoMode::Passthrough {
+            let why = if !pt_offered {
+                "the kernel does not offer FUSE passthrough (needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
+            } else {
+                "FUSE passthrough needs CAP_SYS_ADMIN (run as root)"
+            };
+            return Err(std::io::Error::other(format!(
+                "--io passthrough: {why}; use --io relay or auto"
+            )));
+        }
+        // mmap of FOPEN_DIRECT_IO (relay) files fails with ENODEV without it.
+        if caps.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP) {
+            let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        }
+        for flag in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ASYNC_DIO] {
+            if caps.contains(flag) {
+                let _ = config.add_capabilities(flag);
+            }
+        }
+        let _ = config.set_max_write(self.config.max_write);
+        let _ = config.set_max_background(self.config.max_background);
+        log::info!(
+            "mounted: io={:?} passthrough={} max_write={} ctl={}",
+            self.config.io,
+            self.passthrough_active.load(Ordering::Relaxed),
+            self.config.max_write,
+            self.config.ctl_name
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(req, parent, name) {
+            Ok(attr) => reply.entry(&attr::TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if Self::is_virtual(ino.0) {
+            return reply.attr(&attr::TTL, &self.ctl_file_attr(ino.0));
+        }
+        match self.inode(ino).and_then(|i| self.attr_of(&i)) {
+            Ok(a) => reply.attr(&attr::TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let changes = files::AttrChanges {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        match self.do_setattr(req, ino, changes, fh) {
+            Ok(a) => reply.attr(&attr::TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.do_readlink(ino) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.do_mknod(req, parent, name, mode, rdev) {
+            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.do_mkdir(req, parent, name, mode) {
+            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_remove(req, parent, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_remove(req, parent, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self.do_symlink(req, parent, link_name, target) {
+            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(req, parent, name, newparent, newname, flags.bits()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.do_link(req, ino, newparent, newname) {
+            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if Self::is_virtual(ino.0) {
+            return ctl::open(self, req, ino.0, flags.0, reply);
+        }
+        self.do_open(req, ino, flags.0, reply);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if Self::is_virtual(ino.0) {
+            return ctl::read(self, fh, offset, size, reply);
+        }
+        self.do_read(fh, offset, size, reply);
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if Self::is_virtual(ino.0) {
+            return ctl::write(self, req, ino.0, fh, data, reply);
+        }
+        match self.do_write(fh, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        if Self::is_virtual(ino.0) {
+            return reply.ok();
+        }
+        match self.do_flush(fh) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.do_release(fh);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if Self::is_virtual(ino.0) {
+            return reply.ok();
+        }
+        match self.do_fsync(fh, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(req, ino) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let snapshot = match self.handles.read().expect("handles lock").get(&fh.0) {
+            Some(Open::Dir(d)) => d.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        for (i, (ino, kind, name)) in snapshot.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.remove_handle(fh);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fsyncdir(ino, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match nix::sys::statvfs::statvfs(
+            sys::proc_fd_path(std::os::fd::AsFd::as_fd(&*self.root_fd)).as_c_str(),
+        ) {
+            Ok(s) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files(),
+                s.files_free(),
+                s.block_size() as u32,
+                s.name_max() as u32,
+                s.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_setxattr(ino, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.do_getxattr(ino, Some(name), size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.do_getxattr(ino, None, size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_removexattr(ino, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.do_access(req, ino, mask.bits()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.do_create(req, parent, name, mode, flags, reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fallocate(fh, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.do_lseek(fh, offset, whence) {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! The image registry and each image's migration state machine
+//! (DESIGN §3): active/inactive, the sticky sync error, open handles,
+//! counters and the last control command. Images are keyed by backing
+//! identity (device, inode), so two paths to one file are one image, and an
+//! image's state outlives the kernel forgetting its FUSE inode.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::cache::{self, Identity, Report, format_ranges, holders::format_holders};
+use crate::settings::Settings;
+use crate::sys;
+
+/// Where an image's bytes live.
+#[derive(Debug)]
+pub enum Source {
+    /// A regular file of the backing directory. While the kernel holds its
+    /// FUSE inode, `live` reaches the inode's O_PATH fd (immune to renames);
+    /// otherwise the file is found again by its last path beneath the
+    /// backing root and must still be the same (dev, ino). The registry never
+    /// pins the file itself: deleting an image must free its space.
+    File {
+        root: Arc<OwnedFd>,
+        live: Mutex<Weak<OwnedFd>>,
+    },
+    /// A block device (or file) given with `--device NAME=PATH`.
+    Device(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    Passthrough,
+    Relay,
+}
+
+impl DataPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Passthrough => "passthrough",
+            DataPath::Relay => "relay",
+        }
+    }
+}
+
+/// One open FUSE handle of an image, as the image sees it: enough to sync
+/// it and to report it.
+#[derive(Debug, Clone)]
+pub struct HandleInfo {
+    pub pid: u32,
+    pub data_path: DataPath,
+    pub writable: bool,
+    pub file: Arc<File>,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub activations: AtomicU64,
+    pub inactivations: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub sync_errors: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct LastCommand {
+    command: String,
+    at: SystemTime,
+    ms: u64,
+    result: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    inactive: bool,
+    sticky_error: Option<i32>,
+    last: Option<LastCommand>,
+}
+
+/// The outcome of one control command on one image.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub errno: Option<i32>,
+    pub resident_pages: u64,
+    pub detail: String,
+}
+
+impl Outcome {
+    fn failed(errno: i32, detail: impl Into<String>) -> Outcome {
+        Outcome {
+            errno: Some(errno),
+            resident_pages: 0,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What a command needs from the filesystem around the image.
+pub struct CommandContext<'a> {
+    pub settings: &'a Settings,
+    /// Drops the kernel's cached attributes of the image's FUSE inode (its
+    /// size may have changed on the source). Called from a worker thread.
+    pub invalidate_attrs: &'a (dyn Fn(&Image) + Sync),
+}
+
+#[derive(Debug)]
+pub struct Image {
+    pub identity: Identity,
+    pub source: Source,
+    /// Last path this image was seen under, relative to the mount root.
+    path: RwLock<String>,
+    /// FUSE node id currently standing for this image (0 = none).
+    pub nodeid: AtomicU64,
+    /// Device size (BLKGETSIZE64), re-read by invalidate; unused for files.
+    pub device_size: AtomicU64,
+    state: Mutex<State>,
+    handles: Mutex<HashMap<u64, HandleInfo>>,
+    pub counters: Counters,
+}
+
+impl Image {
+    pub fn new(identity: Identity, source: Source, path: String) -> Image {
+        Image {
+            identity,
+            source,
+            path: RwLock::new(path),
+            nodeid: AtomicU64::new(0),
+            device_size: AtomicU64::new(0),
+            state: Mutex::default(),
+            handles: Mutex::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn path(&self) -> String {
+        self.path.read().expect("path lock").clone()
+    }
+
+    pub fn set_path(&self, path: String) {
+        *self.path.write().expect("path lock") = path;
+    }
+
+    /// Records the O_PATH fd of the FUSE inode now standing for this image.
+    pub fn set_live_fd(&self, fd: &Arc<OwnedFd>) {
+        if let Source::File { live, .. } = &self.source {
+            *live.lock().expect("live lock") = Arc::downgrade(fd);
+        }
+    }
+
+    pub fn is_device(&self) -> bool {
+        matches!(self.source, Source::Device(_))
+    }
+
+    pub fn is_active(&self) -> bool {
+        !self.state.lock().expect("state lock").inactive
+    }
+
+    pub fn sticky_error(&self) -> Option<i32> {
+        self.state.lock().expect("state lock").sticky_error
+    }
+
+    /// Opens a fresh backing fd (never O_DIRECT: it must see the page cache).
+    pub fn open_backing(&self, flags: i32) -> std::io::Result<File> {
+        match &self.source {
+            Source::File { root, live } => {
+                let live = live.lock().expect("live lock").upgrade();
+                if let Some(opath) = live {
+                    return sys::reopen(opath.as_fd(), flags);
+                }
+                let path = sys::cstring(std::ffi::OsStr::new(&self.path()))?;
+                let fd =
+                    sys::openat2_beneath(root.as_fd(), &path, libc::O_PATH | libc::O_NOFOLLOW)?;
+                let st = sys::fstat_fd(fd.as_fd())?;
+                if Identity::of_stat(&st) != self.identity {
+                    return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+                }
+                sys::reopen(fd.as_fd(), flags)
+            }
+            Source::Device(path) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
+                    .custom_flags(flags & !libc::O_ACCMODE)
+                    .open(path)
+            }
+        }
+    }
+
+    /// EROFS when this host must not write the image (DESIGN §3 inactive).
+    pub fn check_writable(&self, settings: &Settings) -> Result<(), i32> {
+        if settings.deny_inactive_writes() && !self.is_active() {
+            return Err(libc::EROFS);
+        }
+        Ok(())
+    }
+
+    pub fn add_handle(&self, fh: u64, info: HandleInfo) {
+        self.handles.lock().expect("handles lock").insert(fh, info);
+    }
+
+    pub fn remove_handle(&self, fh: u64) {
+        self.handles.lock().expect("handles lock").remove(&fh);
+    }
+
+    pub fn open_handle_count(&self) -> usize {
+        self.handles.lock().expect("handles lock").len()
+    }
+
+    /// True when an open passthrough handle may write: such writes never reach
+    /// the daemon, so EROFS fencing of an inactive image is partial.
+    pub fn fencing_partial(&self) -> bool {
+        self.handles
+            .lock()
+            .expect("handles lock")
+            .values()
+            .any(|h| h.writable && h.data_path == DataPath::Passthrough)
+    }
+
+    /// Syncs one backing fd with the mount's sync rule, recording a failure
+    /// as the image's sticky error: after a failed fsync the kernel marks the
+    /// lost pages clean, so a later "successful" sync would lie.
+    pub fn sync_file(&self, file: &File, datasync: bool, settings: &Settings) -> Result<(), i32> {
+        if let Some(e) = self.sticky_error() {
+            return Err(e);
+        }
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let res = if settings.full_fsync() || !datasync {
+            file.sync_all()
+        } else {
+            file.sync_data()
+        };
+        res.map_err(|e| {
+            let errno = sys::errno_of(&e);
+            self.counters.sync_errors.fetch_add(1, Ordering::Relaxed);
+            self.state.lock().expect("state lock").sticky_error = Some(errno);
+            log::warn!(
+                "image {}: sync failed: {} ({e}); it stays failed until activate",
+                self.path(),
+                sys::errno_name(errno)
+            );
+            errno
+        })
+    }
+
+    /// Syncs every open backing fd of the image and a fresh one: each fd
+    /// reports writeback errors only since it sampled them, so one fd alone
+    /// could miss an error another already consumed.
+    fn sync_everything(&self, settings: &Settings) -> Result<(), Outcome> {
+        let files: Vec<Arc<File>> = self
+            .handles
+            .lock()
+            .expect("handles lock")
+            .values()
+            .map(|h| h.file.clone())
+            .collect();
+        for f in &files {
+            self.sync_file(f, false, settings)
+                .map_err(|e| Outcome::failed(e, "sync of an open handle failed"))?;
+        }
+        let fresh = self
+            .open_backing(libc::O_RDONLY)
+            .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}")))?;
+        self.sync_file(&fresh, false, settings)
+            .map_err(|e| Outcome::failed(e, "sync failed"))
+    }
+
+    /// `flush`: sync every backing fd of the image.
+    pub fn flush(&self, ctx: &CommandContext<'_>) -> Outcome {
+        self.run_command("flush", || {
+            self.sync_everything(ctx.settings)
+                .map(|_| Outcome::default())
+        })
+    }
+
+    /// `inactivate`: sync, drop cached pages, mark inactive. A failed sync
+    /// leaves the image active so the source can keep running.
+    pub fn inactivate(&self, ctx: &CommandContext<'_>) -> Outcome {
+        self.run_command("inactivate", || {
+            self.sync_everything(ctx.settings)?;
+            let file = self.open_backing(libc::O_RDONLY).map_err(|e| {
+                Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}"))
+            })?;
+            if ctx.settings.drop_cache() {
+                cache::evict(&file).map_err(|e| {
+                    Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
+                })?;
+            }
+            self.state.lock().expect("state lock").inactive = true;
+            self.counters.inactivations.fetch_add(1, Ordering::Relaxed);
+            Ok(Outcome::default())
+        })
+    }
+
+    /// `invalidate`: the destination-side steps of DESIGN §3 in order.
+    pub fn invalidate(&self, ctx: &CommandContext<'_>) -> Outcome {
+        self.run_command("invalidate", || self.invalidate_steps(ctx, false))
+    }
+
+    /// `activate` = invalidate + active + clear the sticky error.
+    pub fn activate(&self, ctx: &CommandContext<'_>) -> Outcome {
+        self.run_command("activate", || {
+            self.invalidate_steps(ctx, false)?;
+            let mut st = self.state.lock().expect("state lock");
+            st.inactive = false;
+            st.sticky_error = None;
+            self.counters.activations.fetch_add(1, Ordering::Relaxed);
+            Ok(Outcome::default())
+        })
+    }
+
+    /// `check`: the residency check alone, dropping nothing.
+    pub fn check(&self, _ctx: &CommandContext<'_>) -> Outcome {
+        self.run_command("check", || {
+            let file = self.open_backing(libc::O_RDONLY).map_err(|e| {
+                Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}"))
+            })?;
+            self.verify_dropped(&file)
+        })
+    }
+
+    /// The first open of an image on this host (close-to-open): the same
+    /// steps as `invalidate`, except that a sticky sync error stays: clearing
+    /// it is an operator's decision (`activate`), not a side effect of a
+    /// VMM reopening the image.
+    pub fn invalidate_on_open(&self, ctx: &CommandContext<'_>) -> Outcome {
+        self.run_command("invalidate-on-open", || {
+            let sticky = self.sticky_error();
+            let res = self.invalidate_steps(ctx, true);
+            self.state.lock().expect("state lock").sticky_error = sticky;
+            res
+        })
+    }
+
+    /// `on_open`: dirty pages mean this host itself wrote the image and has
+    /// not written it back yet, so its cache is ahead of storage, not stale:
+    /// the open proceeds without dropping anything (an explicit
+    /// `invalidate`/`activate` still refuses, as DESIGN §3 says).
+    fn invalidate_steps(
+        &self,
+        ctx: &CommandContext<'_>,
+        on_open: bool,
+    ) -> Result<Outcome, Outcome> {
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        let file = self
+            .open_backing(libc::O_RDONLY)
+            .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}")))?;
+        if ctx.settings.drop_cache() {
+            // 1. Dirty or writeback pages here would be written over the
+            // source's newer data by DONTNEED: refuse and drop nothing.
+            let size = cache::file_size(&file).unwrap_or(0);
+            match cache::page_counts(&file, size) {
+                Ok((c, _)) if c.dirty + c.writeback > 0 && on_open => {
+                    log::debug!(
+                        "open {}: {} dirty pages written on this host; not invalidating",
+                        self.path(),
+                        c.dirty + c.writeback
+                    );
+                    return Ok(Outcome::default());
+                }
+                Ok((c, _)) if c.dirty + c.writeback > 0 => {
+                    return Err(Outcome {
+                        errno: Some(libc::EBUSY),
+                        resident_pages: c.cached,
+                        detail: format!(
+                            "{} dirty and {} writeback pages on this host; nothing dropped; \
+                             find the writer on this host (it must not write an image the source owns)",
+                            c.dirty, c.writeback
+                        ),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Outcome::failed(
+                        sys::errno_of(&e),
+                        format!("cannot read page-cache state: {e}"),
+                    ));
+                }
+            }
+            // 2. Drop this host's cached pages of the backing.
+            cache::evict(&file)
+                .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}")))?;
+        }
+        // 3. The size may have changed on the source.
+        (ctx.invalidate_attrs)(self);
+        // 4. Verify nothing stayed resident.
+        if ctx.settings.drop_cache() && ctx.settings.check_cache_dropped() {
+            self.verify_dropped(&file)?;
+        }
+        // 5. Re-read the size.
+        if self.is_device()
+            && let Ok(size) = cache::file_size(&file)
+        {
+            self.device_size.store(size, Ordering::Relaxed);
+        }
+        self.state.lock().expect("state lock").sticky_error = None;
+        Ok(Outcome::default())
+    }
+
+    /// Fails with EBUSY naming resident pages, ranges and holders, or with
+    /// the errno that made verification impossible ("cannot verify" is never
+    /// a pass).
+    fn verify_dropped(&self, file: &File) -> Result<Outcome, Outcome> {
+        let report = Report::of(file, self.identity).map_err(|e| {
+            Outcome::failed(
+                sys::errno_of(&e),
+                format!("cannot verify that the page cache was dropped: {e}"),
+            )
+        })?;
+        if report.counts.cached == 0 {
+            return Ok(Outcome::default());
+        }
+        let handles = self.handle_summary();
+        Err(Outcome {
+            errno: Some(libc::EBUSY),
+            resident_pages: report.counts.cached,
+            detail: format!(
+                "{} pages still resident ({} dirty, {} writeback); first ranges {}; holders {}{}",
+                report.counts.cached,
+                report.counts.dirty,
+                report.counts.writeback,
+                format_ranges(&report.ranges),
+                if report.holders.is_empty() {
+                    "none found".to_string()
+                } else {
+                    format_holders(&report.holders)
+                },
+                handles
+            ),
+        })
+    }
+
+    fn handle_summary(&self) -> String {
+        let handles = self.handles.lock().expect("handles lock");
+        if handles.is_empty() {
+            return String::new();
+        }
+        let pids: Vec<String> = handles
+            .values()
+            .map(|h| format!("{}({})", h.pid, proc_comm(h.pid)))
+            .collect();
+        format!("; open through this mount by {}", pids.join(","))
+    }
+
+    fn run_command(&self, name: &str, f: impl FnOnce() -> Result<Outcome, Outcome>) -> Outcome {
+        let start = Instant::now();
+        let outcome = f().unwrap_or_else(|e| e);
+        let ms = start.elapsed().as_millis() as u64;
+        let result = match outcome.errno {
+            None => "ok".to_string(),
+            Some(e) => sys::errno_name(e),
+        };
+        match outcome.errno {
+            None if name == "invalidate-on-open" => {
+                log::debug!("{name} {}: ok in {ms} ms", self.path())
+            }
+            None => log::info!("{name} {}: ok in {ms} ms", self.path()),
+            Some(_) => log::warn!(
+                "{name} {}: {result} in {ms} ms: {}",
+                self.path(),
+                outcome.detail
+            ),
+        }
+        self.state.lock().expect("state lock").last = Some(LastCommand {
+            command: name.to_string(),
+            at: SystemTime::now(),
+            ms,
+            result,
+        });
+        outcome
+    }
+
+    pub fn status_json(&self, size: u64) -> serde_json::Value {
+        let (state, sticky, last) = {
+            let st = self.state.lock().expect("state lock");
+            (
+                if st.inactive { "inactive" } else { "active" },
+                st.sticky_error.map(sys::errno_name),
+                st.last.clone(),
+            )
+        };
+        let counts = self
+            .open_backing(libc::O_RDONLY)
+            .ok()
+            .and_then(|f| sys::cachestat(f.as_fd()).ok())
+            .unwrap_or_default();
+        let handles: Vec<serde_json::Value> = self
+            .handles
+            .lock()
+            .expect("handles lock")
+            .values()
+            .map(|h| json!({"pid": h.pid, "data_path": h.data_path.name(), "writable": h.writable}))
+            .collect();
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "path": self.path(),
+            "kind": if self.is_device() { "device" } else { "file" },
+            "state": state,
+            "size": size,
+            "cached_pages": counts.cached,
+            "dirty_pages": counts.dirty,
+            "writeback_pages": counts.writeback,
+            "sticky_error": sticky,
+            "fencing": if self.fencing_partial() { "partial" } else { "full" },
+            "open_handles": handles,
+            "last_command": last.map(|l| json!({
+                "command": l.command,
+                "at": l.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                "ms": l.ms,
+                "result": l.result,
+            })),
+            "counters": {
+                "reads": load(&c.reads),
+                "writes": load(&c.writes),
+                "fsyncs": load(&c.fsyncs),
+                "sync_errors": load(&c.sync_errors),
+                "activations": load(&c.activations),
+                "inactivations": load(&c.inactivations),
+                "invalidations": load(&c.invalidations),
+            },
+        })
+    }
+}
+
+fn proc_comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// All images this mount has seen, by backing identity.
+#[derive(Debug, Default)]
+pub struct Registry {
+    images: Mutex<HashMap<Identity, Arc<Image>>>,
+}
+
+impl Registry {
+    /// Returns the image for `identity`, creating it with `make` the first time.
+    pub fn get_or_insert(&self, identity: Identity, make: impl FnOnce() -> Image) -> Arc<Image> {
+        self.images
+            .lock()
+            .expect("registry lock")
+            .entry(identity)
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
+
+    pub fn get(&self, identity: &Identity) -> Option<Arc<Image>> {
+        self.images
+            .lock()
+            .expect("registry lock")
+            .get(identity)
+            .cloned()
+    }
+
+    pub fn remove(&self, identity: &Identity) {
+        self.images.lock().expect("registry lock").remove(identity);
+    }
+
+    pub fn all(&self) -> Vec<Arc<Image>> {
+        let mut v: Vec<Arc<Image>> = self
+            .images
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|i| i.path());
+        v
+    }
+}

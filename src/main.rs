@@ -1,0 +1,273 @@
+//! Command line of migsafe: parse, then call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use migsafe::client;
+use migsafe::fs::IoMode;
+use migsafe::mount::{self, MountArgs};
+use migsafe::settings::Key;
+
+#[derive(Parser)]
+#[command(
+    name = "migsafe",
+    version,
+    about = "Safe shared-storage VM live migration with host page cache"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Io {
+    Auto,
+    Passthrough,
+    Relay,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnWarnOff {
+    On,
+    Warn,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SyncMode {
+    Fsync,
+    Fdatasync,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DenyAllow {
+    Deny,
+    Allow,
+}
+
+#[derive(clap::Args)]
+struct MountCmd {
+    /// Directory of images (typically an NFS mount); every access stays beneath it.
+    backing: PathBuf,
+    /// Where to mount.
+    mountpoint: PathBuf,
+    /// Show a block device (or file) at the mount root as regular file NAME.
+    #[arg(long = "device", value_name = "NAME=PATH")]
+    devices: Vec<String>,
+    /// Data path for regular files (devices always use relay).
+    #[arg(long, value_enum, default_value = "auto")]
+    io: Io,
+    /// FUSE event-loop threads (default: number of CPUs, at least 2).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Name of the control directory at the mount root.
+    #[arg(long, default_value = ".ctl")]
+    ctl_name: String,
+    #[arg(long, value_enum, default_value = "on")]
+    check_cache_dropped: OnOff,
+    #[arg(long, value_enum, default_value = "on")]
+    drop_cache: OnOff,
+    #[arg(long, value_enum, default_value = "on")]
+    fsync_on_close: OnOff,
+    #[arg(long, value_enum, default_value = "on")]
+    invalidate_on_open: OnWarnOff,
+    #[arg(long, value_enum, default_value = "fsync")]
+    sync: SyncMode,
+    #[arg(long, value_enum, default_value = "deny")]
+    inactive_writes: DenyAllow,
+    /// Pass extended attributes through (costs one GETXATTR round trip per write).
+    #[arg(long)]
+    xattr: bool,
+    /// Mount options, comma-separated (allow_other, default_permissions, ro,
+    /// fsname=..., and migsafe's own as key=value: io=relay, device=NAME=PATH, ...).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Fork and return once the mount is live.
+    #[arg(long)]
+    daemon: bool,
+    /// Write the daemon's pid here once mounted.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Largest FUSE write request in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_write: u32,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount BACKING_DIR on MOUNTPOINT and serve it (foreground unless --daemon).
+    Mount(Box<MountCmd>),
+    /// Drive migration control of a mount: activate|inactivate|invalidate|flush|check IMAGE...,
+    /// status, set KEY VALUE.
+    Ctl {
+        /// Control directory name used by the mount.
+        #[arg(long, default_value = ".ctl")]
+        ctl_name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        mountpoint: PathBuf,
+        /// activate|inactivate|invalidate|flush|check IMAGE... | status | set KEY VALUE
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Page-cache residency of files or block devices (like fincore/vmtouch).
+    Residency {
+        /// Drop the clean cached pages first (POSIX_FADV_DONTNEED).
+        #[arg(long)]
+        evict: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
+    let mut devices = Vec::new();
+    for d in &m.devices {
+        devices.push(mount::parse_device(d).map_err(|e| e.0)?);
+    }
+    let word = |on: bool, a: &str, b: &str| if on { a.to_string() } else { b.to_string() };
+    let settings = vec![
+        (
+            Key::CheckCacheDropped,
+            word(matches!(m.check_cache_dropped, OnOff::On), "on", "off"),
+        ),
+        (
+            Key::DropCache,
+            word(matches!(m.drop_cache, OnOff::On), "on", "off"),
+        ),
+        (
+            Key::FsyncOnClose,
+            word(matches!(m.fsync_on_close, OnOff::On), "on", "off"),
+        ),
+        (
+            Key::InvalidateOnOpen,
+            match m.invalidate_on_open {
+                OnWarnOff::On => "on",
+                OnWarnOff::Warn => "warn",
+                OnWarnOff::Off => "off",
+            }
+            .to_string(),
+        ),
+        (
+            Key::Sync,
+            word(matches!(m.sync, SyncMode::Fsync), "fsync", "fdatasync"),
+        ),
+        (
+            Key::InactiveWrites,
+            word(
+                matches!(m.inactive_writes, DenyAllow::Deny),
+                "deny",
+                "allow",
+            ),
+        ),
+    ];
+    Ok(MountArgs {
+        backing: m.backing,
+        mountpoint: m.mountpoint,
+        devices,
+        io: match m.io {
+            Io::Auto => IoMode::Auto,
+            Io::Passthrough => IoMode::Passthrough,
+            Io::Relay => IoMode::Relay,
+        },
+        threads: m.threads.unwrap_or_else(mount::default_threads),
+        ctl_name: m.ctl_name,
+        settings,
+        xattr: m.xattr,
+        options: m.options,
+        daemon: m.daemon,
+        pid_file: m.pid_file,
+        max_write: m.max_write,
+    })
+}
+
+fn run_ctl(mountpoint: PathBuf, ctl_name: &str, json: bool, args: &[String]) -> i32 {
+    let (verb, rest) = args.split_first().expect("clap requires one");
+    match verb.as_str() {
+        v if client::COMMANDS.contains(&v) => {
+            if rest.is_empty() {
+                eprintln!(
+                    "migsafe ctl: {v} needs at least one IMAGE (path relative to the mount root, or '*')"
+                );
+                return client::EXIT_USAGE;
+            }
+            client::command(&mountpoint, ctl_name, v, rest, json)
+        }
+        "status" => client::status(&mountpoint, ctl_name, json),
+        "set" => match rest {
+            [key, value] => client::set(&mountpoint, ctl_name, key, value),
+            _ => {
+                eprintln!("migsafe ctl: usage: migsafe ctl MOUNTPOINT set KEY VALUE");
+                client::EXIT_USAGE
+            }
+        },
+        other => {
+            eprintln!(
+                "migsafe ctl: unknown command {other:?}; expected one of {}, status, set",
+                client::COMMANDS.join(", ")
+            );
+            client::EXIT_USAGE
+        }
+    }
+}
+
+/// `mount -t fuse.migsafe SRC DIR -o OPTS` runs `migsafe SRC DIR -o OPTS`
+/// through fuse3's mount helper: treat that form as `mount --daemon`.
+fn mount_helper_args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let known = [
+        "mount",
+        "ctl",
+        "residency",
+        "help",
+        "--help",
+        "-h",
+        "--version",
+        "-V",
+    ];
+    if args.len() >= 3 && !first.is_empty() && !first.starts_with('-') && !known.contains(&first) {
+        args.insert(1, "mount".into());
+        args.insert(2, "--daemon".into());
+    }
+    args
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse_from(mount_helper_args());
+    let code = match cli.command {
+        Cmd::Mount(m) => match mount_args(*m)
+            .map_err(mount::StartError)
+            .and_then(mount::run)
+        {
+            Ok(()) => 0,
+            Err(e) => {
+                mount::report_start_error(&e.0);
+                eprintln!("migsafe: {}", e.0);
+                1
+            }
+        },
+        Cmd::Ctl {
+            ctl_name,
+            json,
+            mountpoint,
+            args,
+        } => run_ctl(mountpoint, &ctl_name, json, &args),
+        Cmd::Residency { evict, json, files } => migsafe::residency::run(&files, evict, json),
+    };
+    ExitCode::from(code as u8)
+}

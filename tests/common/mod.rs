@@ -1,0 +1,374 @@
+//! Shared helpers for integration tests that mount migsafe for real.
+//!
+//! Every resource a test creates (temp dirs, loop devices, mounts, daemons,
+//! child processes) is owned by a guard whose `Drop` releases it, so a failing
+//! assertion or a panic still unmounts, detaches and kills what it started.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_migsafe");
+
+/// Tests mount filesystems and attach loop devices: they need root.
+/// CI runs as root; elsewhere the test is reported and skipped loudly.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("SKIPPED: this test needs root (it mounts FUSE and attaches loop devices)");
+        false
+    }
+}
+
+/// True if `prog` is on PATH; tests that need an external tool fail loudly
+/// under CI (which installs it) and skip with a message elsewhere.
+pub fn have_tool(prog: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {prog}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{prog} is not installed but CI must provide it (see .ci/run)");
+        }
+        eprintln!("SKIPPED: {prog} is not installed");
+    }
+    found
+}
+
+/// A unique scratch directory, removed on drop (after mounts inside it are gone,
+/// because guards are declared after it and so dropped first).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("migsafe-test-")
+        .tempdir_in(std::env::temp_dir())
+        .expect("create temp dir")
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a shell snippet with `sh -c`, panicking with its output if it fails.
+pub fn sh(script: &str) -> String {
+    run(Command::new("sh").arg("-c").arg(script))
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDev {
+    pub path: PathBuf,
+}
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(file));
+        LoopDev {
+            path: PathBuf::from(out.trim()),
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        // A device still opened by a dying daemon refuses detach for a moment.
+        for _ in 0..50 {
+            let ok = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.path)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok || !self.path.exists() {
+                return;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        eprintln!("warning: could not detach {}", self.path.display());
+    }
+}
+
+/// A running `migsafe mount` in the foreground, unmounted and killed on drop.
+pub struct Mount {
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    /// Mounts `backing` on a fresh mountpoint under `scratch` with extra CLI args
+    /// (placed before the positional arguments), and waits until it is live.
+    pub fn start(scratch: &Path, backing: &Path, args: &[&str]) -> Mount {
+        Self::try_start(scratch, backing, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like `start`, but returns the daemon's log as the error when it exits
+    /// before the mount is live (for tests of start-up failures).
+    pub fn try_start(scratch: &Path, backing: &Path, args: &[&str]) -> Result<Mount, String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mountpoint = scratch.join(format!("mnt{n}"));
+        fs::create_dir_all(&mountpoint).expect("mkdir mountpoint");
+        let log = scratch.join(format!("mnt{n}.log"));
+        let log_file = File::create(&log).expect("create log");
+        let child = Command::new(BIN)
+            .arg("mount")
+            .args(args)
+            .arg(backing)
+            .arg(&mountpoint)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn migsafe");
+        let mut mount = Mount {
+            mountpoint,
+            backing: backing.to_path_buf(),
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if is_mounted(&mount.mountpoint) {
+                return Ok(mount);
+            }
+            if let Some(status) = mount.child.as_mut().unwrap().try_wait().unwrap() {
+                mount.child = None;
+                return Err(format!(
+                    "migsafe exited ({status}) before mounting:\n{}",
+                    mount.log_text()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("mount not live after 15s:\n{}", mount.log_text()));
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// Path of a control file (default control directory name).
+    pub fn ctl(&self, file: &str) -> PathBuf {
+        self.mountpoint.join(".ctl").join(file)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmounts and waits for the daemon to exit; returns its exit status code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Option<i32> {
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount")
+                .arg(&self.mountpoint)
+                .stderr(Stdio::null())
+                .status();
+            if is_mounted(&self.mountpoint) {
+                // Busy (a test left a file open): detach lazily so nothing stays.
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok().and_then(|s| s.code());
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// True if `path` is a mountpoint of a FUSE filesystem right now.
+pub fn is_mounted(path: &Path) -> bool {
+    let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, mp, ty) = (f.next(), f.next(), f.next());
+        mp.map(|m| Path::new(&unescape_mount_path(m)) == want)
+            .unwrap_or(false)
+            && ty.map(|t| t.starts_with("fuse")).unwrap_or(false)
+    })
+}
+
+fn unescape_mount_path(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// A child process (reader, holder) killed and reaped on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Creates a file of `len` bytes filled with `byte`.
+pub fn make_file(path: &Path, len: usize, byte: u8) {
+    let mut f = File::create(path).unwrap();
+    let chunk = vec![byte; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Reads `len` bytes at `offset` with plain buffered I/O.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+/// Reads `len` bytes at `offset` with O_DIRECT (bypassing this host's cache).
+pub fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open O_DIRECT {}: {e}", path.display()));
+    let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+    // SAFETY: layout has non-zero size; the buffer is freed below.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    // SAFETY: ptr is valid for len bytes and aligned for O_DIRECT.
+    let n = unsafe { libc::pread(f.as_raw_fd(), ptr.cast(), len, offset as i64) };
+    assert_eq!(n, len as isize, "O_DIRECT read of {}", path.display());
+    // SAFETY: the first len bytes were initialized by alloc_zeroed / pread.
+    let out = unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec();
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    out
+}
+
+/// Writes `data` at `offset` and fsyncs.
+pub fn write_at_sync(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Writes `body` to a control file in one write(2); returns the errno on failure.
+pub fn ctl_write(path: &Path, body: &str) -> Result<(), i32> {
+    ctl_write_read(path, body).0
+}
+
+/// Writes `body` to a control file and reads the result back on the same open
+/// file (the protocol's read-back), whatever the write returned.
+pub fn ctl_write_read(path: &Path, body: &str) -> (Result<(), i32>, String) {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let res = match f.write(body.as_bytes()) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+    };
+    let mut out = String::new();
+    let _ = f.read_to_string(&mut out);
+    (res, out)
+}
+
+/// Reads a whole control (or any) file as text.
+pub fn read_text(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Page-cache figures for a file or block device, from `migsafe residency --json`.
+pub struct Residency {
+    pub cached: u64,
+    pub dirty: u64,
+    pub writeback: u64,
+    pub json: serde_json::Value,
+}
+
+pub fn residency(path: &Path) -> Residency {
+    let out = run(Command::new(BIN).args(["residency", "--json"]).arg(path));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("residency json");
+    let f = &v["files"][0];
+    Residency {
+        cached: f["cached_pages"].as_u64().expect("cached_pages"),
+        dirty: f["dirty_pages"].as_u64().expect("dirty_pages"),
+        writeback: f["writeback_pages"].as_u64().expect("writeback_pages"),
+        json: v,
+    }
+}
+
+/// `migsafe ctl MOUNTPOINT args...`: returns (exit code, stdout, stderr).
+pub fn ctl_cli<S: AsRef<OsStr>>(mount: &Mount, args: &[S]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("ctl")
+        .arg(&mount.mountpoint)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
