@@ -245,7 +245,7 @@ fn mount_helper_args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser::session=error"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse_from(mount_helper_args());

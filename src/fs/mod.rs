@@ -650,6 +650,22 @@ impl Filesystem for MigsafeFs {
         self.do_create(req, parent, name, mode, flags, reply);
     }
 
+    /// No ioctls are served (QEMU probes a few); ENOTTY is what a regular
+    /// file without them answers.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn fallocate(
         &self,
         _req: &Request,
