@@ -155,9 +155,10 @@ pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
         mountpoint.display()
     );
     println!(
-        "data paths: io={} passthrough={}",
+        "data paths: io={} passthrough supported={} in use={}",
         doc["data_paths"]["io"].as_str().unwrap_or("?"),
-        doc["data_paths"]["passthrough_supported"]
+        doc["passthrough_supported"],
+        doc["data_paths"]["passthrough_active"]
     );
     if let Some(settings) = doc["settings"].as_object() {
         let s: Vec<String> = settings

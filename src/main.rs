@@ -116,7 +116,7 @@ enum Cmd {
         json: bool,
         mountpoint: PathBuf,
         /// activate|inactivate|invalidate|flush|check IMAGE... | status | set KEY VALUE
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        #[arg(required = true, num_args = 1..)]
         args: Vec<String>,
     },
     /// Page-cache residency of files or block devices (like fincore/vmtouch).
@@ -245,9 +245,11 @@ fn mount_helper_args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser::session=error"))
-        .format_timestamp_millis()
-        .init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,fuser::session=error"),
+    )
+    .format_timestamp_millis()
+    .init();
     let cli = Cli::parse_from(mount_helper_args());
     let code = match cli.command {
         Cmd::Mount(m) => match mount_args(*m)

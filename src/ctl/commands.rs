@@ -223,8 +223,9 @@ pub fn status_json(fs: &MigsafeFs) -> serde_json::Value {
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "passthrough_supported": fs.passthrough_supported.load(Ordering::Relaxed),
         "data_paths": {
-            "passthrough_supported": fs.passthrough_active.load(Ordering::Relaxed),
+            "passthrough_active": fs.passthrough_active.load(Ordering::Relaxed),
             "io": format!("{:?}", fs.config.io).to_lowercase(),
             "devices": "relay",
         },

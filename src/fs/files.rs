@@ -76,15 +76,30 @@ impl MigsafeFs {
         if mode == OnOpen::Off || !self.settings.drop_cache() || image.open_handle_count() > 0 {
             return Ok(());
         }
+        if mode == OnOpen::Warn {
+            // Only say what `on` would have dropped; drop nothing.
+            if let Ok(f) = image.open_backing(libc::O_RDONLY)
+                && let Ok(c) = sys::cachestat(f.as_fd())
+                && c.cached > c.dirty + c.writeback
+            {
+                log::warn!(
+                    "open {}: {} pages of it were cached on this host before this first open and may be stale \
+                     (invalidate-on-open=warn: not dropped)",
+                    image.path(),
+                    c.cached
+                );
+            }
+            return Ok(());
+        }
         let invalidate = |img: &Image| Self::invalidate_attrs_async(&self.notifier, img);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
         };
         let outcome = image.invalidate_on_open(&ctx);
-        match (outcome.errno, mode) {
-            (None, _) => Ok(()),
-            (Some(e), OnOpen::Invalidate) => {
+        match outcome.errno {
+            None => Ok(()),
+            Some(e) => {
                 log::warn!(
                     "open {}: refused ({}): {}; run `migsafe ctl MOUNT check {}` to see what holds it",
                     image.path(),
@@ -93,15 +108,6 @@ impl MigsafeFs {
                     image.path()
                 );
                 Err(Errno::from_i32(e))
-            }
-            (Some(e), _) => {
-                log::warn!(
-                    "open {}: invalidate-on-open failed ({}), opening anyway: {}",
-                    image.path(),
-                    sys::errno_name(e),
-                    outcome.detail
-                );
-                Ok(())
             }
         }
     }

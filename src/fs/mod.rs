@@ -79,6 +79,9 @@ pub struct MigsafeFs {
     /// Filled after the session exists; used from worker threads only.
     pub notifier: Arc<OnceLock<Notifier>>,
     pub(crate) passthrough_active: AtomicBool,
+    /// The kernel offers FUSE passthrough and we may use it, whether or not
+    /// `--io` chose it.
+    pub(crate) passthrough_supported: AtomicBool,
     pub(crate) mounted_at: SystemTime,
 }
 
@@ -128,6 +131,7 @@ impl MigsafeFs {
             devices: device_ids,
             notifier: Arc::new(OnceLock::new()),
             passthrough_active: AtomicBool::new(false),
+            passthrough_supported: AtomicBool::new(false),
             mounted_at: SystemTime::now(),
         })
     }
@@ -247,6 +251,8 @@ impl Filesystem for MigsafeFs {
         let caps = config.capabilities();
         let want_pt = self.config.io != IoMode::Relay;
         let pt_offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
+        self.passthrough_supported
+            .store(pt_offered && sys::has_cap_sys_admin(), Ordering::Relaxed);
         if want_pt && pt_offered && sys::has_cap_sys_admin() {
             config
                 .add_capabilities(InitFlags::FUSE_PASSTHROUGH)

@@ -1,0 +1,348 @@
+//! Sticky sync errors (DESIGN §3): once a backing sync of an image fails,
+//! every later fsync, close-sync and `inactivate` fails with the same errno
+//! until `activate`; a failed `inactivate` leaves the image active.
+//!
+//! The failing storage: a loop device over a sparse 64 MiB file on a 4-6 MiB
+//! tmpfs. Writes fit the page cache; writeback runs out of tmpfs space and the
+//! loop device fails it, so the error appears at fsync time (device-mapper is
+//! not available on this kernel). Measured here: raw fsync on such a device
+//! fails once with EIO and the next fsync "succeeds" (the kernel marks the lost
+//! pages clean) — the negative control that makes stickiness necessary.
+
+mod common;
+
+use common::{LoopDev, Mount, ctl_write_read, read_text, residency, scratch};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::IntoRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// Local helpers (not in tests/common).
+
+/// A kernel (non-FUSE) mount, unmounted on drop.
+struct KMount {
+    path: PathBuf,
+}
+
+impl KMount {
+    fn tmpfs(path: &Path, size: &str) -> KMount {
+        fs::create_dir_all(path).unwrap();
+        common::run(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(path),
+        );
+        KMount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn remount_size(&self, size: &str) {
+        common::run(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.path),
+        );
+    }
+
+    fn dev(dev: &Path, path: &Path) -> KMount {
+        fs::create_dir_all(path).unwrap();
+        common::run(Command::new("mount").arg(dev).arg(path));
+        KMount {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for KMount {
+    fn drop(&mut self) {
+        for _ in 0..30 {
+            let ok = Command::new("umount")
+                .arg(&self.path)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EIO => "EIO",
+        libc::ENOSPC => "ENOSPC",
+        libc::EBUSY => "EBUSY",
+        libc::EROFS => "EROFS",
+        libc::EDQUOT => "EDQUOT",
+        _ => "other",
+    }
+}
+
+fn status_image(m: &Mount, image: &str) -> serde_json::Value {
+    let text = read_text(&m.ctl("status"));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"));
+    v["images"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has no images array: {text}"))
+        .iter()
+        .find(|i| i["path"] == image)
+        .cloned()
+        .unwrap_or_else(|| panic!("status has no image {image}: {text}"))
+}
+
+fn fsync_errno(f: &File) -> Result<(), i32> {
+    f.sync_all().map_err(|e| e.raw_os_error().unwrap_or(0))
+}
+
+/// close(2) and its result (File's Drop ignores it).
+fn close_errno(f: File) -> Result<(), i32> {
+    let fd = f.into_raw_fd();
+    // SAFETY: fd is owned and closed exactly once here.
+    let rc = unsafe { libc::close(fd) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+fn rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Writes `len` bytes of `byte` at `offset` in 1 MiB chunks (no sync).
+fn fill(f: &File, offset: u64, len: usize, byte: u8) {
+    let chunk = vec![byte; MIB];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(MIB);
+        f.write_all_at(&chunk[..n], offset + done as u64)
+            .unwrap_or_else(|e| panic!("buffered write at {}: {e}", offset + done as u64));
+        done += n;
+    }
+}
+
+/// A loop device over a sparse 64 MiB file on a tmpfs of `size`.
+fn failing_device(dir: &Path, name: &str, size: &str) -> (KMount, LoopDev) {
+    let t = KMount::tmpfs(&dir.join(name), size);
+    let file = t.path.join("lun");
+    File::create(&file)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let lo = LoopDev::attach(&file);
+    (t, lo)
+}
+
+/// The storage recovers (the tmpfs grows). The error stays sticky through the
+/// mount; once this host's leftover dirty pages are written out (outside
+/// migsafe: a fresh fd does not see the old error), `activate` clears it and
+/// fsync / inactivate work again.
+fn recover_and_activate(m: &Mount, image: &str, t: &KMount, raw: &Path, e: i32) {
+    let name = errno_name(e);
+    t.remount_size("256m");
+    let w = rw(&m.path(image));
+    assert_eq!(
+        fsync_errno(&w),
+        Err(e),
+        "fsync must stay failed with {name} after the storage recovered, until activate\nlog:\n{}",
+        m.log_text()
+    );
+    drop(w);
+    let r = residency(raw);
+    eprintln!(
+        "left on this host after the failure: {} dirty, {} writeback pages",
+        r.dirty, r.writeback
+    );
+    assert_eq!(
+        rw(raw).sync_all().map_err(|e| e.raw_os_error()),
+        Ok(()),
+        "bed: a fresh sync of {} must work once the storage has room",
+        raw.display()
+    );
+    let st = status_image(m, image);
+    assert_eq!(
+        st["sticky_error"], name,
+        "still sticky before activate: {st}"
+    );
+
+    let (res, out) = ctl_write_read(&m.ctl("activate"), &format!("{image}\n"));
+    assert_eq!(res, Ok(()), "activate: {out}\nlog:\n{}", m.log_text());
+    let st = status_image(m, image);
+    assert!(
+        st["sticky_error"].is_null(),
+        "activate must clear the sticky {name}: {st}"
+    );
+    assert_eq!(st["state"], "active");
+
+    // Cleared: write + fsync, close and inactivate work again.
+    let w = rw(&m.path(image));
+    w.write_all_at(&[b'R'; 4096], 0).unwrap();
+    assert_eq!(
+        fsync_errno(&w),
+        Ok(()),
+        "fsync after activate\nlog:\n{}",
+        m.log_text()
+    );
+    assert_eq!(close_errno(w), Ok(()), "close after activate");
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), &format!("{image}\n"));
+    assert_eq!(
+        res,
+        Ok(()),
+        "inactivate after activate: {out}\nlog:\n{}",
+        m.log_text()
+    );
+    assert_eq!(status_image(m, image)["state"], "inactive");
+}
+
+// ---------------------------------------------------------------------------
+
+/// The common part: `w1` (already written, unsynced, over capacity) fsyncs,
+/// `w2` writes and closes, then `inactivate`, then `activate`.
+fn sticky_flow(m: &Mount, image: &str, w1: File, w2: File) -> i32 {
+    let e = fsync_errno(&w1).expect_err(
+        "fsync after writing beyond the storage's capacity must fail (the bed is broken)",
+    );
+    assert!(
+        e == libc::EIO || e == libc::ENOSPC,
+        "fsync failed with errno {e}, expected EIO or ENOSPC"
+    );
+    let name = errno_name(e);
+    eprintln!("first fsync failed with {name}");
+
+    // Sticky: the kernel would now report success; migsafe must not.
+    assert_eq!(
+        fsync_errno(&w1),
+        Err(e),
+        "second fsync must fail with the same errno {name}\nlog:\n{}",
+        m.log_text()
+    );
+
+    // Another writer handle: write a little (where the storage has room), close.
+    w2.write_all_at(&[b'Z'; 4096], 0)
+        .expect("small buffered write");
+    assert_eq!(
+        close_errno(w2),
+        Err(e),
+        "close of another writer must fail with the sticky {name}\nlog:\n{}",
+        m.log_text()
+    );
+
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), &format!("{image}\n"));
+    assert_eq!(
+        res,
+        Err(e),
+        "inactivate must fail with the sticky {name}; read-back: {out}\nlog:\n{}",
+        m.log_text()
+    );
+    assert!(out.contains("result=error"), "read-back: {out:?}");
+    assert!(out.contains(&format!("errno={name}")), "read-back: {out:?}");
+    let st = status_image(m, image);
+    assert_eq!(
+        st["state"], "active",
+        "failed inactivate must leave the image active: {st}"
+    );
+    assert_eq!(
+        st["sticky_error"], name,
+        "status must show the sticky error: {st}"
+    );
+
+    // Still sticky for a third fsync after the failed inactivate.
+    assert_eq!(fsync_errno(&w1), Err(e), "fsync after failed inactivate");
+    drop(w1);
+    e
+}
+
+#[test]
+fn raw_device_forgets_the_error_negative_control() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (_t, lo) = failing_device(dir.path(), "t", "4m");
+    let f = rw(&lo.path);
+    fill(&f, 0, 8 * MIB, b'X');
+    assert!(fsync_errno(&f).is_err(), "bed: raw fsync must fail");
+    assert_eq!(
+        fsync_errno(&f),
+        Ok(()),
+        "bed: the kernel reports success on the second fsync (which is why migsafe is sticky)"
+    );
+}
+
+#[test]
+fn device_image_sync_error_is_sticky_until_activate() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (t, lo) = failing_device(dir.path(), "t", "4m");
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    let dev = format!("img={}", lo.path.display());
+    let m = Mount::start(dir.path(), &back, &["--device", &dev]);
+    let img = m.path("img");
+
+    let w2 = rw(&img);
+    let w1 = rw(&img);
+    fill(&w1, 0, 8 * MIB, b'X');
+    let e = sticky_flow(&m, "img", w1, w2);
+    recover_and_activate(&m, "img", &t, &lo.path, e);
+}
+
+/// Directory backing: ext4 (no journal) on the failing loop device.
+fn dir_image_sticky(io: &str) {
+    let dir = scratch();
+    let (t, lo) = failing_device(dir.path(), "t", "6m");
+    common::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=0"])
+            .arg(&lo.path),
+    );
+    let ext = KMount::dev(&lo.path, &dir.path().join("ext"));
+    let m = Mount::start(dir.path(), &ext.path, &["--io", io]);
+    let img = m.path("vm.img");
+    File::create(&img).unwrap();
+    let w2 = rw(&img);
+    let w1 = rw(&img);
+    fill(&w1, 0, 16 * MIB, b'X');
+    let log = m.log_text();
+    assert!(
+        log.contains(&format!("data path={io}")),
+        "expected the {io} data path; log:\n{log}"
+    );
+    let e = sticky_flow(&m, "vm.img", w1, w2);
+    recover_and_activate(&m, "vm.img", &t, &ext.path.join("vm.img"), e);
+}
+
+#[test]
+fn dir_image_relay_sync_error_is_sticky_until_activate() {
+    if !common::require_root() || !common::have_tool("mkfs.ext4") {
+        return;
+    }
+    dir_image_sticky("relay");
+}
+
+#[test]
+fn dir_image_passthrough_sync_error_is_sticky_until_activate() {
+    if !common::require_root() || !common::have_tool("mkfs.ext4") {
+        return;
+    }
+    dir_image_sticky("passthrough");
+}

@@ -1,0 +1,331 @@
+//! The two-host beds of DESIGN §1/§5: the same storage seen by two migsafe
+//! mounts ("host A" = source, "host B" = destination), each with its own page
+//! cache of the image.
+//!
+//! - Loop bed: one image file, two loop devices over it, `--device disk=LOOP`
+//!   on each mount (SAN LUN model).
+//! - mergerfs bed: two mergerfs `cache.files=full` mounts of one directory, a
+//!   migsafe mount over each (NFS model), once per data-path pairing.
+//!
+//! Every test asserts the negative control (the destination reads stale data
+//! when nobody activates) before asserting that `activate` fixes it.
+
+mod common;
+
+use common::{
+    ChildGuard, LoopDev, Mount, ctl_write_read, is_mounted, make_file, read_at, read_direct,
+    read_text, residency, scratch, write_at_sync,
+};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+/// Block X: 1 MiB at offset 4 MiB.
+const X: u64 = 4 << 20;
+
+// ---------------------------------------------------------------------------
+// Local helpers (not in tests/common).
+
+/// Keeps `path` open on fd 3 of a `sleep` process (as a VMM holds its image),
+/// and returns once the open has happened.
+fn hold_open(path: &Path) -> ChildGuard {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3<\"$1\"; exec sleep 600")
+        .arg("sh")
+        .arg(path)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn holder");
+    let pid = child.id();
+    let guard = ChildGuard(child);
+    // `exec sleep` only runs after the redirection succeeded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "sleep" {
+            return guard;
+        }
+        if Instant::now() > deadline {
+            panic!("holder of {} did not start (comm={comm:?})", path.display());
+        }
+        sleep(Duration::from_millis(10));
+    }
+}
+
+/// A mergerfs mount, unmounted on drop.
+struct Mergerfs {
+    path: PathBuf,
+}
+
+impl Mergerfs {
+    fn mount(src: &Path, mnt: &Path) -> Mergerfs {
+        fs::create_dir_all(mnt).unwrap();
+        common::run(
+            Command::new("mergerfs")
+                .args(["-o", "cache.files=full,allow_other"])
+                .arg(src)
+                .arg(mnt),
+        );
+        let guard = Mergerfs {
+            path: mnt.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_mounted(mnt) {
+            assert!(
+                Instant::now() < deadline,
+                "mergerfs on {} not live",
+                mnt.display()
+            );
+            sleep(Duration::from_millis(20));
+        }
+        guard
+    }
+}
+
+impl Drop for Mergerfs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if !is_mounted(&self.path) {
+                return;
+            }
+            let _ = Command::new("umount")
+                .arg(&self.path)
+                .stderr(Stdio::null())
+                .status();
+            if !is_mounted(&self.path) {
+                return;
+            }
+            sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn status_image(m: &Mount, image: &str) -> serde_json::Value {
+    let text = read_text(&m.ctl("status"));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"));
+    v["images"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has no images array: {text}"))
+        .iter()
+        .find(|i| i["path"] == image)
+        .cloned()
+        .unwrap_or_else(|| panic!("status has no image {image}: {text}"))
+}
+
+fn all(buf: &[u8], byte: u8) -> bool {
+    buf.iter().all(|&b| b == byte)
+}
+
+fn describe(buf: &[u8]) -> String {
+    let a = buf.iter().filter(|&&b| b == b'A').count();
+    let b = buf.iter().filter(|&&b| b == b'B').count();
+    format!("{} bytes: {a} x 'A' (old), {b} x 'B' (new)", buf.len())
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn loop_bed_destination_reads_stale_until_activate() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("shared.img");
+    make_file(&img, 64 * MIB, b'A');
+    let loop_a = LoopDev::attach(&img);
+    let loop_b = LoopDev::attach(&img);
+    let back_a = dir.path().join("back-a");
+    let back_b = dir.path().join("back-b");
+    fs::create_dir(&back_a).unwrap();
+    fs::create_dir(&back_b).unwrap();
+    let dev_a = format!("disk={}", loop_a.path.display());
+    let dev_b = format!("disk={}", loop_b.path.display());
+    let m1 = Mount::start(dir.path(), &back_a, &["--device", &dev_a]);
+    let m2 = Mount::start(dir.path(), &back_b, &["--device", &dev_b]);
+    let disk1 = m1.path("disk");
+    let disk2 = m2.path("disk");
+    assert_eq!(fs::metadata(&disk2).unwrap().len(), 64 * MIB as u64);
+
+    // The destination's VMM holds the image open (keeps loopB's cache alive).
+    let _holder = hold_open(&disk2);
+
+    // Destination reads X early: it lands in loopB's page cache.
+    let before = read_at(&disk2, X, MIB);
+    assert!(all(&before, b'A'), "initial read: {}", describe(&before));
+    let rb = residency(&loop_b.path);
+    assert!(
+        rb.cached >= (MIB / 4096) as u64,
+        "precondition: block X must be cached in {} (cached={})",
+        loop_b.path.display(),
+        rb.cached
+    );
+
+    // Source writes X (with fsync) and inactivates.
+    write_at_sync(&disk1, X, &vec![b'B'; MIB]);
+    let (res, out) = ctl_write_read(&m1.ctl("inactivate"), "disk\n");
+    assert_eq!(
+        res,
+        Ok(()),
+        "inactivate on source: {out}\nlog:\n{}",
+        m1.log_text()
+    );
+    assert!(out.contains("result=ok"), "inactivate read-back: {out:?}");
+    let ra = residency(&loop_a.path);
+    assert_eq!(ra.dirty, 0, "source still has dirty pages after inactivate");
+    assert_eq!(
+        ra.writeback, 0,
+        "source still has writeback pages after inactivate"
+    );
+    assert_eq!(
+        ra.cached, 0,
+        "inactivate must drop the source's cached pages"
+    );
+    assert_eq!(status_image(&m1, "disk")["state"], "inactive");
+
+    // The new data is on the shared storage (read around loopB's cache).
+    let on_storage = read_direct(&loop_b.path, X, MIB);
+    assert!(
+        all(&on_storage, b'B'),
+        "O_DIRECT read of loopB: {}",
+        describe(&on_storage)
+    );
+
+    // NEGATIVE CONTROL: without activate the destination reads stale data.
+    let stale = read_at(&disk2, X, MIB);
+    assert!(
+        all(&stale, b'A'),
+        "NEGATIVE CONTROL FAILED: destination did not read stale data before activate \
+         ({}); the bed proves nothing",
+        describe(&stale)
+    );
+
+    // Activate on the destination: now the new data.
+    let (res, out) = ctl_write_read(&m2.ctl("activate"), "disk\n");
+    assert_eq!(
+        res,
+        Ok(()),
+        "activate on destination: {out}\nlog:\n{}",
+        m2.log_text()
+    );
+    assert!(out.contains("result=ok"), "activate read-back: {out:?}");
+    let after = read_at(&disk2, X, MIB);
+    assert!(all(&after, b'B'), "after activate: {}", describe(&after));
+    // Data outside X is untouched.
+    assert!(all(&read_at(&disk2, 0, 4096), b'A'));
+    assert_eq!(status_image(&m2, "disk")["state"], "active");
+
+    // A failed migration re-activates the source: that must work too.
+    let (res, out) = ctl_write_read(&m1.ctl("activate"), "disk\n");
+    assert_eq!(
+        res,
+        Ok(()),
+        "re-activate source: {out}\nlog:\n{}",
+        m1.log_text()
+    );
+    assert_eq!(status_image(&m1, "disk")["state"], "active");
+    assert!(all(&read_at(&disk1, X, MIB), b'B'));
+}
+
+/// The NFS-like bed: `src_io` on the source mount, `dst_io` on the destination.
+fn mergerfs_bed(src_io: &str, dst_io: &str) {
+    let dir = scratch();
+    let shared = dir.path().join("nfs");
+    fs::create_dir(&shared).unwrap();
+    make_file(&shared.join("disk.img"), 16 * MIB, b'A');
+    let host_a = Mergerfs::mount(&shared, &dir.path().join("host-a"));
+    let host_b = Mergerfs::mount(&shared, &dir.path().join("host-b"));
+    let m1 = Mount::start(dir.path(), &host_a.path, &["--io", src_io]);
+    let m2 = Mount::start(dir.path(), &host_b.path, &["--io", dst_io]);
+    let disk1 = m1.path("disk.img");
+    let disk2 = m2.path("disk.img");
+    let backing_a = host_a.path.join("disk.img");
+    let backing_b = host_b.path.join("disk.img");
+
+    let _holder = hold_open(&disk2);
+    let before = read_at(&disk2, X, MIB);
+    assert!(all(&before, b'A'), "initial read: {}", describe(&before));
+    let rb = residency(&backing_b);
+    assert!(
+        rb.cached >= (MIB / 4096) as u64,
+        "precondition: block X must be cached in {} (cached={})",
+        backing_b.display(),
+        rb.cached
+    );
+    let log2 = m2.log_text();
+    assert!(
+        log2.contains(&format!("data path={dst_io}")),
+        "destination must use the {dst_io} data path; log:\n{log2}"
+    );
+
+    write_at_sync(&disk1, X, &vec![b'B'; MIB]);
+    let log1 = m1.log_text();
+    assert!(
+        log1.contains(&format!("data path={src_io}")),
+        "source must use the {src_io} data path; log:\n{log1}"
+    );
+    let (res, out) = ctl_write_read(&m1.ctl("inactivate"), "disk.img\n");
+    assert_eq!(
+        res,
+        Ok(()),
+        "inactivate on source: {out}\nlog:\n{}",
+        m1.log_text()
+    );
+    let ra = residency(&backing_a);
+    assert_eq!(ra.dirty, 0, "source still has dirty pages after inactivate");
+    assert_eq!(
+        ra.writeback, 0,
+        "source still has writeback pages after inactivate"
+    );
+    assert_eq!(status_image(&m1, "disk.img")["state"], "inactive");
+
+    // The shared directory has the new data.
+    let on_storage = read_direct(&shared.join("disk.img"), X, MIB);
+    assert!(
+        all(&on_storage, b'B'),
+        "shared storage: {}",
+        describe(&on_storage)
+    );
+
+    // NEGATIVE CONTROL.
+    let stale = read_at(&disk2, X, MIB);
+    assert!(
+        all(&stale, b'A'),
+        "NEGATIVE CONTROL FAILED on the mergerfs bed ({src_io} -> {dst_io}): the destination \
+         did not read stale data before activate ({}); the bed proves nothing",
+        describe(&stale)
+    );
+
+    let (res, out) = ctl_write_read(&m2.ctl("activate"), "disk.img\n");
+    assert_eq!(
+        res,
+        Ok(()),
+        "activate on destination: {out}\nlog:\n{}",
+        m2.log_text()
+    );
+    assert!(out.contains("result=ok"), "activate read-back: {out:?}");
+    let after = read_at(&disk2, X, MIB);
+    assert!(all(&after, b'B'), "after activate: {}", describe(&after));
+    assert!(all(&read_at(&disk2, 0, 4096), b'A'));
+}
+
+#[test]
+fn mergerfs_bed_relay_to_passthrough() {
+    if !common::require_root() || !common::have_tool("mergerfs") {
+        return;
+    }
+    mergerfs_bed("relay", "passthrough");
+}
+
+#[test]
+fn mergerfs_bed_passthrough_to_relay() {
+    if !common::require_root() || !common::have_tool("mergerfs") {
+        return;
+    }
+    mergerfs_bed("passthrough", "relay");
+}
