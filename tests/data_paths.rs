@@ -1,0 +1,507 @@
+//! Data written through a migsafe mount must be the backing's data, byte for
+//! byte, in both data paths and in both directions: migsafe is a window onto
+//! the backing's page cache and never a second copy, otherwise a migration
+//! handover could serve bytes the other host never wrote.
+
+mod common;
+
+use common::*;
+use std::alloc::Layout;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+const MIB: usize = 1 << 20;
+
+/// Position-dependent bytes, so a block landing at the wrong offset is caught
+/// as well as a wrong byte.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) as u8) ^ seed ^ ((i >> 12) as u8))
+        .collect()
+}
+
+/// A page-aligned heap buffer: O_DIRECT needs aligned memory, and tests must
+/// not depend on where the allocator happens to put a Vec.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    fn from_slice(data: &[u8]) -> AlignedBuf {
+        let layout = Layout::from_size_align(data.len().max(4096), 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocation failed");
+        // SAFETY: ptr is valid for layout.size() >= data.len() bytes and does not overlap data.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        AlignedBuf {
+            ptr,
+            len: data.len(),
+            layout,
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in from_slice with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Writes `data` at `offset` with O_DIRECT (creating the file if needed), the
+/// way a VMM with `cache=none` does; returns the error of open or pwrite.
+fn write_direct(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let buf = AlignedBuf::from_slice(data);
+    // SAFETY: buf.ptr is valid for buf.len bytes for the duration of the call.
+    let n = unsafe { libc::pwrite(f.as_raw_fd(), buf.ptr.cast(), buf.len, offset as i64) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    assert_eq!(
+        n as usize,
+        data.len(),
+        "short O_DIRECT write to {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// A shared mapping of a whole file, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `f` shared, read-write; the error is the one mmap(2) gave.
+    fn shared(f: &File, len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh mapping of an open fd; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is valid for len bytes while self lives.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    fn msync(&self) {
+        // SAFETY: msync of the whole live mapping.
+        let r = unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) };
+        assert_eq!(r, 0, "msync: {}", io::Error::last_os_error());
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in shared().
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn errno_of<T: std::fmt::Debug>(r: io::Result<T>, what: &str) -> i32 {
+    match r {
+        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
+    }
+}
+
+/// Asserts equality of two large buffers without dumping megabytes on failure.
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i}: got {:#04x}, want {:#04x}",
+            got[i], want[i]
+        );
+    }
+}
+
+/// True if the daemon log has a line that names `name` and `data path=<path>`.
+fn log_has_open(log: &str, name: &str, path: &str) -> bool {
+    let needle = format!("data path={path}");
+    log.lines().any(|l| l.contains(name) && l.contains(&needle))
+}
+
+fn other_path(io: &str) -> &'static str {
+    if io == "relay" {
+        "passthrough"
+    } else {
+        "relay"
+    }
+}
+
+/// Both directions for regular files of a directory backing, with buffered
+/// and O_DIRECT I/O through the mount, in the data path `io`.
+fn check_regular_files(io: &str) {
+    let dir = scratch();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start(dir.path(), &backing, &["--io", io]);
+
+    // Mount -> backing, with an unaligned length so partial pages are covered.
+    let len = 3 * MIB + 123;
+    let mut want = pattern(len, 0x5a);
+    {
+        let mut f = File::create(m.path("data.bin")).unwrap();
+        f.write_all(&want).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_same(
+        &fs::read(backing.join("data.bin")).unwrap(),
+        &want,
+        "backing after write through mount",
+    );
+    assert_same(
+        &read_direct(&backing.join("data.bin"), 0, 3 * MIB),
+        &want[..3 * MIB],
+        "backing (O_DIRECT) after write through mount",
+    );
+
+    // An unaligned overwrite in the middle must touch only its own bytes.
+    let patch = pattern(10_000, 0xc3);
+    write_at_sync(&m.path("data.bin"), 4097, &patch);
+    want[4097..4097 + patch.len()].copy_from_slice(&patch);
+    assert_same(
+        &fs::read(backing.join("data.bin")).unwrap(),
+        &want,
+        "backing after unaligned overwrite",
+    );
+
+    // Backing -> mount, same size (no attribute change to hide behind).
+    let patch = pattern(MIB + 999, 0x17);
+    write_at_sync(&backing.join("data.bin"), (MIB + 7) as u64, &patch);
+    want[MIB + 7..MIB + 7 + patch.len()].copy_from_slice(&patch);
+    assert_same(
+        &fs::read(m.path("data.bin")).unwrap(),
+        &want,
+        "mount (fresh open) after write to backing",
+    );
+
+    // A file that appears in the backing behind the mount's back.
+    let fresh = pattern(2 * MIB + 5, 0x99);
+    fs::write(backing.join("fresh.bin"), &fresh).unwrap();
+    assert_eq!(
+        fs::metadata(m.path("fresh.bin")).unwrap().len(),
+        fresh.len() as u64,
+        "size through the mount of a file created in the backing"
+    );
+    assert_same(
+        &fs::read(m.path("fresh.bin")).unwrap(),
+        &fresh,
+        "mount read of a file created in the backing",
+    );
+
+    // O_DIRECT through the mount, both directions.
+    let d1 = pattern(MIB, 0x21);
+    let d2 = pattern(64 * 1024, 0x42);
+    write_direct(&m.path("direct.bin"), 0, &d1).expect("O_DIRECT write through the mount");
+    write_direct(&m.path("direct.bin"), 2 * MIB as u64, &d2)
+        .expect("O_DIRECT write at 2 MiB through the mount");
+    let mut dwant = vec![0u8; 2 * MIB + d2.len()];
+    dwant[..MIB].copy_from_slice(&d1);
+    dwant[2 * MIB..].copy_from_slice(&d2);
+    assert_same(
+        &fs::read(backing.join("direct.bin")).unwrap(),
+        &dwant,
+        "backing after O_DIRECT writes through the mount",
+    );
+    let d3 = pattern(128 * 1024, 0x77);
+    write_at_sync(&backing.join("direct.bin"), 512 * 1024, &d3);
+    dwant[512 * 1024..512 * 1024 + d3.len()].copy_from_slice(&d3);
+    assert_same(
+        &read_direct(&m.path("direct.bin"), 0, dwant.len()),
+        &dwant,
+        "O_DIRECT read through the mount after a write to the backing",
+    );
+    assert_same(
+        &read_direct(&m.path("data.bin"), 0, 2 * MIB),
+        &want[..2 * MIB],
+        "O_DIRECT read through the mount of data.bin",
+    );
+
+    // mmap through the mount, both directions (a relay mount without
+    // direct-io mmap fails every shared mapping with ENODEV).
+    let mm = pattern(MIB, 0x6d);
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.path("mmap.bin"))
+            .unwrap();
+        f.set_len(MIB as u64).unwrap();
+        let mut map = Mapping::shared(&f, MIB).expect("shared mmap through the mount");
+        map.bytes().copy_from_slice(&mm);
+        map.msync();
+    }
+    assert_same(
+        &fs::read(backing.join("mmap.bin")).unwrap(),
+        &mm,
+        "backing after writes through a shared mapping of the mount",
+    );
+    let mm2 = pattern(MIB, 0x4e);
+    fs::write(backing.join("mmap2.bin"), &mm2).unwrap();
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("mmap2.bin"))
+            .unwrap();
+        let mut map = Mapping::shared(&f, MIB).expect("shared mmap through the mount");
+        assert_same(
+            map.bytes(),
+            &mm2,
+            "mapping through the mount of a file written in the backing",
+        );
+    }
+
+    let log = m.log_text();
+    assert!(
+        log_has_open(&log, "data.bin", io),
+        "log does not say `data path={io}` for data.bin:\n{log}"
+    );
+    assert!(
+        !log.contains(&format!("data path={}", other_path(io))),
+        "log names the other data path although --io {io} was given:\n{log}"
+    );
+}
+
+#[test]
+fn regular_files_relay() {
+    if !common::require_root() {
+        return;
+    }
+    check_regular_files("relay");
+}
+
+#[test]
+fn regular_files_passthrough() {
+    if !common::require_root() {
+        return;
+    }
+    check_regular_files("passthrough");
+}
+
+fn blockdev_size(dev: &Path) -> u64 {
+    run(Command::new("blockdev").arg("--getsize64").arg(dev))
+        .trim()
+        .parse()
+        .expect("blockdev --getsize64 output")
+}
+
+/// A loop device given with `--device`: same data both ways, the device's
+/// size, and the rules that keep an operator from damaging or hiding it.
+fn check_device(extra: &[&str]) {
+    let dir = scratch();
+    let img = dir.path().join("disk.img");
+    File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let lo = LoopDev::attach(&img);
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let dev_arg = format!("disk={}", lo.path.display());
+    let mut args = vec!["--device", dev_arg.as_str()];
+    args.extend_from_slice(extra);
+    let m = Mount::start(dir.path(), &backing, &args);
+    let disk = m.path("disk");
+
+    let size = blockdev_size(&lo.path);
+    assert_eq!(size, 64 * MIB as u64, "loop device size");
+    let md = fs::metadata(&disk).unwrap();
+    assert!(
+        md.is_file(),
+        "device entry must look like a regular file: {md:?}"
+    );
+    assert_eq!(md.len(), size, "size of mnt/disk vs BLKGETSIZE64");
+    let names: Vec<String> = fs::read_dir(&m.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["disk".to_string()],
+        "root listing of a mount with an empty backing and one device"
+    );
+
+    // Mount -> device.
+    let a = pattern(MIB + 100, 0x3c);
+    write_at_sync(&disk, 5 * MIB as u64, &a);
+    assert_same(
+        &read_at(&lo.path, 5 * MIB as u64, a.len()),
+        &a,
+        "device after write through mount",
+    );
+    assert_same(
+        &read_direct(&lo.path, 5 * MIB as u64, MIB),
+        &a[..MIB],
+        "device (O_DIRECT) after write through mount",
+    );
+
+    // Device -> mount, fresh open.
+    let b = pattern(3 * MIB / 2, 0xa5);
+    write_at_sync(&lo.path, 20 * MIB as u64, &b);
+    assert_same(
+        &read_at(&disk, 20 * MIB as u64, b.len()),
+        &b,
+        "mount after write to device",
+    );
+    assert_same(
+        &read_direct(&disk, 20 * MIB as u64, b.len()),
+        &b,
+        "mount (O_DIRECT) after write to device",
+    );
+
+    // O_DIRECT write through the mount.
+    let c = pattern(256 * 1024, 0x0f);
+    write_direct(&disk, 30 * MIB as u64, &c).expect("O_DIRECT write to mnt/disk");
+    assert_same(
+        &read_direct(&lo.path, 30 * MIB as u64, c.len()),
+        &c,
+        "device after O_DIRECT write through mount",
+    );
+
+    // The last block is writable; nothing after it is.
+    let last = pattern(4096, 0xee);
+    write_at_sync(&disk, size - 4096, &last);
+    assert_same(
+        &read_at(&lo.path, size - 4096, 4096),
+        &last,
+        "last block of the device",
+    );
+    {
+        let f = OpenOptions::new().write(true).open(&disk).unwrap();
+        assert_eq!(
+            errno_of(f.write_at(&[1u8; 4096], size), "write at end of device"),
+            libc::ENOSPC
+        );
+        assert_eq!(
+            errno_of(
+                f.write_at(&[1u8; 512], size + MIB as u64),
+                "write past end of device"
+            ),
+            libc::ENOSPC
+        );
+
+        // Truncation can only keep the size.
+        assert_eq!(
+            errno_of(f.set_len(size / 2), "truncate device to half"),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno_of(f.set_len(size + 4096), "truncate device larger"),
+            libc::EINVAL
+        );
+        f.set_len(size)
+            .expect("truncate device to its own size is a no-op");
+    }
+    assert_eq!(
+        errno_of(
+            OpenOptions::new().write(true).truncate(true).open(&disk),
+            "open device with O_TRUNC"
+        ),
+        libc::EINVAL
+    );
+    assert_eq!(
+        fs::metadata(&disk).unwrap().len(),
+        size,
+        "device size after refused truncates"
+    );
+    assert_same(
+        &read_at(&lo.path, 5 * MIB as u64, a.len()),
+        &a,
+        "device data after refused truncates",
+    );
+
+    // The entry cannot be removed or replaced.
+    assert_eq!(
+        errno_of(fs::remove_file(&disk), "unlink mnt/disk"),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno_of(fs::rename(&disk, m.path("disk2")), "rename mnt/disk"),
+        libc::EPERM
+    );
+    fs::write(m.path("other"), b"x").unwrap();
+    assert_eq!(
+        errno_of(fs::rename(m.path("other"), &disk), "rename onto mnt/disk"),
+        libc::EPERM
+    );
+    assert_eq!(
+        fs::metadata(&disk).unwrap().len(),
+        size,
+        "mnt/disk after refused unlink/rename"
+    );
+    assert!(
+        !m.path("disk2").exists(),
+        "refused rename must not create disk2"
+    );
+    let backing_names: Vec<String> = fs::read_dir(&backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        backing_names,
+        vec!["other".to_string()],
+        "the device must never appear in BACKING_DIR"
+    );
+
+    let log = m.log_text();
+    assert!(
+        log_has_open(&log, "disk", "relay"),
+        "log does not say `data path=relay` for disk:\n{log}"
+    );
+    assert!(
+        !log_has_open(&log, "disk", "passthrough"),
+        "a device must never use passthrough:\n{log}"
+    );
+}
+
+#[test]
+fn device_default_io() {
+    if !common::require_root() {
+        return;
+    }
+    check_device(&[]);
+}
+
+#[test]
+fn device_io_relay() {
+    if !common::require_root() {
+        return;
+    }
+    check_device(&["--io", "relay"]);
+}
