@@ -277,18 +277,7 @@ impl MigsafeFs {
                     return Err(Errno::EEXIST);
                 }
                 let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
-                let image = inode.image().ok_or(Errno::EIO)?.clone();
-                let file = self.open_image_backing(req, &inode, &image, flags)?;
-                let attr = self.attr_of(&inode)?;
-                let (fh, fopen, pt) = self.register_handle(
-                    req,
-                    inode,
-                    image,
-                    file,
-                    flags,
-                    ReplyOpenLike::Create(&reply),
-                )?;
-                return Ok((attr, fh, fopen, pt));
+                return self.open_created(req, inode, flags, &reply);
             }
             let dir = self.parent_dir(parent)?;
             let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
@@ -312,26 +301,7 @@ impl MigsafeFs {
             };
             let attr = self.enter(&dir, name, opath)?;
             let inode = self.inodes.get(attr.ino.0).ok_or(Errno::EIO)?;
-            let image = inode.image().ok_or(Errno::EISDIR)?.clone();
-            if flags & libc::O_TRUNC != 0 {
-                image
-                    .check_writable(&self.settings)
-                    .map_err(Errno::from_i32)?;
-            }
-            let file = self.open_image_backing(req, &inode, &image, flags)?;
-            if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
-                file.set_len(0).map_err(errno)?;
-            }
-            let attr = self.attr_of(&inode)?;
-            let (fh, fopen, pt) = self.register_handle(
-                req,
-                inode,
-                image,
-                file,
-                flags,
-                ReplyOpenLike::Create(&reply),
-            )?;
-            Ok((attr, fh, fopen, pt))
+            self.open_created(req, inode, flags, &reply)
         })();
         match result {
             Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
@@ -347,6 +317,31 @@ impl MigsafeFs {
             }
             Err(e) => reply.error(e),
         }
+    }
+
+    /// The open half of create, for a new file or an existing device entry.
+    fn open_created(
+        &self,
+        req: &Request,
+        inode: Arc<Inode>,
+        flags: i32,
+        reply: &ReplyCreate,
+    ) -> Result<Created, Errno> {
+        let image = inode.image().ok_or(Errno::EISDIR)?.clone();
+        let truncate = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if truncate {
+            image
+                .check_writable(&self.settings)
+                .map_err(Errno::from_i32)?;
+        }
+        let file = self.open_image_backing(req, &inode, &image, flags)?;
+        if truncate && inode.device_name.is_none() {
+            file.set_len(0).map_err(errno)?;
+        }
+        let attr = self.attr_of(&inode)?;
+        let (fh, fopen, pt) =
+            self.register_handle(req, inode, image, file, flags, ReplyOpenLike::Create(reply))?;
+        Ok((attr, fh, fopen, pt))
     }
 
     pub(crate) fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: fuser::ReplyData) {

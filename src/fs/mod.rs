@@ -246,6 +246,20 @@ impl MigsafeFs {
     }
 }
 
+fn reply_empty(reply: ReplyEmpty, result: Result<(), Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Errno>) {
+    match result {
+        Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
 impl Filesystem for MigsafeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
@@ -362,10 +376,7 @@ impl Filesystem for MigsafeFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mknod(req, parent, name, mode, rdev) {
-            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, self.do_mknod(req, parent, name, mode, rdev))
     }
 
     fn mkdir(
@@ -377,24 +388,15 @@ impl Filesystem for MigsafeFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mkdir(req, parent, name, mode) {
-            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, self.do_mkdir(req, parent, name, mode))
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_remove(req, parent, name, false) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_remove(req, parent, name, false))
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_remove(req, parent, name, true) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_remove(req, parent, name, true))
     }
 
     fn symlink(
@@ -405,10 +407,7 @@ impl Filesystem for MigsafeFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.do_symlink(req, parent, link_name, target) {
-            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, self.do_symlink(req, parent, link_name, target))
     }
 
     fn rename(
@@ -421,10 +420,10 @@ impl Filesystem for MigsafeFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.do_rename(req, parent, name, newparent, newname, flags.bits()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(
+            reply,
+            self.do_rename(req, parent, name, newparent, newname, flags.bits()),
+        )
     }
 
     fn link(
@@ -435,10 +434,7 @@ impl Filesystem for MigsafeFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.do_link(req, ino, newparent, newname) {
-            Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, self.do_link(req, ino, newparent, newname))
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -497,10 +493,7 @@ impl Filesystem for MigsafeFs {
         if Self::is_virtual(ino.0) {
             return reply.ok();
         }
-        match self.do_flush(fh) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_flush(fh))
     }
 
     fn release(
@@ -528,10 +521,7 @@ impl Filesystem for MigsafeFs {
         if Self::is_virtual(ino.0) {
             return reply.ok();
         }
-        match self.do_fsync(fh, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_fsync(fh, datasync))
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -581,10 +571,7 @@ impl Filesystem for MigsafeFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.do_fsyncdir(ino, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_fsyncdir(ino, datasync))
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -615,10 +602,7 @@ impl Filesystem for MigsafeFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.do_setxattr(ino, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_setxattr(ino, name, value, flags))
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -630,17 +614,11 @@ impl Filesystem for MigsafeFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_removexattr(ino, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_removexattr(ino, name))
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.do_access(req, ino, mask.bits()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_access(req, ino, mask.bits()))
     }
 
     fn create(
@@ -682,10 +660,7 @@ impl Filesystem for MigsafeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(fh, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.do_fallocate(fh, offset, length, mode))
     }
 
     fn lseek(

@@ -28,6 +28,14 @@ fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(sys::errno_of(&e))
 }
 
+/// Turns a libc `0 / -1 + errno` result into `Result`.
+fn check(ret: libc::c_int) -> Result<(), Errno> {
+    if ret != 0 {
+        return Err(errno(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Rejects names the kernel should never send but a confused client could:
 /// anything but a single path component.
 fn component(name: &OsStr) -> Result<CString, Errno> {
@@ -166,11 +174,9 @@ impl MigsafeFs {
         let _creds = FsCreds::switch(req.uid(), req.gid());
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
-        let ret =
-            unsafe { libc::mknodat(dirfd.as_raw_fd(), cname.as_ptr(), mode, rdev as libc::dev_t) };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        check(unsafe {
+            libc::mknodat(dirfd.as_raw_fd(), cname.as_ptr(), mode, rdev as libc::dev_t)
+        })?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -190,10 +196,7 @@ impl MigsafeFs {
         let _creds = FsCreds::switch(req.uid(), req.gid());
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
-        let ret = unsafe { libc::mkdirat(dirfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        check(unsafe { libc::mkdirat(dirfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) })?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -212,10 +215,7 @@ impl MigsafeFs {
         let _creds = FsCreds::switch(req.uid(), req.gid());
         let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
-        let ret = unsafe { libc::unlinkat(dirfd.as_raw_fd(), cname.as_ptr(), flags) };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        check(unsafe { libc::unlinkat(dirfd.as_raw_fd(), cname.as_ptr(), flags) })?;
         // The last name of an image is gone: forget its migration state, so a
         // new file that reuses the inode number starts fresh.
         if let Some(st) = before
@@ -241,10 +241,7 @@ impl MigsafeFs {
         let _creds = FsCreds::switch(req.uid(), req.gid());
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: both strings are NUL-terminated; dirfd is valid.
-        let ret = unsafe { libc::symlinkat(ctarget.as_ptr(), dirfd.as_raw_fd(), cname.as_ptr()) };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        check(unsafe { libc::symlinkat(ctarget.as_ptr(), dirfd.as_raw_fd(), cname.as_ptr()) })?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -298,7 +295,7 @@ impl MigsafeFs {
         let dirfd = newdir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: strings are NUL-terminated; following the /proc magic link
         // links the inode the O_PATH fd pins, without needing its path.
-        let ret = unsafe {
+        check(unsafe {
             libc::linkat(
                 libc::AT_FDCWD,
                 proc_path.as_ptr(),
@@ -306,10 +303,7 @@ impl MigsafeFs {
                 cnew.as_ptr(),
                 libc::AT_SYMLINK_FOLLOW,
             )
-        };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        })?;
         self.lookup_after_create(&newdir, newname, &cnew)
     }
 
@@ -404,10 +398,7 @@ impl MigsafeFs {
         let path = sys::proc_fd_path(fd.as_fd());
         // SAFETY: path is NUL-terminated. faccessat checks with the fs ids
         // switched above only when AT_EACCESS is given.
-        let ret = unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mask, libc::AT_EACCESS) };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        check(unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mask, libc::AT_EACCESS) })?;
         Ok(())
     }
 
@@ -474,7 +465,7 @@ impl MigsafeFs {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
         // SAFETY: strings are NUL-terminated; value is readable for its length.
-        let ret = unsafe {
+        check(unsafe {
             libc::setxattr(
                 path.as_ptr(),
                 cname.as_ptr(),
@@ -482,10 +473,7 @@ impl MigsafeFs {
                 value.len(),
                 flags,
             )
-        };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        })?;
         Ok(())
     }
 
@@ -493,10 +481,7 @@ impl MigsafeFs {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
         // SAFETY: strings are NUL-terminated.
-        let ret = unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) };
-        if ret != 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
+        check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) })?;
         Ok(())
     }
 }
