@@ -80,7 +80,6 @@ struct LastCommand {
 
 #[derive(Debug, Default)]
 struct State {
-    inactive: bool,
     sticky_error: Option<i32>,
     last: Option<LastCommand>,
 }
@@ -121,6 +120,8 @@ pub struct Image {
     pub nodeid: AtomicU64,
     /// Device size (BLKGETSIZE64), re-read by invalidate; unused for files.
     pub device_size: AtomicU64,
+    /// Read on every relay write (EROFS fencing): an atomic, not the lock.
+    inactive: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     handles: Mutex<HashMap<u64, HandleInfo>>,
     pub counters: Counters,
@@ -134,6 +135,7 @@ impl Image {
             path: RwLock::new(path),
             nodeid: AtomicU64::new(0),
             device_size: AtomicU64::new(0),
+            inactive: Default::default(),
             state: Mutex::default(),
             handles: Mutex::default(),
             counters: Counters::default(),
@@ -160,7 +162,7 @@ impl Image {
     }
 
     pub fn is_active(&self) -> bool {
-        !self.state.lock().expect("state lock").inactive
+        !self.inactive.load(Ordering::Relaxed)
     }
 
     pub fn sticky_error(&self) -> Option<i32> {
@@ -294,7 +296,7 @@ impl Image {
                     Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
                 })?;
             }
-            self.state.lock().expect("state lock").inactive = true;
+            self.inactive.store(true, Ordering::Relaxed);
             self.counters.inactivations.fetch_add(1, Ordering::Relaxed);
             Ok(Outcome::default())
         })
@@ -310,7 +312,7 @@ impl Image {
         self.run_command("activate", || {
             self.invalidate_steps(ctx, false)?;
             let mut st = self.state.lock().expect("state lock");
-            st.inactive = false;
+            self.inactive.store(false, Ordering::Relaxed);
             st.sticky_error = None;
             self.counters.activations.fetch_add(1, Ordering::Relaxed);
             Ok(Outcome::default())
@@ -482,7 +484,11 @@ impl Image {
         let (state, sticky, last) = {
             let st = self.state.lock().expect("state lock");
             (
-                if st.inactive { "inactive" } else { "active" },
+                if self.is_active() {
+                    "active"
+                } else {
+                    "inactive"
+                },
                 st.sticky_error.map(sys::errno_name),
                 st.last.clone(),
             )
