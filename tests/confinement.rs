@@ -10,70 +10,10 @@ use common::*;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
-
-fn errno_of<T: std::fmt::Debug>(r: io::Result<T>, what: &str) -> i32 {
-    match r {
-        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
-        Err(e) => e
-            .raw_os_error()
-            .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
-    }
-}
-
-/// A filesystem this test mounted (ext4 on a loop device, or a bind mount),
-/// unmounted on drop. Declare it after the LoopDev and before the migsafe
-/// Mount over it, so drops run migsafe, this, then the loop device.
-struct FsMount {
-    dir: PathBuf,
-}
-
-impl FsMount {
-    fn mount(args: &[&str], dir: &Path) -> FsMount {
-        fs::create_dir_all(dir).unwrap();
-        run(Command::new("mount").args(args).arg(dir));
-        FsMount {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            let ok = Command::new("umount")
-                .arg(&self.dir)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
-
-/// Runs `argv` as user nobody (uid/gid 65534, no groups) in the C locale;
-/// returns (success, stdout, stderr).
-fn as_nobody(argv: &[&str]) -> (bool, String, String) {
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args(argv)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("run setpriv");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Fills the page cache of `p` by reading it, and returns the cached pages.
 fn fill_cache(p: &Path) -> u64 {
@@ -343,9 +283,9 @@ fn enospc_from_full_backing() {
     File::create(&img).unwrap().set_len(4 << 20).unwrap();
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
     let lo = LoopDev::attach(&img);
-    let fsm = FsMount::mount(&[lo.path.to_str().unwrap()], &dir.path().join("small"));
+    let fsm = KMount::dev(&lo.path, &dir.path().join("small"));
     for io in ["relay", "passthrough"] {
-        let m = Mount::start(dir.path(), &fsm.dir, &["--io", io]);
+        let m = Mount::start(dir.path(), &fsm.path, &["--io", io]);
         let (written, e) = fill_until_error(&m.path("fill"));
         assert_eq!(
             e.raw_os_error(),
@@ -353,7 +293,7 @@ fn enospc_from_full_backing() {
             "--io {io}: filling the backing through the mount after {written} bytes gave {e}"
         );
         assert!(written > 0, "--io {io}: nothing could be written at all");
-        let on_disk = fs::metadata(fsm.dir.join("fill")).unwrap().len();
+        let on_disk = fs::metadata(fsm.path.join("fill")).unwrap().len();
         assert!(
             on_disk >= written,
             "--io {io}: backing has {on_disk} bytes, {written} were accepted"
@@ -374,12 +314,12 @@ fn erofs_from_readonly_backing_and_ro_mount() {
     fs::write(src.join("img"), b"read-only data").unwrap();
     fs::create_dir(src.join("sub")).unwrap();
     let ro = dir.path().join("ro");
-    let bind = FsMount::mount(&["--bind", src.to_str().unwrap()], &ro);
+    let bind = KMount::mount(&["--bind", src.to_str().unwrap()], &ro);
     run(Command::new("mount")
         .args(["-o", "remount,bind,ro"])
-        .arg(&bind.dir));
+        .arg(&bind.path));
     {
-        let m = Mount::start(dir.path(), &bind.dir, &[]);
+        let m = Mount::start(dir.path(), &bind.path, &[]);
         assert_eq!(
             fs::read(m.path("img")).unwrap(),
             b"read-only data",

@@ -7,12 +7,11 @@
 mod common;
 
 use common::{
-    ChildGuard, LoopDev, Mount, ctl_write_read, make_file, read_at, read_text, residency, scratch,
+    ChildGuard, LoopDev, Mount, ctl_write_read, evict, field, hold_open, make_file, read_at,
+    read_pages, residency, scratch, status_image,
 };
-use std::fs::{self, File};
+use std::fs::{self};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::thread::sleep;
@@ -23,61 +22,6 @@ const PAGE: u64 = 4096;
 
 // ---------------------------------------------------------------------------
 // Local helpers (not in tests/common).
-
-/// Keeps `path` open on fd 3 of a `sleep` process; returns once it is open.
-fn hold_open(path: &Path) -> ChildGuard {
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3<\"$1\"; exec sleep 600")
-        .arg("sh")
-        .arg(path)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn holder");
-    let pid = child.id();
-    let guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "sleep" {
-            return guard;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "holder of {} did not start",
-            path.display()
-        );
-        sleep(Duration::from_millis(10));
-    }
-}
-
-fn status_image(m: &Mount, image: &str) -> serde_json::Value {
-    let text = read_text(&m.ctl("status"));
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"));
-    v["images"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status has no images array: {text}"))
-        .iter()
-        .find(|i| i["path"] == image)
-        .cloned()
-        .unwrap_or_else(|| panic!("status has no image {image}: {text}"))
-}
-
-/// The value of `key=` in a read-back line (unquoted).
-fn field(out: &str, key: &str) -> Option<String> {
-    let pat = format!("{key}=");
-    let start = out
-        .match_indices(&pat)
-        .find(|(i, _)| *i == 0 || out.as_bytes()[i - 1].is_ascii_whitespace())?
-        .0
-        + pat.len();
-    let rest = &out[start..];
-    if let Some(q) = rest.strip_prefix('"') {
-        return Some(q[..q.find('"').unwrap_or(q.len())].to_string());
-    }
-    Some(rest.split_whitespace().next().unwrap_or("").to_string())
-}
 
 /// All decimal integers in `s`.
 fn numbers(s: &str) -> Vec<u64> {
@@ -137,28 +81,6 @@ for line in sys.stdin:
         self.stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "synced");
     }
-}
-
-/// Reads single pages at `pages` with readahead disabled (POSIX_FADV_RANDOM),
-/// so exactly those pages become resident.
-fn read_pages(path: &Path, pages: &[u64]) {
-    let f = File::open(path).unwrap();
-    // SAFETY: valid fd; advice only.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-    assert_eq!(rc, 0);
-    let mut buf = vec![0u8; PAGE as usize];
-    for &p in pages {
-        f.read_exact_at(&mut buf, p * PAGE).unwrap();
-    }
-}
-
-fn evict(path: &Path) {
-    common::run(
-        Command::new(common::BIN)
-            .args(["residency", "--evict", "--json"])
-            .arg(path),
-    );
-    assert_eq!(residency(path).cached, 0, "evict {}", path.display());
 }
 
 // ---------------------------------------------------------------------------
@@ -333,6 +255,7 @@ fn check_reports_resident_ranges_and_drops_nothing() {
 
     // Nothing resident: check passes.
     evict(&backing);
+    assert_eq!(residency(&backing).cached, 0, "evict {}", backing.display());
     let (res, out) = ctl_write_read(&m.ctl("check"), "vm.img\n");
     assert_eq!(
         res,

@@ -7,17 +7,17 @@
 mod common;
 
 use common::{
-    ChildGuard, Mount, ctl_cli, ctl_write, ctl_write_read, make_file, read_at, read_text,
-    residency, scratch,
+    Mount, as_nobody, cstr, ctl_cli, ctl_write, ctl_write_read, dir_names, errno_result,
+    hold_open_rw, last_errno, make_file, open_rw, parse_line, read_at, read_text, residency,
+    results, scratch, status, status_image,
 };
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -34,114 +34,6 @@ const SETTINGS: [(&str, &[&str], &str); 6] = [
 
 // ---------------------------------------------------------------------------
 // Local helpers (not in tests/common).
-
-/// Keeps `path` open (read-write) on fd 3 of a `sleep` process; returns once
-/// it is open. The opener's pid is the guard's pid (sh execs sleep).
-fn hold_open_rw(path: &Path) -> ChildGuard {
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3<>\"$1\"; exec sleep 600")
-        .arg("sh")
-        .arg(path)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn holder");
-    let pid = child.id();
-    let guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "sleep" {
-            return guard;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "holder of {} did not start",
-            path.display()
-        );
-        sleep(Duration::from_millis(10));
-    }
-}
-
-fn status(m: &Mount) -> serde_json::Value {
-    let text = read_text(&m.ctl("status"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"))
-}
-
-fn status_image(m: &Mount, image: &str) -> serde_json::Value {
-    let v = status(m);
-    v["images"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status has no images array: {v}"))
-        .iter()
-        .find(|i| i["path"] == image)
-        .cloned()
-        .unwrap_or_else(|| panic!("status has no image {image}: {v}"))
-}
-
-/// Parses one read-back line `k=v k="v with spaces" ...`.
-fn parse_line(line: &str) -> BTreeMap<String, String> {
-    let mut map = BTreeMap::new();
-    let mut rest = line.trim();
-    while !rest.is_empty() {
-        let eq = rest
-            .find('=')
-            .unwrap_or_else(|| panic!("token without '=' in read-back line {line:?}"));
-        let key = rest[..eq].to_string();
-        assert!(
-            !key.is_empty() && !key.contains(char::is_whitespace),
-            "bad key {key:?} in read-back line {line:?}"
-        );
-        rest = &rest[eq + 1..];
-        let value;
-        if let Some(q) = rest.strip_prefix('"') {
-            let mut end = None;
-            let mut escaped = false;
-            for (i, c) in q.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '"' if !escaped => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            let end = end.unwrap_or_else(|| panic!("unterminated quote in {line:?}"));
-            value = q[..end].to_string();
-            rest = q[end + 1..].trim_start();
-        } else {
-            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            value = rest[..end].to_string();
-            rest = rest[end..].trim_start();
-        }
-        map.insert(key, value);
-    }
-    map
-}
-
-/// Read-back result lines keyed by image.
-fn results(out: &str) -> BTreeMap<String, BTreeMap<String, String>> {
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f = parse_line(l);
-            let img = f
-                .get("image")
-                .unwrap_or_else(|| panic!("no image= in {l:?}"))
-                .clone();
-            (img, f)
-        })
-        .collect()
-}
-
-fn errno_of(r: std::io::Result<impl Sized>) -> Result<(), i32> {
-    r.map(|_| ()).map_err(|e| e.raw_os_error().unwrap_or(0))
-}
-
-fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
 
 fn fallocate(f: &File, mode: i32, off: i64, len: i64) -> Result<(), i32> {
     // SAFETY: plain syscall on a valid fd.
@@ -172,14 +64,6 @@ fn copy_range(src: &File, dst: &File, len: usize) -> Result<(), i32> {
     }
 }
 
-fn rw(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open rw {}: {e}", path.display()))
-}
-
 fn backing_with(dir: &Path, files: &[(&str, usize)]) -> std::path::PathBuf {
     let back = dir.join("back");
     fs::create_dir_all(back.join("sub")).unwrap();
@@ -196,16 +80,14 @@ fn cache_whole(path: &Path) {
 }
 
 /// Runs a python snippet as uid/gid 65534 via setpriv; returns its stdout.
-fn as_nobody(script: &str, args: &[&Path]) -> String {
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg("/usr/bin/python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("spawn setpriv");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+fn nobody_py(script: &str, args: &[&Path]) -> String {
+    let mut argv = vec![
+        OsStr::new("/usr/bin/python3"),
+        OsStr::new("-c"),
+        OsStr::new(script),
+    ];
+    argv.extend(args.iter().map(|p| p.as_os_str()));
+    as_nobody(&argv).1.trim().to_string()
 }
 
 const PY_WRITE: &str = r#"
@@ -337,54 +219,23 @@ fn non_root_writer_gets_eacces_even_with_allow_other() {
 
     // Control: uid 65534 reaches the mount and the control files.
     assert_eq!(
-        as_nobody(PY_READ, &[&m.ctl("status")]),
+        nobody_py(PY_READ, &[&m.ctl("status")]),
         "OK",
         "nobody must be able to read status"
     );
     assert_eq!(
-        as_nobody(PY_READ, &[&m.path("img")]),
+        nobody_py(PY_READ, &[&m.path("img")]),
         "OK",
         "nobody must be able to read img"
     );
 
-    let arg = |s: &str| std::ffi::OsString::from(s);
     for cmd in COMMANDS {
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-            ])
-            .arg(PY_WRITE)
-            .arg(m.ctl(cmd))
-            .arg(arg("img\n"))
-            .output()
-            .unwrap();
-        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let got = nobody_py(PY_WRITE, &[&m.ctl(cmd), Path::new("img\n")]);
         assert_eq!(got, "EACCES", "non-root write to {cmd}");
     }
     // The plain-shell form scripts use fails too.
-    let ok = Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg("echo img > \"$1\"")
-        .arg("sh")
-        .arg(m.ctl("inactivate"))
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
+    let ctl = m.ctl("inactivate");
+    let (ok, _, _) = as_nobody(&["sh", "-c", "echo img > \"$1\"", "sh", ctl.to_str().unwrap()]);
     assert!(!ok, "`echo img > .ctl/inactivate` as nobody must fail");
     assert_eq!(
         status_image(&m, "img")["state"],
@@ -394,7 +245,7 @@ fn non_root_writer_gets_eacces_even_with_allow_other() {
 
     for (file, values, default) in SETTINGS {
         let other = values.iter().find(|v| *v != &default).unwrap();
-        let got = as_nobody(PY_WRITE, &[&m.ctl(file), Path::new(&format!("{other}\n"))]);
+        let got = nobody_py(PY_WRITE, &[&m.ctl(file), Path::new(&format!("{other}\n"))]);
         assert_eq!(got, "EACCES", "non-root write to {file}");
         assert_eq!(
             read_text(&m.ctl(file)).trim(),
@@ -420,29 +271,29 @@ fn inactive_image_refuses_relay_writes_with_erofs() {
     let src = File::open(m.path("src.bin")).unwrap();
 
     // Control: all of these work on an active image.
-    let f = rw(&img);
-    assert_eq!(errno_of(f.write_all_at(&[b'W'; 4096], 0)), Ok(()));
-    assert_eq!(errno_of(f.set_len(2 * MIB as u64)), Ok(()));
+    let f = open_rw(&img);
+    assert_eq!(errno_result(f.write_all_at(&[b'W'; 4096], 0)), Ok(()));
+    assert_eq!(errno_result(f.set_len(2 * MIB as u64)), Ok(()));
     assert_eq!(fallocate(&f, 0, 0, 3 * MIB as i64), Ok(()));
     assert_eq!(copy_range(&src, &f, 4096), Ok(()));
-    assert_eq!(errno_of(f.sync_all()), Ok(()));
+    assert_eq!(errno_result(f.sync_all()), Ok(()));
     drop(f);
 
     assert_eq!(ctl_write(&m.ctl("inactivate"), "img\n"), Ok(()));
     let before = fs::read(back.join("img")).unwrap();
     // A destination VMM opens its image read-write while inactive.
-    let f = rw(&img);
+    let f = open_rw(&img);
     assert_eq!(
-        errno_of(f.write_all_at(&[b'X'; 4096], 0)),
+        errno_result(f.write_all_at(&[b'X'; 4096], 0)),
         Err(libc::EROFS),
         "write"
     );
     assert_eq!(
-        errno_of(f.set_len(MIB as u64)),
+        errno_result(f.set_len(MIB as u64)),
         Err(libc::EROFS),
         "ftruncate"
     );
-    let cpath = std::ffi::CString::new(img.as_os_str().as_bytes()).unwrap();
+    let cpath = cstr(&img);
     // SAFETY: valid C string.
     let rc = unsafe { libc::truncate(cpath.as_ptr(), 5 * MIB as i64) };
     assert_eq!(
@@ -487,12 +338,12 @@ fn inactive_image_refuses_relay_writes_with_erofs() {
     // inactive-writes = allow lets them through.
     assert_eq!(ctl_write(&m.ctl("inactive-writes"), "allow\n"), Ok(()));
     assert_eq!(
-        errno_of(f.write_all_at(&[b'Y'; 4096], 0)),
+        errno_result(f.write_all_at(&[b'Y'; 4096], 0)),
         Ok(()),
         "write with allow"
     );
     assert_eq!(
-        errno_of(f.set_len(2 * MIB as u64)),
+        errno_result(f.set_len(2 * MIB as u64)),
         Ok(()),
         "ftruncate with allow"
     );
@@ -501,11 +352,11 @@ fn inactive_image_refuses_relay_writes_with_erofs() {
         Ok(()),
         "fallocate with allow"
     );
-    assert_eq!(errno_of(f.sync_all()), Ok(()));
+    assert_eq!(errno_result(f.sync_all()), Ok(()));
     assert_eq!(status_image(&m, "img")["state"], "inactive");
     assert_eq!(ctl_write(&m.ctl("inactive-writes"), "deny\n"), Ok(()));
     assert_eq!(
-        errno_of(f.write_all_at(&[b'X'; 4096], 0)),
+        errno_result(f.write_all_at(&[b'X'; 4096], 0)),
         Err(libc::EROFS),
         "deny again"
     );
@@ -514,12 +365,12 @@ fn inactive_image_refuses_relay_writes_with_erofs() {
     let (res, out) = ctl_write_read(&m.ctl("activate"), "img\n");
     assert_eq!(res, Ok(()), "activate: {out}\nlog:\n{}", m.log_text());
     assert_eq!(
-        errno_of(f.write_all_at(&[b'Z'; 4096], 0)),
+        errno_result(f.write_all_at(&[b'Z'; 4096], 0)),
         Ok(()),
         "write after activate"
     );
     assert_eq!(
-        errno_of(f.set_len(MIB as u64)),
+        errno_result(f.set_len(MIB as u64)),
         Ok(()),
         "ftruncate after activate"
     );
@@ -533,7 +384,7 @@ fn inactive_image_refuses_relay_writes_with_erofs() {
         Ok(()),
         "copy_file_range after activate"
     );
-    assert_eq!(errno_of(f.sync_all()), Ok(()));
+    assert_eq!(errno_result(f.sync_all()), Ok(()));
 }
 
 #[test]
@@ -659,10 +510,7 @@ fn ctl_dir_is_hidden_and_cannot_be_changed() {
     let dir = scratch();
     let back = backing_with(dir.path(), &[("img", MIB)]);
     let m = Mount::start(dir.path(), &back, &[]);
-    let names: Vec<String> = fs::read_dir(&m.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = dir_names(&m.mountpoint);
     assert!(names.contains(&"img".to_string()), "{names:?}");
     assert!(
         !names.contains(&".ctl".to_string()),
@@ -676,11 +524,7 @@ fn ctl_dir_is_hidden_and_cannot_be_changed() {
         fs::metadata(&ctl).unwrap().is_dir(),
         ".ctl must be a directory"
     );
-    let mut files: Vec<String> = fs::read_dir(&ctl)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
+    let files = dir_names(&ctl);
     let mut want: Vec<String> = COMMANDS
         .iter()
         .chain(SETTINGS.iter().map(|s| &s.0))
@@ -745,10 +589,7 @@ fn ctl_name_option_renames_the_control_directory() {
         Some(Some(libc::ENOENT)),
         ".ctl must not exist with --ctl-name"
     );
-    let names: Vec<String> = fs::read_dir(&m.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = dir_names(&m.mountpoint);
     assert!(!names.contains(&".migctl".to_string()), "hidden: {names:?}");
     assert_eq!(ctl_write(&ctl.join("inactivate"), "img\n"), Ok(()));
     assert_eq!(
@@ -916,7 +757,7 @@ fn status_json_matches_reality() {
     assert_eq!(h["writable"], true, "{st}");
 
     // Size changes show up.
-    rw(&m.path("img")).set_len(3 * MIB as u64).unwrap();
+    open_rw(&m.path("img")).set_len(3 * MIB as u64).unwrap();
     assert_eq!(status_image(&m, "img")["size"], 3 * MIB as u64);
 
     assert_eq!(ctl_write(&m.ctl("inactivate"), "img\n"), Ok(()));

@@ -11,72 +11,20 @@
 
 mod common;
 
-use common::{LoopDev, Mount, ctl_write_read, read_text, residency, scratch};
-use std::fs::{self, File, OpenOptions};
+use common::{
+    KMount, LoopDev, Mount, ctl_write_read, errno_result, last_errno, open_rw, residency, scratch,
+    status_image,
+};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::IntoRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread::sleep;
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
 
 const MIB: usize = 1 << 20;
 
 // ---------------------------------------------------------------------------
 // Local helpers (not in tests/common).
-
-/// A kernel (non-FUSE) mount, unmounted on drop.
-struct KMount {
-    path: PathBuf,
-}
-
-impl KMount {
-    fn tmpfs(path: &Path, size: &str) -> KMount {
-        fs::create_dir_all(path).unwrap();
-        common::run(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(path),
-        );
-        KMount {
-            path: path.to_path_buf(),
-        }
-    }
-
-    fn remount_size(&self, size: &str) {
-        common::run(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={size}")])
-                .arg(&self.path),
-        );
-    }
-
-    fn dev(dev: &Path, path: &Path) -> KMount {
-        fs::create_dir_all(path).unwrap();
-        common::run(Command::new("mount").arg(dev).arg(path));
-        KMount {
-            path: path.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for KMount {
-    fn drop(&mut self) {
-        for _ in 0..30 {
-            let ok = Command::new("umount")
-                .arg(&self.path)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 fn errno_name(e: i32) -> &'static str {
     match e {
@@ -89,41 +37,12 @@ fn errno_name(e: i32) -> &'static str {
     }
 }
 
-fn status_image(m: &Mount, image: &str) -> serde_json::Value {
-    let text = read_text(&m.ctl("status"));
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"));
-    v["images"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status has no images array: {text}"))
-        .iter()
-        .find(|i| i["path"] == image)
-        .cloned()
-        .unwrap_or_else(|| panic!("status has no image {image}: {text}"))
-}
-
-fn fsync_errno(f: &File) -> Result<(), i32> {
-    f.sync_all().map_err(|e| e.raw_os_error().unwrap_or(0))
-}
-
 /// close(2) and its result (File's Drop ignores it).
 fn close_errno(f: File) -> Result<(), i32> {
     let fd = f.into_raw_fd();
     // SAFETY: fd is owned and closed exactly once here.
     let rc = unsafe { libc::close(fd) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-}
-
-fn rw(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    if rc == 0 { Ok(()) } else { Err(last_errno()) }
 }
 
 /// Writes `len` bytes of `byte` at `offset` in 1 MiB chunks (no sync).
@@ -157,9 +76,9 @@ fn failing_device(dir: &Path, name: &str, size: &str) -> (KMount, LoopDev) {
 fn recover_and_activate(m: &Mount, image: &str, t: &KMount, raw: &Path, e: i32) {
     let name = errno_name(e);
     t.remount_size("256m");
-    let w = rw(&m.path(image));
+    let w = open_rw(&m.path(image));
     assert_eq!(
-        fsync_errno(&w),
+        errno_result(w.sync_all()),
         Err(e),
         "fsync must stay failed with {name} after the storage recovered, until activate\nlog:\n{}",
         m.log_text()
@@ -171,7 +90,7 @@ fn recover_and_activate(m: &Mount, image: &str, t: &KMount, raw: &Path, e: i32) 
         r.dirty, r.writeback
     );
     assert_eq!(
-        rw(raw).sync_all().map_err(|e| e.raw_os_error()),
+        open_rw(raw).sync_all().map_err(|e| e.raw_os_error()),
         Ok(()),
         "bed: a fresh sync of {} must work once the storage has room",
         raw.display()
@@ -192,10 +111,10 @@ fn recover_and_activate(m: &Mount, image: &str, t: &KMount, raw: &Path, e: i32) 
     assert_eq!(st["state"], "active");
 
     // Cleared: write + fsync, close and inactivate work again.
-    let w = rw(&m.path(image));
+    let w = open_rw(&m.path(image));
     w.write_all_at(&[b'R'; 4096], 0).unwrap();
     assert_eq!(
-        fsync_errno(&w),
+        errno_result(w.sync_all()),
         Ok(()),
         "fsync after activate\nlog:\n{}",
         m.log_text()
@@ -216,7 +135,7 @@ fn recover_and_activate(m: &Mount, image: &str, t: &KMount, raw: &Path, e: i32) 
 /// The common part: `w1` (already written, unsynced, over capacity) fsyncs,
 /// `w2` writes and closes, then `inactivate`, then `activate`.
 fn sticky_flow(m: &Mount, image: &str, w1: File, w2: File) -> i32 {
-    let e = fsync_errno(&w1).expect_err(
+    let e = errno_result(w1.sync_all()).expect_err(
         "fsync after writing beyond the storage's capacity must fail (the bed is broken)",
     );
     assert!(
@@ -228,7 +147,7 @@ fn sticky_flow(m: &Mount, image: &str, w1: File, w2: File) -> i32 {
 
     // Sticky: the kernel would now report success; migsafe must not.
     assert_eq!(
-        fsync_errno(&w1),
+        errno_result(w1.sync_all()),
         Err(e),
         "second fsync must fail with the same errno {name}\nlog:\n{}",
         m.log_text()
@@ -264,7 +183,11 @@ fn sticky_flow(m: &Mount, image: &str, w1: File, w2: File) -> i32 {
     );
 
     // Still sticky for a third fsync after the failed inactivate.
-    assert_eq!(fsync_errno(&w1), Err(e), "fsync after failed inactivate");
+    assert_eq!(
+        errno_result(w1.sync_all()),
+        Err(e),
+        "fsync after failed inactivate"
+    );
     drop(w1);
     e
 }
@@ -276,11 +199,14 @@ fn raw_device_forgets_the_error_negative_control() {
     }
     let dir = scratch();
     let (_t, lo) = failing_device(dir.path(), "t", "4m");
-    let f = rw(&lo.path);
+    let f = open_rw(&lo.path);
     fill(&f, 0, 8 * MIB, b'X');
-    assert!(fsync_errno(&f).is_err(), "bed: raw fsync must fail");
+    assert!(
+        errno_result(f.sync_all()).is_err(),
+        "bed: raw fsync must fail"
+    );
     assert_eq!(
-        fsync_errno(&f),
+        errno_result(f.sync_all()),
         Ok(()),
         "bed: the kernel reports success on the second fsync (which is why migsafe is sticky)"
     );
@@ -299,8 +225,8 @@ fn device_image_sync_error_is_sticky_until_activate() {
     let m = Mount::start(dir.path(), &back, &["--device", &dev]);
     let img = m.path("img");
 
-    let w2 = rw(&img);
-    let w1 = rw(&img);
+    let w2 = open_rw(&img);
+    let w1 = open_rw(&img);
     fill(&w1, 0, 8 * MIB, b'X');
     let e = sticky_flow(&m, "img", w1, w2);
     recover_and_activate(&m, "img", &t, &lo.path, e);
@@ -319,8 +245,8 @@ fn dir_image_sticky(io: &str) {
     let m = Mount::start(dir.path(), &ext.path, &["--io", io]);
     let img = m.path("vm.img");
     File::create(&img).unwrap();
-    let w2 = rw(&img);
-    let w1 = rw(&img);
+    let w2 = open_rw(&img);
+    let w1 = open_rw(&img);
     fill(&w1, 0, 16 * MIB, b'X');
     let log = m.log_text();
     assert!(

@@ -6,10 +6,9 @@
 mod common;
 
 use common::*;
-use std::alloc::Layout;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -22,61 +21,6 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) as u8) ^ seed ^ ((i >> 12) as u8))
         .collect()
-}
-
-/// A page-aligned heap buffer: O_DIRECT needs aligned memory, and tests must
-/// not depend on where the allocator happens to put a Vec.
-struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    fn from_slice(data: &[u8]) -> AlignedBuf {
-        let layout = Layout::from_size_align(data.len().max(4096), 4096).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "allocation failed");
-        // SAFETY: ptr is valid for layout.size() >= data.len() bytes and does not overlap data.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
-        AlignedBuf {
-            ptr,
-            len: data.len(),
-            layout,
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in from_slice with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
-}
-
-/// Writes `data` at `offset` with O_DIRECT (creating the file if needed), the
-/// way a VMM with `cache=none` does; returns the error of open or pwrite.
-fn write_direct(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)?;
-    let buf = AlignedBuf::from_slice(data);
-    // SAFETY: buf.ptr is valid for buf.len bytes for the duration of the call.
-    let n = unsafe { libc::pwrite(f.as_raw_fd(), buf.ptr.cast(), buf.len, offset as i64) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    assert_eq!(
-        n as usize,
-        data.len(),
-        "short O_DIRECT write to {}",
-        path.display()
-    );
-    Ok(())
 }
 
 /// A shared mapping of a whole file, unmapped on drop.
@@ -124,15 +68,6 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in shared().
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-fn errno_of<T: std::fmt::Debug>(r: io::Result<T>, what: &str) -> i32 {
-    match r {
-        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
-        Err(e) => e
-            .raw_os_error()
-            .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
     }
 }
 
@@ -347,10 +282,7 @@ fn check_device(extra: &[&str]) {
         "device entry must look like a regular file: {md:?}"
     );
     assert_eq!(md.len(), size, "size of mnt/disk vs BLKGETSIZE64");
-    let names: Vec<String> = fs::read_dir(&m.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names = dir_names(&m.mountpoint);
     assert_eq!(
         names,
         vec!["disk".to_string()],
@@ -469,10 +401,7 @@ fn check_device(extra: &[&str]) {
         !m.path("disk2").exists(),
         "refused rename must not create disk2"
     );
-    let backing_names: Vec<String> = fs::read_dir(&backing)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let backing_names = dir_names(&backing);
     assert_eq!(
         backing_names,
         vec!["other".to_string()],

@@ -69,6 +69,14 @@ fn fio(m: &Mount, file: &Path, bs: &str, direct: bool, verify_only: bool) {
     }
 }
 
+/// fio writes and verifies `through` (a file of mount `m`), then a second fio
+/// only verifies `direct` (the same data read from the backing file or device
+/// itself).
+fn fio_and_verify(m: &Mount, through: &Path, direct_path: &Path, bs: &str, direct: bool) {
+    fio(m, through, bs, direct, false);
+    fio(m, direct_path, bs, direct, true);
+}
+
 fn check_dir_backing(io: &str, bs: &str, direct: bool) {
     if !have_tool("fio") {
         return;
@@ -77,8 +85,7 @@ fn check_dir_backing(io: &str, bs: &str, direct: bool) {
     let backing = dir.path().join("backing");
     fs::create_dir(&backing).unwrap();
     let m = Mount::start(dir.path(), &backing, &["--io", io]);
-    fio(&m, &m.path("fio.img"), bs, direct, false);
-    fio(&m, &backing.join("fio.img"), bs, direct, true);
+    fio_and_verify(&m, &m.path("fio.img"), &backing.join("fio.img"), bs, direct);
     let log = m.log_text();
     assert!(
         log.lines()
@@ -164,6 +171,5 @@ fn device_64k_direct() {
     fs::create_dir(&backing).unwrap();
     let dev = format!("disk={}", lo.path.display());
     let m = Mount::start(dir.path(), &backing, &["--device", &dev]);
-    fio(&m, &m.path("disk"), "64k", true, false);
-    fio(&m, &lo.path, "64k", true, true);
+    fio_and_verify(&m, &m.path("disk"), &lo.path, "64k", true);
 }

@@ -6,10 +6,8 @@
 mod common;
 
 use common::*;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{
     DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
 };
@@ -17,19 +15,6 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 const MIB: usize = 1 << 20;
-
-fn errno_of<T: std::fmt::Debug>(r: io::Result<T>, what: &str) -> i32 {
-    match r {
-        Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
-        Err(e) => e
-            .raw_os_error()
-            .unwrap_or_else(|| panic!("{what}: error without errno: {e}")),
-    }
-}
-
-fn cstr(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
 
 /// The process umask, read without changing it (umask(2) would race with
 /// other tests running in parallel threads).
@@ -570,15 +555,6 @@ fn statfs_matches_backing() {
     );
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn readdir_lists_entries() {
     if !common::require_root() {
@@ -594,13 +570,13 @@ fn readdir_lists_entries() {
 
     let want = vec!["back.img", "backdir", "backlink", "mnt.img", "mntdir"];
     assert_eq!(
-        names(&b.m.mountpoint),
+        dir_names(&b.m.mountpoint),
         want,
         "root listing through the mount"
     );
-    assert_eq!(names(&b.backing), want, "root listing of the backing");
-    assert_eq!(names(&b.m.path("mntdir")), vec!["inner"]);
-    assert!(names(&b.m.path("backdir")).is_empty());
+    assert_eq!(dir_names(&b.backing), want, "root listing of the backing");
+    assert_eq!(dir_names(&b.m.path("mntdir")), vec!["inner"]);
+    assert!(dir_names(&b.m.path("backdir")).is_empty());
     for e in fs::read_dir(&b.m.mountpoint).unwrap() {
         let e = e.unwrap();
         let direct = fs::symlink_metadata(b.backing.join(e.file_name()))
@@ -619,7 +595,7 @@ fn readdir_lists_entries() {
     );
     fs::remove_file(b.backing.join("back.img")).unwrap();
     assert!(
-        !names(&b.m.mountpoint).contains(&"back.img".to_string()),
+        !dir_names(&b.m.mountpoint).contains(&"back.img".to_string()),
         "entry removed in the backing still listed"
     );
 }
@@ -643,7 +619,7 @@ fn readdir_1000_entries_each_once() {
         File::create(b.m.path("many").join(n)).unwrap();
     }
     for round in 0..2 {
-        let got = names(&b.m.path("many"));
+        let got = dir_names(&b.m.path("many"));
         let mut dedup = got.clone();
         dedup.dedup();
         assert_eq!(

@@ -21,11 +21,7 @@ fn text(out: &Output) -> String {
 /// Runs qemu-io with `args`; panics (with the daemon log) unless it exits 0
 /// and every pattern check passed.
 fn qemu_io_ok(m: &Mount, args: &[&str], img: &Path) -> String {
-    let out = Command::new("qemu-io")
-        .args(args)
-        .arg(img)
-        .output()
-        .expect("spawn qemu-io");
+    let out = qemu_io(args, img);
     let t = text(&out);
     assert!(
         out.status.success() && !t.contains("Pattern verification failed"),
@@ -35,6 +31,35 @@ fn qemu_io_ok(m: &Mount, args: &[&str], img: &Path) -> String {
         m.log_text()
     );
     t
+}
+
+/// Runs qemu-io with `args` on `img`, whatever its exit status.
+fn qemu_io(args: &[&str], img: &Path) -> Output {
+    Command::new("qemu-io")
+        .args(args)
+        .arg(img)
+        .output()
+        .expect("spawn qemu-io")
+}
+
+/// Runs `qemu-img compare a b`, whatever its exit status.
+fn qemu_img_compare(a: &Path, b: &Path) -> Output {
+    Command::new("qemu-img")
+        .arg("compare")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap()
+}
+
+/// Runs `qemu-img check`; panics unless it finds no errors (`when` is for the
+/// message).
+fn qemu_img_check(img: &Path, when: &str) {
+    let out = run(Command::new("qemu-img").arg("check").arg(img));
+    assert!(
+        out.contains("No errors were found"),
+        "qemu-img check {when}:\n{out}"
+    );
 }
 
 fn region(p: &Path, off: usize, len: usize) -> Vec<u8> {
@@ -56,11 +81,7 @@ fn check(io: &str) {
         .args(["create", "-f", "qcow2"])
         .arg(&img)
         .arg("64M"));
-    let out = run(Command::new("qemu-img").arg("check").arg(&img));
-    assert!(
-        out.contains("No errors were found"),
-        "qemu-img check of a new image:\n{out}"
-    );
+    qemu_img_check(&img, "of a new image");
 
     let t = qemu_io_ok(
         &m,
@@ -78,11 +99,7 @@ fn check(io: &str) {
     assert!(t.contains("read 1048576/1048576 bytes at offset 0"), "{t}");
 
     // Negative control: the pattern check does fail on wrong data.
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "read -P 0xee 0 1M"])
-        .arg(&img)
-        .output()
-        .unwrap();
+    let out = qemu_io(&["-f", "qcow2", "-c", "read -P 0xee 0 1M"], &img);
     assert!(
         text(&out).contains("Pattern verification failed"),
         "reading 0xab with pattern 0xee must fail verification:\n{}",
@@ -131,22 +148,13 @@ fn check(io: &str) {
         "{t}"
     );
 
-    let out = run(Command::new("qemu-img").arg("check").arg(&img));
-    assert!(
-        out.contains("No errors were found"),
-        "qemu-img check after writes:\n{out}"
-    );
+    qemu_img_check(&img, "after writes");
 
     run(Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
         .arg(&img)
         .arg(&raw));
-    let out = Command::new("qemu-img")
-        .arg("compare")
-        .arg(&img)
-        .arg(&raw)
-        .output()
-        .unwrap();
+    let out = qemu_img_compare(&img, &raw);
     assert!(
         out.status.success(),
         "qemu-img compare through the mount:\n{}",
@@ -181,12 +189,7 @@ fn check(io: &str) {
         region(&braw, 4 << 20, 64 << 10).iter().all(|&b| b == 0xef),
         "0xef region in the backing"
     );
-    let out = Command::new("qemu-img")
-        .arg("compare")
-        .arg(backing.join("x.qcow2"))
-        .arg(&braw)
-        .output()
-        .unwrap();
+    let out = qemu_img_compare(&backing.join("x.qcow2"), &braw);
     assert!(
         out.status.success(),
         "qemu-img compare on the backing files:\n{}",
@@ -214,12 +217,7 @@ fn check(io: &str) {
         region(&braw, 0, 1 << 20).iter().all(|&b| b == 0),
         "zeroed region in the backing"
     );
-    let out = Command::new("qemu-img")
-        .arg("compare")
-        .arg(&img)
-        .arg(&raw)
-        .output()
-        .unwrap();
+    let out = qemu_img_compare(&img, &raw);
     assert_eq!(
         out.status.code(),
         Some(1),

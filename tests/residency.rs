@@ -5,15 +5,13 @@
 
 mod common;
 
-use common::{ChildGuard, LoopDev, make_file, residency, scratch};
+use common::{ChildGuard, LoopDev, hold_open, make_file, read_pages, residency, scratch};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 const PAGE: u64 = 4096;
@@ -105,44 +103,6 @@ fn json_ranges(file: &serde_json::Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Reads single pages with readahead disabled, so exactly those become resident.
-fn read_pages(path: &Path, pages: &[u64]) {
-    let f = File::open(path).unwrap();
-    // SAFETY: valid fd; advice only.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-    assert_eq!(rc, 0);
-    let mut buf = vec![0u8; PAGE as usize];
-    for &p in pages {
-        f.read_exact_at(&mut buf, p * PAGE).unwrap();
-    }
-}
-
-fn hold_open(path: &Path) -> ChildGuard {
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3<\"$1\"; exec sleep 600")
-        .arg("sh")
-        .arg(path)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn holder");
-    let pid = child.id();
-    let guard = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "sleep" {
-            return guard;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "holder of {} did not start",
-            path.display()
-        );
-        sleep(Duration::from_millis(10));
-    }
-}
-
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -224,11 +184,7 @@ fn loop_device_figures_agree_with_mincore_and_evict_empties() {
     let lo = LoopDev::attach(&img);
     // A block device's cache is dropped at its last close: hold it open.
     let _holder = hold_open(&lo.path);
-    common::run(
-        Command::new(common::BIN)
-            .args(["residency", "--evict", "--json"])
-            .arg(&lo.path),
-    );
+    common::evict(&lo.path);
 
     read_pages(&lo.path, &[0, 1, 2, 3, 100, 101]);
     let mut buf = vec![0u8; MIB];

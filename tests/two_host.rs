@@ -13,14 +13,11 @@
 mod common;
 
 use common::{
-    ChildGuard, LoopDev, Mount, ctl_write_read, is_mounted, make_file, read_at, read_direct,
-    read_text, residency, scratch, write_at_sync,
+    KMount, LoopDev, Mount, ctl_write_read, hold_open, make_file, read_at, read_direct, residency,
+    scratch, status_image, write_at_sync,
 };
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 const MIB: usize = 1 << 20;
 /// Block X: 1 MiB at offset 4 MiB.
@@ -28,95 +25,6 @@ const X: u64 = 4 << 20;
 
 // ---------------------------------------------------------------------------
 // Local helpers (not in tests/common).
-
-/// Keeps `path` open on fd 3 of a `sleep` process (as a VMM holds its image),
-/// and returns once the open has happened.
-fn hold_open(path: &Path) -> ChildGuard {
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg("exec 3<\"$1\"; exec sleep 600")
-        .arg("sh")
-        .arg(path)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn holder");
-    let pid = child.id();
-    let guard = ChildGuard(child);
-    // `exec sleep` only runs after the redirection succeeded.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "sleep" {
-            return guard;
-        }
-        if Instant::now() > deadline {
-            panic!("holder of {} did not start (comm={comm:?})", path.display());
-        }
-        sleep(Duration::from_millis(10));
-    }
-}
-
-/// A mergerfs mount, unmounted on drop.
-struct Mergerfs {
-    path: PathBuf,
-}
-
-impl Mergerfs {
-    fn mount(src: &Path, mnt: &Path) -> Mergerfs {
-        fs::create_dir_all(mnt).unwrap();
-        common::run(
-            Command::new("mergerfs")
-                .args(["-o", "cache.files=full,allow_other"])
-                .arg(src)
-                .arg(mnt),
-        );
-        let guard = Mergerfs {
-            path: mnt.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !is_mounted(mnt) {
-            assert!(
-                Instant::now() < deadline,
-                "mergerfs on {} not live",
-                mnt.display()
-            );
-            sleep(Duration::from_millis(20));
-        }
-        guard
-    }
-}
-
-impl Drop for Mergerfs {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if !is_mounted(&self.path) {
-                return;
-            }
-            let _ = Command::new("umount")
-                .arg(&self.path)
-                .stderr(Stdio::null())
-                .status();
-            if !is_mounted(&self.path) {
-                return;
-            }
-            sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-fn status_image(m: &Mount, image: &str) -> serde_json::Value {
-    let text = read_text(&m.ctl("status"));
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"));
-    v["images"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status has no images array: {text}"))
-        .iter()
-        .find(|i| i["path"] == image)
-        .cloned()
-        .unwrap_or_else(|| panic!("status has no image {image}: {text}"))
-}
 
 fn all(buf: &[u8], byte: u8) -> bool {
     buf.iter().all(|&b| b == byte)
@@ -126,6 +34,23 @@ fn describe(buf: &[u8]) -> String {
     let a = buf.iter().filter(|&&b| b == b'A').count();
     let b = buf.iter().filter(|&&b| b == b'B').count();
     format!("{} bytes: {a} x 'A' (old), {b} x 'B' (new)", buf.len())
+}
+
+/// `activate` of `image` on the destination mount `m2`; then `disk2` (the
+/// image through it) reads the new data at X and the old data elsewhere.
+fn activate_destination(m2: &Mount, image: &str, disk2: &Path) {
+    let (res, out) = ctl_write_read(&m2.ctl("activate"), &format!("{image}\n"));
+    assert_eq!(
+        res,
+        Ok(()),
+        "activate on destination: {out}\nlog:\n{}",
+        m2.log_text()
+    );
+    assert!(out.contains("result=ok"), "activate read-back: {out:?}");
+    let after = read_at(disk2, X, MIB);
+    assert!(all(&after, b'B'), "after activate: {}", describe(&after));
+    // Data outside X is untouched.
+    assert!(all(&read_at(disk2, 0, 4096), b'A'));
 }
 
 // ---------------------------------------------------------------------------
@@ -206,18 +131,7 @@ fn loop_bed_destination_reads_stale_until_activate() {
     );
 
     // Activate on the destination: now the new data.
-    let (res, out) = ctl_write_read(&m2.ctl("activate"), "disk\n");
-    assert_eq!(
-        res,
-        Ok(()),
-        "activate on destination: {out}\nlog:\n{}",
-        m2.log_text()
-    );
-    assert!(out.contains("result=ok"), "activate read-back: {out:?}");
-    let after = read_at(&disk2, X, MIB);
-    assert!(all(&after, b'B'), "after activate: {}", describe(&after));
-    // Data outside X is untouched.
-    assert!(all(&read_at(&disk2, 0, 4096), b'A'));
+    activate_destination(&m2, "disk", &disk2);
     assert_eq!(status_image(&m2, "disk")["state"], "active");
 
     // A failed migration re-activates the source: that must work too.
@@ -238,8 +152,8 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
     let shared = dir.path().join("nfs");
     fs::create_dir(&shared).unwrap();
     make_file(&shared.join("disk.img"), 16 * MIB, b'A');
-    let host_a = Mergerfs::mount(&shared, &dir.path().join("host-a"));
-    let host_b = Mergerfs::mount(&shared, &dir.path().join("host-b"));
+    let host_a = KMount::mergerfs(&shared, &dir.path().join("host-a"));
+    let host_b = KMount::mergerfs(&shared, &dir.path().join("host-b"));
     let m1 = Mount::start(dir.path(), &host_a.path, &["--io", src_io]);
     let m2 = Mount::start(dir.path(), &host_b.path, &["--io", dst_io]);
     let disk1 = m1.path("disk.img");
@@ -301,17 +215,7 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
         describe(&stale)
     );
 
-    let (res, out) = ctl_write_read(&m2.ctl("activate"), "disk.img\n");
-    assert_eq!(
-        res,
-        Ok(()),
-        "activate on destination: {out}\nlog:\n{}",
-        m2.log_text()
-    );
-    assert!(out.contains("result=ok"), "activate read-back: {out:?}");
-    let after = read_at(&disk2, X, MIB);
-    assert!(all(&after, b'B'), "after activate: {}", describe(&after));
-    assert!(all(&read_at(&disk2, 0, 4096), b'A'));
+    activate_destination(&m2, "disk.img", &disk2);
 }
 
 #[test]

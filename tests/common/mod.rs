@@ -5,10 +5,20 @@
 //! assertion or a panic still unmounts, detaches and kills what it started.
 #![allow(dead_code)]
 
+mod direct;
+mod errno;
+mod kmount;
+mod procs;
+mod status;
+
+// Re-exported so tests write `common::X` whatever file X lives in; each test
+// binary uses a subset, so a glob may be unused in one of them.
+#[allow(unused_imports)]
+pub use {direct::*, errno::*, kmount::*, procs::*, status::*};
+
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -233,15 +243,21 @@ impl Drop for Mount {
 
 /// True if `path` is a mountpoint of a FUSE filesystem right now.
 pub fn is_mounted(path: &Path) -> bool {
+    mount_types(path).iter().any(|t| t.starts_with("fuse"))
+}
+
+/// The filesystem types of the mounts on `path` right now (empty if none).
+fn mount_types(path: &Path) -> Vec<String> {
     let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (_, mp, ty) = (f.next(), f.next(), f.next());
-        mp.map(|m| Path::new(&unescape_mount_path(m)) == want)
-            .unwrap_or(false)
-            && ty.map(|t| t.starts_with("fuse")).unwrap_or(false)
-    })
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mp, ty) = (f.next(), f.next()?, f.next()?);
+            (Path::new(&unescape_mount_path(mp)) == want).then(|| ty.to_string())
+        })
+        .collect()
 }
 
 fn unescape_mount_path(s: &str) -> String {
@@ -283,24 +299,38 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-/// Reads `len` bytes at `offset` with O_DIRECT (bypassing this host's cache).
-pub fn read_direct(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let f = OpenOptions::new()
+/// Opens `path` read-write (no create).
+pub fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECT)
+        .write(true)
         .open(path)
-        .unwrap_or_else(|e| panic!("open O_DIRECT {}: {e}", path.display()));
-    let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
-    // SAFETY: layout has non-zero size; the buffer is freed below.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    // SAFETY: ptr is valid for len bytes and aligned for O_DIRECT.
-    let n = unsafe { libc::pread(f.as_raw_fd(), ptr.cast(), len, offset as i64) };
-    assert_eq!(n, len as isize, "O_DIRECT read of {}", path.display());
-    // SAFETY: the first len bytes were initialized by alloc_zeroed / pread.
-    let out = unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec();
-    // SAFETY: allocated above with the same layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    out
+        .unwrap_or_else(|e| panic!("open rw {}: {e}", path.display()))
+}
+
+/// Reads single pages at `pages` with readahead disabled (POSIX_FADV_RANDOM),
+/// so exactly those pages become resident.
+pub fn read_pages(path: &Path, pages: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    let f = File::open(path).unwrap();
+    // SAFETY: valid fd; advice only.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    assert_eq!(rc, 0);
+    let mut buf = vec![0u8; PAGE as usize];
+    for &p in pages {
+        f.read_exact_at(&mut buf, p * PAGE).unwrap();
+    }
+}
+
+/// The names in directory `dir`, sorted.
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// Writes `data` at `offset` and fsyncs.
@@ -344,6 +374,13 @@ pub struct Residency {
     pub dirty: u64,
     pub writeback: u64,
     pub json: serde_json::Value,
+}
+
+/// `migsafe residency --evict`: drops the page cache of `path` (clean pages).
+pub fn evict(path: &Path) {
+    run(Command::new(BIN)
+        .args(["residency", "--evict", "--json"])
+        .arg(path));
 }
 
 pub fn residency(path: &Path) -> Residency {
