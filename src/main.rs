@@ -96,6 +96,9 @@ struct MountCmd {
     /// Write the daemon's pid here once mounted.
     #[arg(long)]
     pid_file: Option<PathBuf>,
+    /// With --daemon: append the log here once detached (default: discarded).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
     /// Largest FUSE write request in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_write: u32,
@@ -188,6 +191,7 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         options: m.options,
         daemon: m.daemon,
         pid_file: m.pid_file,
+        log_file: m.log_file,
         max_write: m.max_write,
     })
 }

@@ -27,6 +27,8 @@ pub struct MountArgs {
     pub options: Vec<String>,
     pub daemon: bool,
     pub pid_file: Option<PathBuf>,
+    /// Where a `--daemon` mount writes its log once detached (else nowhere).
+    pub log_file: Option<PathBuf>,
     pub max_write: u32,
 }
 
@@ -188,6 +190,7 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
             }
             ("ctl-name" | "ctl_name", Some(v)) => args.ctl_name = v.to_string(),
             ("xattr", None) => args.xattr = true,
+            ("log" | "log-file" | "log_file", Some(v)) => args.log_file = Some(PathBuf::from(v)),
             (k, Some(v)) if Key::from_name(&k.replace('_', "-")).is_some() => {
                 let key = Key::from_name(&k.replace('_', "-")).expect("checked");
                 args.settings.push((key, v.to_string()));
@@ -302,7 +305,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     if let Some(p) = &args.pid_file {
         let _ = std::fs::write(p, format!("{}\n", std::process::id()));
     }
-    daemon_ready();
+    daemon_ready(args.log_file.as_deref());
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
     std::thread::spawn(move || {
@@ -383,22 +386,38 @@ fn daemonize(args: &MountArgs) -> Result<(), StartError> {
     }
 }
 
-fn daemon_ready() {
-    if let Some(fd) = READY_FD.lock().expect("ready lock").take() {
-        use std::io::Write;
-        let mut f = std::fs::File::from(fd);
-        let _ = f.write_all(b"ok\n");
-        // Detach from the terminal the parent was started from.
-        if let Ok(null) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: dup2 onto stdin only; stderr stays for the log.
-            unsafe { libc::dup2(null.as_raw_fd(), 0) };
+/// Tells a waiting `--daemon` parent the mount is live, then detaches from
+/// its stdio: a caller capturing the mount command's output (a pipe, ssh,
+/// mount.fuse3) must see end-of-file now, not at unmount. The log goes to
+/// `--log-file` if given.
+fn daemon_ready(log_file: Option<&Path>) {
+    let Some(fd) = READY_FD.lock().expect("ready lock").take() else {
+        return;
+    };
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let log = log_file.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| log::warn!("--log-file {}: {e}; logging nowhere", p.display()))
+            .ok()
+    });
+    if let Ok(null) = &null {
+        let out = log.as_ref().unwrap_or(null);
+        // SAFETY: dup2 onto the standard descriptors; both sources are open.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(out.as_raw_fd(), 1);
+            libc::dup2(out.as_raw_fd(), 2);
         }
     }
+    let _ = std::fs::File::from(fd).write_all(b"ok\n");
 }
 
 /// Reports a start-up error to a waiting `--daemon` parent.
