@@ -41,6 +41,8 @@
 # 2 (or other) infrastructure error. Needs root. Everything it creates (temp
 # dir, loop devices, mounts, processes) is removed on exit, also on failure.
 set -Eeuo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 FORMAT=raw
 BACKING=loop
@@ -71,81 +73,16 @@ done
 case $FORMAT in raw | qcow2) ;; *) usage ;; esac
 case $BACKING in loop | dir) ;; *) usage ;; esac
 
-log() { printf '[%(%T)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 2; }
-trap 'rc=$?; log "ERROR: command failed (status $rc) at line $LINENO: $BASH_COMMAND"; exit 2' ERR
-
-[[ $(id -u) == 0 ]] || die "needs root (loop devices and mounts)"
-for t in qemu-system-x86_64 qemu-img python3 losetup mountpoint; do
-    command -v "$t" >/dev/null || die "$t is not installed"
-done
+trap_errors
+require_root
+require_tools qemu-system-x86_64 qemu-img python3 losetup mountpoint
 if ((!DIRECT)); then
     MIGSAFE=$(command -v "$MIGSAFE") || die "migsafe binary not found (use --migsafe PATH)"
 fi
 [[ $BACKING == dir ]] && { command -v mergerfs >/dev/null || die "mergerfs is not installed"; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/migsafe-qemu-e2e.XXXXXX")
-QEMU_PIDS=()
-DAEMON_PIDS=()
-OTHER_PIDS=()
-MIGSAFE_MOUNTS=()
-LOWER_MOUNTS=()
-LOOPS=()
-
-show_logs() {
-    local f
-    for f in "$WORK"/*.log; do
-        [[ -s $f ]] || continue
-        echo "----- ${f##*/} (last 30 lines) -----" >&2
-        tail -n 30 "$f" >&2
-    done
-}
-
-stop_pid() { # pid: TERM, wait up to 5 s, then KILL
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? p m i
-    trap - ERR
-    set +e
-    ((rc == 0 || rc == 3)) || show_logs
-    for p in "${OTHER_PIDS[@]}" "${QEMU_PIDS[@]}"; do stop_pid "$p"; done
-    for m in "${MIGSAFE_MOUNTS[@]}"; do
-        mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
-    done
-    for p in "${DAEMON_PIDS[@]}"; do
-        for ((i = 0; i < 100; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
-        stop_pid "$p"
-    done
-    for m in "${LOWER_MOUNTS[@]}"; do
-        mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
-    done
-    for p in "${LOOPS[@]}"; do
-        # A detach of a device still open is deferred (autoclear) and finishes
-        # asynchronously after the last close: wait until it is really gone.
-        for ((i = 0; i < 100; i++)); do
-            [[ $(cat "/sys/block/${p#/dev/}/loop/backing_file" 2>/dev/null) == "$WORK"/* ]] || break
-            losetup -d "$p" 2>/dev/null
-            sleep 0.1
-        done
-    done
-    if findmnt -rn -o TARGET | grep -q "^$WORK/"; then
-        echo "warning: mounts left under $WORK, not removing it" >&2
-    else
-        rm -rf --one-file-system "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP # run the cleanup when interrupted too
+trap_cleanup
 
 # ---------------------------------------------------------------- helpers
 
@@ -247,36 +184,17 @@ qemu_io() {
 # ctl MOUNT COMMAND IMAGE: writes IMAGE to MOUNT/.ctl/COMMAND as a shell script
 # would, reads the result back on the same open file, returns the write status.
 ctl() {
-    local mnt=$1 cmd=$2 img=$3 fd rc=0 out t0 t1
+    local mnt=$1 cmd=$2 img=$3 rc=0 out t0 t1
     t0=$(date +%s%N)
-    exec {fd}<>"$mnt/.ctl/$cmd"
-    { printf '%s\n' "$img" >&"$fd"; } 2>/dev/null || rc=$?
-    out=$(cat <&"$fd" 2>/dev/null || true)
-    exec {fd}>&-
+    out=$(ctl_request "$mnt" "$cmd" "$img") || rc=$?
     t1=$(date +%s%N)
     log "    ${mnt##*/}: echo $img > .ctl/$cmd -> status $rc ($(((t1 - t0) / 1000000)) ms) ${out//$'\n'/ }"
     return "$rc"
 }
 
-wait_mounted() { # mountpoint pid logfile
-    local i
-    for ((i = 0; i < 300; i++)); do
-        mountpoint -q "$1" && return 0
-        kill -0 "$2" 2>/dev/null || { cat "$3" >&2; die "migsafe for $1 exited before mounting"; }
-        sleep 0.05
-    done
-    die "$1 not mounted after 15 s"
-}
-
 start_migsafe() { # host backing_dir mountpoint extra-args...
-    local host=$1 backing=$2 mnt=$3
-    shift 3
-    mkdir -p "$mnt"
-    RUST_LOG=${RUST_LOG:-info} "$MIGSAFE" mount "$@" "$backing" "$mnt" \
-        </dev/null >"$WORK/migsafe-$host.log" 2>&1 &
-    DAEMON_PIDS+=($!)
-    MIGSAFE_MOUNTS+=("$mnt")
-    wait_mounted "$mnt" "$!" "$WORK/migsafe-$host.log"
+    spawn_migsafe "$@"
+    wait_mounted "$3" "$!" "$3" "$WORK/migsafe-$1.log"
 }
 
 # start_qemu HOST IMAGE_PATH [incoming] : QEMU paused (-S), QMP on $WORK/qmp-HOST.sock
@@ -294,7 +212,7 @@ start_qemu() {
         -drive "$drive" -device virtio-blk-pci,drive=d0 \
         -qmp "unix:$WORK/qmp-$host.sock,server=on,wait=off" \
         "${extra[@]}" </dev/null >"$WORK/qemu-$host.log" 2>&1 &
-    QEMU_PIDS+=($!)
+    PIDS+=($!)
     eval "QEMU_PID_$host=$!"
     qmp "$WORK/qmp-$host.sock" status >/dev/null
 }
@@ -378,9 +296,9 @@ log "destination listening on 127.0.0.1:$PORT"
 #    holder keeps it open (a block device's cache lives as long as it is open)
 #    and a reader pulls the first 16 MiB (data, qcow2 header/L1/L2/refcounts).
 sleep 1000000 3<"$PATH_B" &
-OTHER_PIDS+=($!)
+PIDS=("$!" "${PIDS[@]}") # the cleanup stops the holder before the QEMUs
 dd if="$PATH_B" of=/dev/null bs=1M count=16 status=none
-log "host B cached the image (holder pid ${OTHER_PIDS[-1]})"
+log "host B cached the image (holder pid ${PIDS[0]})"
 
 # 4. The source guest keeps writing: in place, and (qcow2) into new clusters.
 qemu_io A "write -P 0xa5 0 1M" || die "source write failed"

@@ -36,6 +36,8 @@
 # rounds); 4 the negative control found no stale read; 2 infrastructure error.
 # Needs root, fio, losetup. Removes everything it created on exit.
 set -Eeuo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 ROUNDS=20
 NC_ROUNDS=3
@@ -65,70 +67,15 @@ while (($#)); do
 done
 [[ $ROUNDS =~ ^[0-9]+$ && $NC_ROUNDS =~ ^[0-9]+$ ]] || usage
 
-log() { printf '[%(%T)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 2; }
-trap 'rc=$?; log "ERROR: command failed (status $rc) at line $LINENO: $BASH_COMMAND"; exit 2' ERR
-
-[[ $(id -u) == 0 ]] || die "needs root (loop devices and mounts)"
-for t in fio losetup mountpoint python3; do
-    command -v "$t" >/dev/null || die "$t is not installed"
-done
+trap_errors
+require_root
+require_tools fio losetup mountpoint python3
 if ((!DIRECT)); then
     MIGSAFE=$(command -v "$MIGSAFE") || die "migsafe binary not found (use --migsafe PATH)"
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/migsafe-soak.XXXXXX")
-PIDS=()
-DAEMON_PIDS=()
-MOUNTS=()
-LOOPS=()
-
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? p m i f
-    trap - ERR
-    set +e
-    if ((rc != 0 && rc != 3)); then
-        for f in "$WORK"/*.log; do
-            [[ -s $f ]] && { echo "----- ${f##*/} (last 30 lines) -----"; tail -n 30 "$f"; } >&2
-        done
-    fi
-    for p in "${PIDS[@]}"; do stop_pid "$p"; done
-    for m in "${MOUNTS[@]}"; do
-        mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
-    done
-    for p in "${DAEMON_PIDS[@]}"; do
-        for ((i = 0; i < 100; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
-        stop_pid "$p"
-    done
-    for p in "${LOOPS[@]}"; do
-        # A detach of a device still open is deferred (autoclear) and finishes
-        # asynchronously after the last close: wait until it is really gone.
-        for ((i = 0; i < 100; i++)); do
-            [[ $(cat "/sys/block/${p#/dev/}/loop/backing_file" 2>/dev/null) == "$WORK"/* ]] || break
-            losetup -d "$p" 2>/dev/null
-            sleep 0.1
-        done
-    done
-    if findmnt -rn -o TARGET | grep -q "^$WORK/"; then
-        echo "warning: mounts left under $WORK, not removing it" >&2
-    else
-        rm -rf --one-file-system "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP # run the cleanup when interrupted too
+trap_cleanup
 
 # ---------------------------------------------------------------- the bed
 
@@ -143,17 +90,10 @@ if ((DIRECT)); then
 else
     for h in A B; do
         MNT[$h]=$WORK/mnt-$h
-        mkdir -p "$WORK/empty-$h" "${MNT[$h]}"
-        RUST_LOG=${RUST_LOG:-warn} "$MIGSAFE" mount --device "disk=${DEV[$h]}" \
-            "$WORK/empty-$h" "${MNT[$h]}" </dev/null >"$WORK/migsafe-$h.log" 2>&1 &
-        DAEMON_PIDS+=($!)
-        MOUNTS+=("${MNT[$h]}")
-        for ((i = 0; ; i++)); do
-            mountpoint -q "${MNT[$h]}" && break
-            kill -0 "$!" 2>/dev/null || die "migsafe for host $h exited before mounting"
-            ((i < 300)) || die "host $h not mounted after 15 s"
-            sleep 0.05
-        done
+        mkdir -p "$WORK/empty-$h"
+        RUST_LOG=${RUST_LOG:-warn} spawn_migsafe "$h" "$WORK/empty-$h" "${MNT[$h]}" \
+            --device "disk=${DEV[$h]}"
+        wait_mounted "${MNT[$h]}" "$!" "host $h"
         IMGPATH[$h]=${MNT[$h]}/disk
     done
 fi
@@ -177,15 +117,12 @@ PYEOF
 }
 
 ctl() { # HOST COMMAND: echo disk > MNT/.ctl/COMMAND, result read back
-    local h=$1 cmd=$2 fd rc=0 out
+    local h=$1 cmd=$2 rc=0 out
     if ((DIRECT)); then
         case $cmd in inactivate) py_cache fsync "${IMGPATH[$h]}" ;; activate) py_cache drop "${IMGPATH[$h]}" ;; esac
         return 0
     fi
-    exec {fd}<>"${MNT[$h]}/.ctl/$cmd"
-    { printf 'disk\n' >&"$fd"; } 2>/dev/null || rc=$?
-    out=$(cat <&"$fd" 2>/dev/null || true)
-    exec {fd}>&-
+    out=$(ctl_request "${MNT[$h]}" "$cmd" disk) || rc=$?
     if ((rc != 0)); then
         log "host $h: echo disk > .ctl/$cmd failed (status $rc): $out"
     fi
