@@ -6,6 +6,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("migsafe runs on Linux only: it needs FUSE, cachestat(2), posix_fadvise and /proc");
 
+pub mod backing;
 pub mod cache;
 pub mod client;
 pub mod ctl;

@@ -3,13 +3,13 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::fs::{DeviceSpec, FsConfig, IoMode, MigsafeFs};
+use crate::backing::{self, DeviceSpec};
+use crate::fs::{FsConfig, IoMode, MigsafeFs};
 use crate::settings::{Key, Settings};
 use crate::sys;
 
@@ -50,31 +50,6 @@ pub fn default_threads() -> usize {
         .max(2)
 }
 
-fn open_backing_root(path: &Path) -> Result<OwnedFd, StartError> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| StartError("bad path".into()))?;
-    match sys::openat(unsafe_cwd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0) {
-        Ok(fd) => Ok(fd),
-        Err(e) => match e.raw_os_error() {
-            Some(libc::ENOENT) => err(format!(
-                "backing directory {} does not exist",
-                path.display()
-            )),
-            Some(libc::ENOTDIR) => err(format!("backing {} is not a directory", path.display())),
-            Some(libc::EACCES) | Some(libc::EPERM) => err(format!(
-                "backing directory {}: permission denied",
-                path.display()
-            )),
-            _ => err(format!("backing directory {}: {e}", path.display())),
-        },
-    }
-}
-
-/// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
-fn unsafe_cwd() -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) }
-}
-
 fn check_mountpoint(path: &Path) -> Result<(), StartError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
@@ -85,61 +60,6 @@ fn check_mountpoint(path: &Path) -> Result<(), StartError> {
         )),
         Err(e) => err(format!("mountpoint {}: {e}", path.display())),
     }
-}
-
-fn open_device(
-    name: &str,
-    path: &Path,
-    root: &OwnedFd,
-    ctl_name: &str,
-) -> Result<DeviceSpec, StartError> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name == ctl_name {
-        return err(format!(
-            "--device {name}={}: invalid name {name:?}",
-            path.display()
-        ));
-    }
-    let cname =
-        CString::new(name).map_err(|_| StartError(format!("--device {name}: invalid name")))?;
-    if sys::fstatat(root.as_fd(), &cname).is_ok() {
-        return err(format!(
-            "--device {name}={}: the backing directory already has an entry {name:?}; pick another name",
-            path.display()
-        ));
-    }
-    let cpath =
-        CString::new(path.as_os_str().as_bytes()).map_err(|_| StartError("bad path".into()))?;
-    let stat = sys::stat_path(&cpath)
-        .map_err(|e| StartError(format!("--device {name}={}: {e}", path.display())))?;
-    let fmt = stat.st_mode & libc::S_IFMT;
-    if fmt != libc::S_IFBLK && fmt != libc::S_IFREG {
-        return err(format!(
-            "--device {name}={}: not a block device or regular file",
-            path.display()
-        ));
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| {
-            StartError(format!(
-                "--device {name}={}: cannot open read-write: {e}",
-                path.display()
-            ))
-        })?;
-    let size = crate::cache::file_size(&file).map_err(|e| {
-        StartError(format!(
-            "--device {name}={}: cannot read size: {e}",
-            path.display()
-        ))
-    })?;
-    Ok(DeviceSpec {
-        name: name.to_string(),
-        path: path.to_path_buf(),
-        stat,
-        size,
-    })
 }
 
 /// Splits `-o` options into kernel/fuser mount options and migsafe's own
@@ -191,6 +111,7 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
             ("ctl-name" | "ctl_name", Some(v)) => args.ctl_name = v.to_string(),
             ("xattr", None) => args.xattr = true,
             ("log" | "log-file" | "log_file", Some(v)) => args.log_file = Some(PathBuf::from(v)),
+            ("pid-file" | "pid_file", Some(v)) => args.pid_file = Some(PathBuf::from(v)),
             (k, Some(v)) if Key::from_name(&k.replace('_', "-")).is_some() => {
                 let key = Key::from_name(&k.replace('_', "-")).expect("checked");
                 args.settings.push((key, v.to_string()));
@@ -234,7 +155,7 @@ pub fn parse_device(v: &str) -> Result<(String, PathBuf), StartError> {
 /// Mounts and serves; returns when the filesystem is unmounted.
 pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     let (mount_options, acl) = apply_options(&mut args)?;
-    let root = open_backing_root(&args.backing)?;
+    let root = backing::open_root(&args.backing).map_err(StartError)?;
     check_mountpoint(&args.mountpoint)?;
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
@@ -255,7 +176,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         if devices.iter().any(|d: &DeviceSpec| &d.name == name) {
             return err(format!("--device {name} given twice"));
         }
-        devices.push(open_device(name, path, &root, &args.ctl_name)?);
+        devices.push(backing::open_device(name, path, &root, &args.ctl_name).map_err(StartError)?);
     }
     if let Ok(c) = CString::new(args.ctl_name.as_bytes())
         && sys::fstatat(root.as_fd(), &c).is_ok()

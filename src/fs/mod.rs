@@ -9,7 +9,7 @@ mod namespace;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::SystemTime;
@@ -21,6 +21,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::backing::DeviceSpec;
 use crate::cache::Identity;
 use crate::ctl::{self, CtlHandle};
 use crate::image::{Image, Registry, Source};
@@ -34,15 +35,6 @@ pub enum IoMode {
     Auto,
     Passthrough,
     Relay,
-}
-
-/// A `--device NAME=PATH` entry, validated at start.
-#[derive(Debug)]
-pub struct DeviceSpec {
-    pub name: String,
-    pub path: PathBuf,
-    pub stat: libc::stat,
-    pub size: u64,
 }
 
 /// Everything fixed at mount time.

@@ -1,0 +1,99 @@
+//! The backing sources of DESIGN §2: the backing directory (an O_PATH root
+//! that confines every access) and `--device NAME=PATH` entries.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::sys;
+
+/// A `--device NAME=PATH` entry, validated at start.
+#[derive(Debug)]
+pub struct DeviceSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub stat: libc::stat,
+    pub size: u64,
+}
+
+/// Opens the backing directory as the O_PATH root every later access is
+/// made relative to.
+pub fn open_root(path: &Path) -> Result<OwnedFd, String> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("bad path {}", path.display()))?;
+    match sys::openat(unsafe_cwd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0) {
+        Ok(fd) => Ok(fd),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) => Err(format!(
+                "backing directory {} does not exist",
+                path.display()
+            )),
+            Some(libc::ENOTDIR) => Err(format!("backing {} is not a directory", path.display())),
+            Some(libc::EACCES) | Some(libc::EPERM) => Err(format!(
+                "backing directory {}: permission denied",
+                path.display()
+            )),
+            _ => Err(format!("backing directory {}: {e}", path.display())),
+        },
+    }
+}
+
+/// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
+fn unsafe_cwd() -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
+
+/// Validates a `--device NAME=PATH`: a name that is one free path component
+/// at the root, a block device or regular file that opens read-write, and
+/// its size (BLKGETSIZE64 for block devices).
+pub fn open_device(
+    name: &str,
+    path: &Path,
+    root: &OwnedFd,
+    ctl_name: &str,
+) -> Result<DeviceSpec, String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name == ctl_name {
+        return Err(format!(
+            "--device {name}={}: invalid name {name:?}",
+            path.display()
+        ));
+    }
+    let cname = CString::new(name).map_err(|_| format!("--device {name}: invalid name"))?;
+    if sys::fstatat(root.as_fd(), &cname).is_ok() {
+        return Err(format!(
+            "--device {name}={}: the backing directory already has an entry {name:?}; pick another name",
+            path.display()
+        ));
+    }
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("bad path {}", path.display()))?;
+    let stat =
+        sys::stat_path(&cpath).map_err(|e| format!("--device {name}={}: {e}", path.display()))?;
+    let fmt = stat.st_mode & libc::S_IFMT;
+    if fmt != libc::S_IFBLK && fmt != libc::S_IFREG {
+        return Err(format!(
+            "--device {name}={}: not a block device or regular file",
+            path.display()
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "--device {name}={}: cannot open read-write: {e}",
+                path.display()
+            )
+        })?;
+    let size = crate::cache::file_size(&file)
+        .map_err(|e| format!("--device {name}={}: cannot read size: {e}", path.display()))?;
+    Ok(DeviceSpec {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        stat,
+        size,
+    })
+}

@@ -1,0 +1,228 @@
+//! The daemon's life cycle as an operator drives it: foreground mounts end
+//! cleanly on SIGTERM/SIGINT, `--daemon` returns only once the mount is live
+//! (and leaves the caller's stdio), and the fuse3 mount-helper form works.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// A mount made by a daemonized migsafe: unmounted, and its process killed by
+/// pid, on drop.
+struct DaemonMount {
+    mountpoint: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl DaemonMount {
+    fn pid(&self) -> Option<i32> {
+        fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+impl Drop for DaemonMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg(&self.mountpoint).status();
+            if is_mounted(&self.mountpoint) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        if let Some(pid) = self.pid() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while process_alive(pid) && Instant::now() < deadline {
+                sleep(Duration::from_millis(20));
+            }
+            if process_alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie still has /proc/PID; its state letter is Z.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+        .unwrap_or(false)
+}
+
+fn dirs(scratch: &Path) -> (PathBuf, PathBuf) {
+    let backing = scratch.join("backing");
+    let mnt = scratch.join("mnt");
+    fs::create_dir_all(&backing).unwrap();
+    fs::create_dir_all(&mnt).unwrap();
+    fs::write(backing.join("disk.img"), b"image bytes").unwrap();
+    (backing, mnt)
+}
+
+fn signal_unmounts(signal: nix::sys::signal::Signal) {
+    let dir = scratch();
+    let (backing, _) = dirs(dir.path());
+    let m = Mount::start(dir.path(), &backing, &[]);
+    assert_eq!(fs::read(m.path("disk.img")).unwrap(), b"image bytes");
+    let pid = m.pid().expect("foreground daemon pid") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (is_mounted(&m.mountpoint) || process_alive(pid)) && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(&m.mountpoint), "still mounted after {signal:?}");
+    assert!(!process_alive(pid), "daemon still running after {signal:?}");
+    let log = m.log_text();
+    assert!(log.contains("unmounting"), "no unmount line in log:\n{log}");
+    assert_eq!(m.stop(), Some(0), "exit status after {signal:?}");
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    if !require_root() {
+        return;
+    }
+    signal_unmounts(nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn sigint_unmounts_and_exits_zero() {
+    if !require_root() {
+        return;
+    }
+    signal_unmounts(nix::sys::signal::Signal::SIGINT);
+}
+
+/// `--daemon` must return only when the mount serves requests, and must not
+/// keep the caller's stdout: `$(migsafe mount --daemon ...)` and ssh would
+/// otherwise hang until unmount.
+#[test]
+fn daemon_returns_once_live_and_leaves_callers_stdio() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let log = dir.path().join("daemon.log");
+    let start = Instant::now();
+    // output() waits for EOF on the pipes: a daemon holding them would hang here.
+    let out = Command::new(BIN)
+        .args(["mount", "--daemon", "--io", "relay", "--pid-file"])
+        .arg(&guard.pid_file)
+        .arg("--log-file")
+        .arg(&log)
+        .arg(&backing)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "--daemon failed: {out:?}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        is_mounted(&mnt),
+        "--daemon returned before the mount was live"
+    );
+    assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), b"image bytes");
+    let pid = guard.pid().expect("pid file written");
+    assert!(process_alive(pid));
+    assert_ne!(pid as u32, std::process::id());
+    run(Command::new("umount").arg(&mnt));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+    assert!(!process_alive(pid), "daemon did not exit after umount");
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("unmounted"),
+        "--log-file lacks the unmount line:\n{text}"
+    );
+}
+
+/// A start-up error in `--daemon` mode reaches the caller as exit status 1
+/// with the message, not as a silent background failure.
+#[test]
+fn daemon_start_error_is_reported_to_the_caller() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, _) = dirs(dir.path());
+    let missing = dir.path().join("no-such-mountpoint");
+    let out = Command::new(BIN)
+        .args(["mount", "--daemon"])
+        .arg(&backing)
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no-such-mountpoint"),
+        "message does not name the path: {stderr}"
+    );
+}
+
+/// `mount -t fuse.migsafe SRC DIR -o ...` runs `migsafe SRC DIR -o ...`:
+/// that form daemonizes and takes migsafe's own options from `-o`.
+#[test]
+fn mount_helper_form_daemonizes_with_o_options() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let opts = format!(
+        "rw,nosuid,nodev,io=relay,ctl-name=.mctl,no_such_option=x,log={},pid-file={}",
+        dir.path().join("log").display(),
+        guard.pid_file.display()
+    );
+    // An unknown option is refused, naming it.
+    let bad = Command::new(BIN)
+        .arg(&backing)
+        .arg(&mnt)
+        .args(["-o", &opts])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no_such_option"));
+    assert!(!is_mounted(&mnt));
+
+    let opts = opts.replace(",no_such_option=x", "");
+    let out = Command::new(BIN)
+        .arg(&backing)
+        .arg(&mnt)
+        .args(["-o", &opts])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(is_mounted(&mnt));
+    let status = read_text(&mnt.join(".mctl/status"));
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["data_paths"]["io"], "relay");
+    assert_eq!(v["ctl_name"], ".mctl");
+    assert!(
+        guard.pid().is_some_and(process_alive),
+        "pid-file= names the daemon"
+    );
+    drop(guard);
+    assert!(!is_mounted(&mnt));
+}
