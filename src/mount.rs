@@ -160,6 +160,14 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
     }
+    // A control request (up to 64 KiB) must arrive as one FUSE write, and
+    // fuser's buffers hold at most 16 MiB.
+    if !(128 << 10..=16 << 20).contains(&args.max_write) {
+        return err(format!(
+            "--max-write {}: must be between 131072 and 16777216 bytes",
+            args.max_write
+        ));
+    }
     let settings = Arc::new(Settings::default());
     for (key, value) in &args.settings {
         settings.set(*key, value).map_err(StartError)?;
