@@ -38,11 +38,7 @@ impl Drop for DaemonMount {
             }
         }
         if let Some(pid) = self.pid() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while process_alive(pid) && Instant::now() < deadline {
-                sleep(Duration::from_millis(20));
-            }
-            if process_alive(pid) {
+            if !wait_gone(pid) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -50,6 +46,15 @@ impl Drop for DaemonMount {
             }
         }
     }
+}
+
+/// Waits up to 10 s for `pid` to exit; true once it has.
+fn wait_gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) && Instant::now() < deadline {
+        sleep(Duration::from_millis(20));
+    }
+    !process_alive(pid)
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -75,12 +80,9 @@ fn signal_unmounts(signal: nix::sys::signal::Signal) {
     assert_eq!(fs::read(m.path("disk.img")).unwrap(), b"image bytes");
     let pid = m.pid().expect("foreground daemon pid") as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (is_mounted(&m.mountpoint) || process_alive(pid)) && Instant::now() < deadline {
-        sleep(Duration::from_millis(20));
-    }
+    // The daemon exits only after its unmount completed.
+    assert!(wait_gone(pid), "daemon still running after {signal:?}");
     assert!(!is_mounted(&m.mountpoint), "still mounted after {signal:?}");
-    assert!(!process_alive(pid), "daemon still running after {signal:?}");
     let log = m.log_text();
     assert!(log.contains("unmounting"), "no unmount line in log:\n{log}");
     assert_eq!(m.stop(), Some(0), "exit status after {signal:?}");
@@ -140,11 +142,7 @@ fn daemon_returns_once_live_and_leaves_callers_stdio() {
     assert!(process_alive(pid));
     assert_ne!(pid as u32, std::process::id());
     run(Command::new("umount").arg(&mnt));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while process_alive(pid) && Instant::now() < deadline {
-        sleep(Duration::from_millis(20));
-    }
-    assert!(!process_alive(pid), "daemon did not exit after umount");
+    assert!(wait_gone(pid), "daemon did not exit after umount");
     let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(
         text.contains("unmounted"),
