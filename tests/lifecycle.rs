@@ -37,13 +37,13 @@ impl Drop for DaemonMount {
                     .status();
             }
         }
-        if let Some(pid) = self.pid() {
-            if !wait_gone(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        if let Some(pid) = self.pid()
+            && !wait_gone(pid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
