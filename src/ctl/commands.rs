@@ -1,11 +1,10 @@
 //! Running control commands on images and formatting their results.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use fuser::Notifier;
 use serde_json::json;
 
 use super::request::{self, Target};
@@ -45,7 +44,7 @@ pub struct Job {
     registry: Arc<Registry>,
     settings: Arc<Settings>,
     root_fd: Arc<OwnedFd>,
-    notifier: Arc<OnceLock<Notifier>>,
+    invalidator: Arc<crate::fs::AttrInvalidator>,
     devices: Vec<(String, Arc<Image>)>,
 }
 
@@ -66,7 +65,7 @@ impl Job {
             registry: fs.registry.clone(),
             settings: fs.settings.clone(),
             root_fd: fs.root_fd.clone(),
-            notifier: fs.notifier.clone(),
+            invalidator: fs.invalidator.clone(),
             devices,
         }
     }
@@ -89,8 +88,8 @@ impl Job {
                 );
             }
         };
-        let notifier = self.notifier.clone();
-        let invalidate = move |img: &Image| MigsafeFs::invalidate_attrs_async(&notifier, img);
+        let invalidator = self.invalidator.clone();
+        let invalidate = move |img: &Image| MigsafeFs::invalidate_attrs_async(&invalidator, img);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,

@@ -91,7 +91,7 @@ impl MigsafeFs {
             }
             return Ok(());
         }
-        let invalidate = |img: &Image| Self::invalidate_attrs_async(&self.notifier, img);
+        let invalidate = |img: &Image| Self::invalidate_attrs_async(&self.invalidator, img);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,

@@ -58,6 +58,41 @@ pub(crate) enum Open {
     Ctl(Arc<CtlHandle>),
 }
 
+/// One long-lived thread that sends FUSE inode invalidations. The kernel
+/// may wait on locks held by the request being served when a notification
+/// is sent from inside a handler, so handlers (and control commands) only
+/// queue the node id here; a queue instead of a thread per request keeps
+/// invalidate-on-open cheap.
+pub struct AttrInvalidator {
+    queue: std::sync::mpsc::Sender<u64>,
+}
+
+impl AttrInvalidator {
+    fn start(notifier: Arc<OnceLock<Notifier>>) -> AttrInvalidator {
+        let (queue, rx) = std::sync::mpsc::channel::<u64>();
+        let spawned = std::thread::Builder::new()
+            .name("migsafe-inval".into())
+            .spawn(move || {
+                for nodeid in rx {
+                    if let Some(n) = notifier.get()
+                        && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
+                    {
+                        log::debug!("inval_inode {nodeid}: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the invalidation thread: {e}; attributes expire by TTL only");
+        }
+        AttrInvalidator { queue }
+    }
+
+    fn request(&self, nodeid: u64) {
+        // Fails only once the worker is gone (unmounting): nothing to do then.
+        let _ = self.queue.send(nodeid);
+    }
+}
+
 pub struct MigsafeFs {
     pub(crate) config: FsConfig,
     pub settings: Arc<Settings>,
@@ -70,6 +105,7 @@ pub struct MigsafeFs {
     pub(crate) devices: Vec<(String, u64)>,
     /// Filled after the session exists; used from worker threads only.
     pub notifier: Arc<OnceLock<Notifier>>,
+    pub(crate) invalidator: Arc<AttrInvalidator>,
     pub(crate) passthrough_active: AtomicBool,
     /// The kernel offers FUSE passthrough and we may use it, whether or not
     /// `--io` chose it.
@@ -85,6 +121,7 @@ impl MigsafeFs {
         devices: Vec<DeviceSpec>,
     ) -> std::io::Result<MigsafeFs> {
         let root_fd = Arc::new(root_fd);
+        let notifier = Arc::new(OnceLock::new());
         let root_st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&*root_fd))?;
         let inodes = InodeTable::new();
         inodes.insert_pinned(
@@ -121,7 +158,8 @@ impl MigsafeFs {
             handles: RwLock::default(),
             next_fh: AtomicU64::new(1),
             devices: device_ids,
-            notifier: Arc::new(OnceLock::new()),
+            notifier: notifier.clone(),
+            invalidator: Arc::new(AttrInvalidator::start(notifier)),
             passthrough_active: AtomicBool::new(false),
             passthrough_supported: AtomicBool::new(false),
             mounted_at: SystemTime::now(),
@@ -203,22 +241,13 @@ impl MigsafeFs {
         Ok(attr::from_stat(inode.nodeid, &st))
     }
 
-    /// Invalidates the kernel's attributes (and any FUSE-side pages) of the
-    /// image's inode. Must run on a worker thread: the kernel may wait on
-    /// locks held by the request being served when called from a handler.
-    pub(crate) fn invalidate_attrs_async(notifier: &Arc<OnceLock<Notifier>>, image: &Image) {
+    /// Asks the invalidation worker to drop the kernel's attributes (and any
+    /// FUSE-side pages) of the image's inode.
+    pub(crate) fn invalidate_attrs_async(invalidator: &AttrInvalidator, image: &Image) {
         let nodeid = image.nodeid.load(Ordering::Relaxed);
-        if nodeid == 0 {
-            return;
+        if nodeid != 0 {
+            invalidator.request(nodeid);
         }
-        let notifier = notifier.clone();
-        std::thread::spawn(move || {
-            if let Some(n) = notifier.get()
-                && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
-            {
-                log::debug!("inval_inode {nodeid}: {e}");
-            }
-        });
     }
 
     pub(crate) fn ctl_file_attr(&self, nodeid: u64) -> fuser::FileAttr {
