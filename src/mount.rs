@@ -198,6 +198,9 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     if args.daemon {
         daemonize(&args)?;
     }
+    // Before any thread exists: every thread inherits the blocked mask, so
+    // SIGTERM/SIGINT reach only the waiting thread, which unmounts.
+    let signals = block_signals();
     let config = FsConfig {
         io: args.io,
         ctl_name: args.ctl_name.clone(),
@@ -215,7 +218,6 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     fuse_config.acl = acl;
     fuse_config.n_threads = Some(args.threads.max(1));
     fuse_config.clone_fd = true;
-    let signals = block_signals();
     let mut session = fuser::Session::new(fs, &args.mountpoint, &fuse_config).map_err(|e| {
         StartError(format!(
             "cannot mount {} on {}: {e}",
