@@ -89,8 +89,23 @@ fn recover_and_activate(m: &Mount, image: &str, t: &KMount, raw: &Path, e: i32) 
         "left on this host after the failure: {} dirty, {} writeback pages",
         r.dirty, r.writeback
     );
+    // Bed repair, not the subject: writeback that was already in flight
+    // when the storage grew can still end with EIO and be reported to a fd
+    // opened before it ended, so let it drain and retry a few times.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while residency(raw).writeback > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut repaired = Err(None);
+    for _ in 0..5 {
+        repaired = open_rw(raw).sync_all().map_err(|e| e.raw_os_error());
+        if repaired.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(
-        open_rw(raw).sync_all().map_err(|e| e.raw_os_error()),
+        repaired,
         Ok(()),
         "bed: a fresh sync of {} must work once the storage has room",
         raw.display()
