@@ -308,16 +308,19 @@ impl Image {
 
     /// `invalidate`: the destination-side steps of DESIGN §3 in order.
     pub fn invalidate(&self, ctx: &CommandContext<'_>) -> Outcome {
-        self.run_command("invalidate", || self.invalidate_steps(ctx, false))
+        self.run_command("invalidate", || {
+            self.invalidate_steps(ctx, false)?;
+            self.clear_sticky_error();
+            Ok(Outcome::default())
+        })
     }
 
     /// `activate` = invalidate + active + clear the sticky error.
     pub fn activate(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("activate", || {
             self.invalidate_steps(ctx, false)?;
-            let mut st = self.state.lock().expect("state lock");
             self.inactive.store(false, Ordering::Relaxed);
-            st.sticky_error = None;
+            self.clear_sticky_error();
             self.counters.activations.fetch_add(1, Ordering::Relaxed);
             Ok(Outcome::default())
         })
@@ -338,12 +341,7 @@ impl Image {
     /// it is an operator's decision (`activate`), not a side effect of a
     /// VMM reopening the image.
     pub fn invalidate_on_open(&self, ctx: &CommandContext<'_>) -> Outcome {
-        self.run_command("invalidate-on-open", || {
-            let sticky = self.sticky_error();
-            let res = self.invalidate_steps(ctx, true);
-            self.state.lock().expect("state lock").sticky_error = sticky;
-            res
-        })
+        self.run_command("invalidate-on-open", || self.invalidate_steps(ctx, true))
     }
 
     /// `on_open`: dirty pages mean this host itself wrote the image and has
@@ -428,8 +426,13 @@ impl Image {
         {
             self.device_size.store(size, Ordering::Relaxed);
         }
-        self.state.lock().expect("state lock").sticky_error = None;
         Ok(Outcome::default())
+    }
+
+    /// Only the explicit `invalidate`/`activate` (which re-read from
+    /// storage) forget a failed sync.
+    fn clear_sticky_error(&self) {
+        self.state.lock().expect("state lock").sticky_error = None;
     }
 
     /// Fails with EBUSY naming resident pages, ranges and holders, or with
