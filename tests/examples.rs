@@ -140,19 +140,7 @@ fn two_host_demo_shows_stale_then_fresh_and_cleans_up() {
         "{describe}"
     );
 
-    let prefix = tmp.path().to_string_lossy().into_owned();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    assert!(!mounts.contains(&prefix), "mounts left behind\n{mounts}");
-    let loops = sh("losetup -a");
-    assert!(
-        !loops.contains(&prefix),
-        "loop devices left behind\n{loops}"
-    );
-    assert_eq!(
-        std::fs::read_dir(tmp.path()).unwrap().count(),
-        0,
-        "temp files left behind"
-    );
+    assert_nothing_left(tmp.path(), &describe);
 }
 
 /// Unmounts (lazily if busy) on drop.

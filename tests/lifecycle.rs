@@ -119,9 +119,7 @@ fn daemon_returns_once_live_and_leaves_callers_stdio() {
         pid_file: dir.path().join("pid"),
     };
     let log = dir.path().join("daemon.log");
-    let start = Instant::now();
-    // output() waits for EOF on the pipes: a daemon holding them would hang here.
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["mount", "--daemon", "--io", "relay", "--pid-file"])
         .arg(&guard.pid_file)
         .arg("--log-file")
@@ -129,10 +127,27 @@ fn daemon_returns_once_live_and_leaves_callers_stdio() {
         .arg(&backing)
         .arg(&mnt)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(out.status.success(), "--daemon failed: {out:?}");
-    assert!(start.elapsed() < Duration::from_secs(10));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "--daemon failed: {status:?}");
+    // EOF on the caller's pipes must come now, not at unmount: read them on
+    // a thread and give up after 10 s instead of hanging the suite.
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+        let _ = stderr.read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the daemon kept the caller's stdout/stderr open after --daemon returned"
+    );
     assert!(
         is_mounted(&mnt),
         "--daemon returned before the mount was live"

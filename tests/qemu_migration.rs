@@ -67,31 +67,8 @@ fn e2e(args: &[&str]) -> Run {
         started.elapsed().as_secs_f64(),
         run.stdout
     );
-    assert_nothing_left(tmp.path(), &run);
+    assert_nothing_left(tmp.path(), &run.describe());
     run
-}
-
-fn assert_nothing_left(tmp: &Path, run: &Run) {
-    let prefix = tmp.to_string_lossy().into_owned();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&prefix)).collect();
-    assert!(
-        left.is_empty(),
-        "mounts left behind: {left:?}\n{}",
-        run.describe()
-    );
-    let loops = sh("losetup -a");
-    assert!(
-        !loops.contains(&prefix),
-        "loop devices left behind:\n{loops}\n{}",
-        run.describe()
-    );
-    let entries: Vec<_> = std::fs::read_dir(tmp).unwrap().collect();
-    assert!(
-        entries.is_empty(),
-        "temp files left behind: {entries:?}\n{}",
-        run.describe()
-    );
 }
 
 fn assert_pass(args: &[&str]) -> Run {

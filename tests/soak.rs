@@ -63,17 +63,5 @@ fn handover_soak_has_no_stale_reads_and_negative_control_finds_them() {
     assert_eq!(code, 0, "{describe}");
 
     // Nothing left behind.
-    let prefix = tmp.path().to_string_lossy().into_owned();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    assert!(!mounts.contains(&prefix), "mounts left behind\n{mounts}");
-    let loops = sh("losetup -a");
-    assert!(
-        !loops.contains(&prefix),
-        "loop devices left behind\n{loops}"
-    );
-    assert_eq!(
-        std::fs::read_dir(tmp.path()).unwrap().count(),
-        0,
-        "temp files left"
-    );
+    assert_nothing_left(tmp.path(), &describe);
 }

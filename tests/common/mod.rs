@@ -267,6 +267,26 @@ fn unescape_mount_path(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// Asserts that a script run under `dir` left no mount, loop device or file
+/// there (scripts clean up with traps; this proves they did). `context` is
+/// appended to each failure message (the script's output).
+pub fn assert_nothing_left(dir: &Path, context: &str) {
+    let prefix = dir.to_string_lossy().into_owned();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&prefix)).collect();
+    assert!(left.is_empty(), "mounts left behind: {left:?}\n{context}");
+    let loops = sh("losetup -a");
+    assert!(
+        !loops.contains(&prefix),
+        "loop devices left behind:\n{loops}\n{context}"
+    );
+    let entries: Vec<_> = fs::read_dir(dir).unwrap().collect();
+    assert!(
+        entries.is_empty(),
+        "temp files left behind: {entries:?}\n{context}"
+    );
+}
+
 /// A child process (reader, holder) killed and reaped on drop.
 pub struct ChildGuard(pub Child);
 
