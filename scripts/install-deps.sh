@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests, examples and benchmarks use.
+# Safe to run again: a second run installs nothing new.
 set -euo pipefail
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/install-deps.sh: run as root (apt-get)" >&2
@@ -7,12 +8,31 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
+
+# QEMU: the machine image may ship a newer qemu-utils (from backports) than
+# the distribution's qemu-system-x86, and the newer qemu-utils Breaks the
+# older qemu-system-common, so a plain install of both fails. Pin both to the
+# version of qemu-system-x86 that the distribution offers, downgrading
+# qemu-utils if needed; on a machine where this already ran it is a no-op.
+qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+if [ -z "$qemu_version" ] || [ "$qemu_version" = "(none)" ]; then
+  echo "scripts/install-deps.sh: apt offers no qemu-system-x86; check /etc/apt/sources.list" >&2
+  exit 1
+fi
+if ! apt-cache madison qemu-utils | awk -F'|' '{gsub(/ /, "", $2); print $2}' \
+  | grep -qxF "$qemu_version"; then
+  echo "scripts/install-deps.sh: apt offers qemu-system-x86 $qemu_version but no qemu-utils of that version" >&2
+  exit 1
+fi
+
 # fuse3: /dev/fuse helpers and mount.fuse3; fio: verify workloads;
 # qemu-system-x86 + qemu-utils: real VMM and image tools; mergerfs: the
 # NFS-like two-client bed; vmtouch + util-linux (fincore, losetup): page-cache
 # tools; e2fsprogs: small failing backing filesystems; shellcheck: scripts.
-apt-get install -y -q --no-install-recommends \
-  fuse3 fio qemu-system-x86 qemu-utils mergerfs vmtouch util-linux \
+apt-get install -y -q --no-install-recommends --allow-downgrades \
+  "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" \
+  fuse3 fio mergerfs vmtouch util-linux \
   e2fsprogs shellcheck python3 kmod procps
 # Loop devices are the two-host test bed.
 modprobe loop 2>/dev/null || true
+echo "scripts/install-deps.sh: QEMU $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), qemu-img $(qemu-img --version | head -1 | awk '{print $3}')"
