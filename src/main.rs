@@ -51,6 +51,7 @@ enum SyncMode {
 enum DenyAllow {
     Deny,
     Allow,
+    Strict,
 }
 
 #[derive(clap::Args)]
@@ -168,11 +169,12 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         ),
         (
             Key::InactiveWrites,
-            word(
-                matches!(m.inactive_writes, DenyAllow::Deny),
-                "deny",
-                "allow",
-            ),
+            match m.inactive_writes {
+                DenyAllow::Deny => "deny",
+                DenyAllow::Allow => "allow",
+                DenyAllow::Strict => "strict",
+            }
+            .to_string(),
         ),
     ];
     Ok(MountArgs {

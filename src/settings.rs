@@ -42,7 +42,9 @@ impl Key {
             Key::CheckCacheDropped | Key::DropCache | Key::FsyncOnClose => &["on", "off"],
             Key::InvalidateOnOpen => &["on", "warn", "off"],
             Key::Sync => &["fsync", "fdatasync"],
-            Key::InactiveWrites => &["deny", "allow"],
+            // strict: also refuse writable opens of an inactive image, for
+            // flows where no VMM opens it read-write before activation.
+            Key::InactiveWrites => &["deny", "allow", "strict"],
         }
     }
 
@@ -119,7 +121,13 @@ impl Settings {
     }
 
     pub fn deny_inactive_writes(&self) -> bool {
-        self.is_first(Key::InactiveWrites)
+        self.get(Key::InactiveWrites) != "allow"
+    }
+
+    /// `inactive-writes=strict`: a writable open of an inactive image gets
+    /// EROFS (passthrough writes through it could not be fenced).
+    pub fn refuse_inactive_opens(&self) -> bool {
+        self.get(Key::InactiveWrites) == "strict"
     }
 
     pub fn on_open(&self) -> OnOpen {

@@ -203,6 +203,22 @@ fn sticky_flow(m: &Mount, image: &str, w1: File, w2: File) -> i32 {
         Err(e),
         "fsync after failed inactivate"
     );
+
+    // `invalidate` (whatever its own result) never clears it: only activate
+    // does. Otherwise the next inactivate would say ok for data that never
+    // reached storage.
+    let (_, out) = ctl_write_read(&m.ctl("invalidate"), &format!("{image}\n"));
+    let st = status_image(m, image);
+    assert_eq!(
+        st["sticky_error"], name,
+        "invalidate must not clear the sticky error (invalidate said {out:?}): {st}"
+    );
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), &format!("{image}\n"));
+    assert_eq!(
+        res,
+        Err(e),
+        "inactivate after invalidate must still fail with {name}: {out}"
+    );
     drop(w1);
     e
 }
@@ -286,4 +302,80 @@ fn dir_image_passthrough_sync_error_is_sticky_until_activate() {
         return;
     }
     dir_image_sticky("passthrough");
+}
+
+/// With fsync-on-close off, a writeback error that happens after the last
+/// handle closed must still fail the next `inactivate` (the daemon keeps an
+/// fd whose error sequence predates the writes). A fresh fd, as used before,
+/// never sees it: the control is the raw device, whose fresh fd syncs ok.
+#[test]
+fn writeback_error_with_no_handle_open_fails_inactivate() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (_t, lo) = failing_device(dir.path(), "t", "4m");
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    let dev = format!("img={}", lo.path.display());
+    let m = Mount::start(
+        dir.path(),
+        &back,
+        &["--device", &dev, "--fsync-on-close", "off"],
+    );
+    let w = open_rw(&m.path("img"));
+    fill(&w, 0, 8 * MIB, b'X');
+    assert_eq!(close_errno(w), Ok(()), "close without fsync-on-close");
+    // The host writes the pages back while nobody has the image open; the
+    // error lands in the device's error sequence (this fd sees it once).
+    let raw = open_rw(&lo.path);
+    let e = errno_result(raw.sync_all()).expect_err("bed: writeback beyond capacity must fail");
+    drop(raw);
+    assert_eq!(
+        errno_result(open_rw(&lo.path).sync_all()),
+        Ok(()),
+        "control: a fresh fd opened after the error syncs ok"
+    );
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "img\n");
+    assert_eq!(
+        res,
+        Err(e),
+        "inactivate must report the writeback error of data written through the mount: {out}\nlog:\n{}",
+        m.log_text()
+    );
+    assert_eq!(status_image(&m, "img")["sticky_error"], errno_name(e));
+}
+
+/// `invalidate` succeeding after a failed sync must not clear the sticky
+/// error (only `activate` does): otherwise the next `inactivate` says ok
+/// although the data never reached storage.
+#[test]
+fn invalidate_keeps_the_sticky_error() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (_t, lo) = failing_device(dir.path(), "t", "4m");
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    let dev = format!("img={}", lo.path.display());
+    let m = Mount::start(dir.path(), &back, &["--device", &dev]);
+    let w = open_rw(&m.path("img"));
+    fill(&w, 0, 8 * MIB, b'X');
+    let e = errno_result(w.sync_all()).expect_err("bed: fsync beyond capacity must fail");
+    drop(w);
+    let (res, out) = ctl_write_read(&m.ctl("invalidate"), "img\n");
+    assert_eq!(
+        res,
+        Ok(()),
+        "bed: invalidate must succeed here (no dirty page is left after the failed sync): {out}"
+    );
+    let st = status_image(&m, "img");
+    assert_eq!(
+        st["sticky_error"],
+        errno_name(e),
+        "invalidate cleared the sticky error: {st}"
+    );
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "img\n");
+    assert_eq!(res, Err(e), "inactivate after invalidate: {out}");
 }

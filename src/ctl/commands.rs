@@ -151,8 +151,8 @@ impl Job {
         }
         let fail = |errno: i32, detail: String| Outcome {
             errno: Some(errno),
-            resident_pages: 0,
             detail,
+            ..Outcome::default()
         };
         let cpath = sys::cstring(std::ffi::OsStr::new(path))
             .map_err(|_| fail(libc::EINVAL, "bad path".into()))?;
@@ -191,6 +191,10 @@ impl Job {
 /// One read-back line: `image=disk.img result=ok resident_pages=0 ms=3`.
 fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
     match o.errno {
+        None if o.unfenced => format!(
+            "image={name} result=ok resident_pages={} ms={ms} fencing=partial detail={:?}\n",
+            o.resident_pages, o.detail
+        ),
         None => format!(
             "image={name} result=ok resident_pages={} ms={ms}\n",
             o.resident_pages

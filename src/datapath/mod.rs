@@ -19,6 +19,22 @@ use fuser::BackingId;
 
 use crate::sys::AlignedBuf;
 
+/// Which data path serves an open handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    Passthrough,
+    Relay,
+}
+
+impl DataPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Passthrough => "passthrough",
+            DataPath::Relay => "relay",
+        }
+    }
+}
+
 /// A backing file registered with the kernel for passthrough. Dropping it
 /// closes the kernel's backing id (fuser's `BackingId` does the ioctl).
 #[derive(Debug)]

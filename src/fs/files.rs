@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, ReplyCreate, ReplyOpen, Request,
@@ -15,26 +15,9 @@ use fuser::{
 use super::inodes::{Inode, Kind};
 use super::{IoMode, MigsafeFs, Open, attr};
 use crate::datapath::{self, PassthroughBacking};
-use crate::image::{CommandContext, DataPath, HandleInfo, Image};
+use crate::image::{CommandContext, DataPath, Handle, Image};
 use crate::settings::OnOpen;
 use crate::sys::{self, FsCreds};
-
-/// One open handle of an image.
-pub(crate) struct FileHandleState {
-    pub inode: Arc<Inode>,
-    pub image: Arc<Image>,
-    /// The backing fd this handle reads, writes and syncs (opened with the
-    /// caller's access mode and O_DIRECT/O_SYNC flags).
-    pub file: Arc<File>,
-    pub data_path: DataPath,
-    pub direct: bool,
-    pub writable: bool,
-    /// Data written since the last successful sync. Passthrough writes never
-    /// reach the daemon, so a writable passthrough handle counts as written.
-    pub unsynced: AtomicBool,
-    /// Keeps the inode's passthrough registration alive while open.
-    _passthrough: Option<Arc<PassthroughBacking>>,
-}
 
 pub(crate) struct AttrChanges {
     pub mode: Option<u32>,
@@ -174,6 +157,18 @@ impl MigsafeFs {
         flags: i32,
         reply: ReplyOpenLike<'_>,
     ) -> Result<(u64, FopenFlags, Option<Arc<PassthroughBacking>>), Errno> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY
+            && !image.is_active()
+            && self.settings.refuse_inactive_opens()
+        {
+            log::warn!(
+                "open {}: writable open by pid {} refused: the image is inactive on this host \
+                 (inactive-writes=strict); activate it first",
+                image.path(),
+                req.pid()
+            );
+            return Err(Errno::EROFS);
+        }
         let mut data_path = self.data_path_for(&inode);
         let mut passthrough = None;
         if data_path == DataPath::Passthrough {
@@ -195,28 +190,39 @@ impl MigsafeFs {
                 }
             }
         }
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let file = Arc::new(file);
-        let handle = Arc::new(FileHandleState {
-            inode: inode.clone(),
-            image: image.clone(),
-            file: file.clone(),
+        let handle = Arc::new(Handle::new(
+            image.clone(),
+            Arc::new(file),
             data_path,
-            direct: flags & libc::O_DIRECT != 0,
-            writable,
-            unsynced: AtomicBool::new(writable && data_path == DataPath::Passthrough),
-            _passthrough: passthrough.clone(),
-        });
-        let fh = self.add_handle(Open::File(handle));
-        image.add_handle(
-            fh,
-            HandleInfo {
-                pid: req.pid(),
-                data_path,
-                writable,
-                file,
-            },
-        );
+            flags,
+            req.pid(),
+            passthrough.clone(),
+        ));
+        let fh = self.add_handle(Open::File(handle.clone()));
+        image.add_handle(fh, handle.clone());
+        if handle.writable && handle.opened_inactive {
+            // An incoming VMM opens its image read-write before activation:
+            // allowed, but a passthrough handle's writes would bypass the
+            // EROFS fencing, so say who opened it.
+            let level = if handle.bypasses_fencing() {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            };
+            log::log!(
+                level,
+                "open {}: writable open of an inactive image by pid {} ({}), data path={}{}",
+                image.path(),
+                handle.pid,
+                handle.comm,
+                data_path.name(),
+                if handle.bypasses_fencing() {
+                    "; its writes bypass fencing until the image is activated"
+                } else {
+                    "; its writes get EROFS until the image is activated"
+                }
+            );
+        }
         log::info!(
             "open {} data path={} pid={} flags={:#o}",
             image.path(),
@@ -246,6 +252,10 @@ impl MigsafeFs {
                     .check_writable(&self.settings)
                     .map_err(Errno::from_i32)?;
             }
+            // Held until the handle is registered, so a concurrent first
+            // open neither invalidates again nor sees a half-open image.
+            let gate = image.clone();
+            let _first_open = gate.open_gate();
             self.invalidate_on_first_open(&image)?;
             let file = self.open_image_backing(req, &inode, &image, flags)?;
             self.register_handle(req, inode, image, file, flags, ReplyOpenLike::Open(&reply))
@@ -372,70 +382,50 @@ impl MigsafeFs {
         data: &[u8],
     ) -> Result<usize, Errno> {
         let h = self.file_handle(fh)?;
-        h.image
-            .check_writable(&self.settings)
+        let _admitted = h
+            .image
+            .admit_write(&self.settings)
             .map_err(Errno::from_i32)?;
         let mut data = data;
-        if h.inode.device_name.is_some() {
+        if h.image.is_device() {
             // A device cannot grow: writes past its end get ENOSPC, as on the
             // block device itself.
             let size = h.image.device_size.load(Ordering::Relaxed);
-            if offset >= size && !data.is_empty() {
+            if data.is_empty() {
+                return Ok(0);
+            }
+            if offset >= size {
                 return Err(Errno::ENOSPC);
             }
-            let room = (size - offset) as usize;
+            let room = (size - offset).min(usize::MAX as u64) as usize;
             data = &data[..data.len().min(room)];
         }
         h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
-        h.unsynced.store(true, Ordering::Relaxed);
-        datapath::relay_write(&h.file, offset, data, h.direct).map_err(|e| {
+        let written = datapath::relay_write(&h.file, offset, data, h.direct).map_err(|e| {
             log::warn!("write {} at {offset}: {e}", h.image.path());
             errno(e)
-        })
+        });
+        h.note_write();
+        written
     }
 
     pub(crate) fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), Errno> {
         let h = self.file_handle(fh)?;
-        h.image
-            .sync_file(&h.file, datasync, &self.settings)
-            .map_err(Errno::from_i32)?;
-        h.unsynced.store(false, Ordering::Relaxed);
-        Ok(())
+        h.fsync(datasync, &self.settings).map_err(Errno::from_i32)
     }
 
     /// `close()` waits for FLUSH (not for RELEASE), so the fsync-on-close
     /// rule syncs here and its error reaches the closing process.
     pub(crate) fn do_flush(&self, fh: FileHandle) -> Result<(), Errno> {
         let h = self.file_handle(fh)?;
-        if !self.settings.fsync_on_close() || !h.unsynced.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        h.image
-            .sync_file(&h.file, false, &self.settings)
-            .map_err(Errno::from_i32)?;
-        if h.data_path == DataPath::Relay {
-            h.unsynced.store(false, Ordering::Relaxed);
-        }
-        Ok(())
+        h.sync_on_flush(&self.settings).map_err(Errno::from_i32)
     }
 
     pub(crate) fn do_release(&self, fh: FileHandle) {
-        let Some(open) = self.remove_handle(fh) else {
+        let Some(Open::File(h)) = self.remove_handle(fh) else {
             return;
         };
-        let Open::File(h) = open else {
-            return;
-        };
-        if self.settings.fsync_on_close() && h.unsynced.load(Ordering::Relaxed) && h.writable {
-            // Data written after the last flush (through a dup'ed fd or mmap).
-            if let Err(e) = h.image.sync_file(&h.file, false, &self.settings) {
-                log::warn!(
-                    "release {}: sync failed: {}",
-                    h.image.path(),
-                    sys::errno_name(e)
-                );
-            }
-        }
+        h.sync_on_release(&self.settings);
         h.image.remove_handle(fh.0);
     }
 
@@ -557,10 +547,11 @@ impl MigsafeFs {
         mode: i32,
     ) -> Result<(), Errno> {
         let h = self.file_handle(fh)?;
-        h.image
-            .check_writable(&self.settings)
+        let _admitted = h
+            .image
+            .admit_write(&self.settings)
             .map_err(Errno::from_i32)?;
-        if h.inode.device_name.is_some()
+        if h.image.is_device()
             && mode & libc::FALLOC_FL_KEEP_SIZE == 0
             && mode & libc::FALLOC_FL_PUNCH_HOLE == 0
         {
@@ -569,8 +560,9 @@ impl MigsafeFs {
                 return Err(Errno::ENOSPC);
             }
         }
-        h.unsynced.store(true, Ordering::Relaxed);
-        sys::fallocate(h.file.as_fd(), mode, offset, length).map_err(errno)
+        let res = sys::fallocate(h.file.as_fd(), mode, offset, length).map_err(errno);
+        h.note_write();
+        res
     }
 
     pub(crate) fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Result<i64, Errno> {
@@ -588,20 +580,25 @@ impl MigsafeFs {
     ) -> Result<usize, Errno> {
         let hin = self.file_handle(fh_in)?;
         let hout = self.file_handle(fh_out)?;
-        hout.image
-            .check_writable(&self.settings)
+        let _admitted = hout
+            .image
+            .admit_write(&self.settings)
             .map_err(Errno::from_i32)?;
         let mut len = len.min(u32::MAX as u64 & !0xfff) as usize;
-        if hout.inode.device_name.is_some() {
+        if hout.image.is_device() {
             let size = hout.image.device_size.load(Ordering::Relaxed);
+            if len == 0 {
+                return Ok(0);
+            }
             if off_out >= size {
                 return Err(Errno::ENOSPC);
             }
-            len = len.min((size - off_out) as usize);
+            len = len.min((size - off_out).min(usize::MAX as u64) as usize);
         }
-        hout.unsynced.store(true, Ordering::Relaxed);
-        sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len)
-            .map_err(errno)
+        let res = sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len)
+            .map_err(errno);
+        hout.note_write();
+        res
     }
 }
 

@@ -24,7 +24,7 @@ use fuser::{
 use crate::backing::DeviceSpec;
 use crate::cache::Identity;
 use crate::ctl::{self, CtlHandle};
-use crate::image::{Image, Registry, Source};
+use crate::image::{Handle, Image, Registry, Source};
 use crate::settings::Settings;
 use crate::sys;
 use inodes::{Inode, InodeTable, Kind};
@@ -53,7 +53,7 @@ pub struct FsConfig {
 
 /// An open file, directory or control file.
 pub(crate) enum Open {
-    File(Arc<files::FileHandleState>),
+    File(Arc<Handle>),
     Dir(Arc<namespace::DirSnapshot>),
     Ctl(Arc<CtlHandle>),
 }
@@ -176,7 +176,7 @@ impl MigsafeFs {
         fh
     }
 
-    pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<files::FileHandleState>, Errno> {
+    pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
         match self.handles.read().expect("handles lock").get(&fh.0) {
             Some(Open::File(h)) => Ok(h.clone()),
             _ => Err(Errno::EBADF),
