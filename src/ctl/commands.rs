@@ -131,13 +131,19 @@ impl Job {
 
     fn resolve(&self, target: &Target) -> Vec<Result<Arc<Image>, (String, Outcome)>> {
         match target {
+            // Every image this mount has seen is reported, also one that can
+            // no longer be found by its last path (renamed or deleted on
+            // another host), with its error: `*` never skips an image
+            // silently. Images known to be deleted are forgotten.
             Target::All => self
                 .registry
                 .all()
                 .into_iter()
-                // Images deleted since they were seen are not "this host's" any more.
-                .filter(|img| img.is_device() || img.open_backing(libc::O_RDONLY).is_ok())
-                .map(Ok)
+                .filter(|img| !self.registry.forget_if_deleted(img))
+                .map(|img| match img.locate() {
+                    Ok(()) => Ok(img),
+                    Err(outcome) => Err((img.path(), outcome)),
+                })
                 .collect(),
             Target::Path(path) => vec![self.resolve_path(path).map_err(|o| (path.clone(), o))],
         }
@@ -175,7 +181,18 @@ impl Job {
             _ => return Err(fail(libc::EINVAL, "not a regular file".into())),
         }
         let identity = Identity::of_stat(&st);
-        Ok(self.registry.get_or_insert(identity, || {
+        // The request's name is the image's current name: it refreshes a path
+        // that went stale (a directory renamed on the backing), unless it
+        // reached the image through a symlink, which must not rename it.
+        let through_symlink = sys::openat2_beneath(
+            self.root_fd.as_fd(),
+            &cpath,
+            libc::O_PATH | libc::O_NOFOLLOW,
+        )
+        .and_then(|f| sys::fstat_fd(f.as_fd()))
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+        .unwrap_or(true);
+        let image = self.registry.get_or_insert(identity, || {
             Image::new(
                 identity,
                 Source::File {
@@ -184,7 +201,11 @@ impl Job {
                 },
                 path.to_string(),
             )
-        }))
+        });
+        if !through_symlink {
+            image.set_path(path.to_string());
+        }
+        Ok(image)
     }
 }
 
@@ -214,14 +235,15 @@ pub fn status_json(fs: &MigsafeFs) -> serde_json::Value {
         .registry
         .all()
         .iter()
-        .filter_map(|img| {
-            let size = if img.is_device() {
-                img.device_size.load(Ordering::Relaxed)
-            } else {
-                let f = img.open_backing(libc::O_RDONLY).ok()?;
-                crate::cache::file_size(&f).unwrap_or(0)
-            };
-            Some(img.status_json(size))
+        .filter(|img| !fs.registry.forget_if_deleted(img))
+        .map(|img| {
+            if img.is_device() {
+                return img.status_json(Some(img.device_size.load(Ordering::Relaxed)), None);
+            }
+            match img.open_backing(libc::O_RDONLY) {
+                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None),
+                Err(e) => img.status_json(None, Some(e)),
+            }
         })
         .collect();
     json!({

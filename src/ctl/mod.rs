@@ -197,15 +197,30 @@ pub fn write(
             // Commands sync and scan page caches: run them off the event
             // loop so a slow fsync never stalls other I/O of the mount.
             let job = commands::Job::new(fs, cmd, data);
-            std::thread::spawn(move || {
-                let (errno, text) = job.run();
-                *h.text.lock().expect("ctl text lock") = text.into_bytes();
-                *h.cursor.lock().expect("ctl cursor lock") = 0;
-                match errno {
-                    None => reply.written(len),
-                    Some(e) => reply.error(Errno::from_i32(e)),
+            // The reply stays reachable here if the thread cannot start
+            // (out of threads or memory): the caller then gets EAGAIN
+            // instead of a daemon that panics.
+            let slot = Arc::new(Mutex::new(Some(reply)));
+            let worker_slot = slot.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("migsafe-{}", cmd.name()))
+                .spawn(move || {
+                    let (errno, text) = job.run();
+                    *h.text.lock().expect("ctl text lock") = text.into_bytes();
+                    *h.cursor.lock().expect("ctl cursor lock") = 0;
+                    if let Some(reply) = worker_slot.lock().expect("reply lock").take() {
+                        match errno {
+                            None => reply.written(len),
+                            Some(e) => reply.error(Errno::from_i32(e)),
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("{}: cannot start a worker thread: {e}", cmd.name());
+                if let Some(reply) = slot.lock().expect("reply lock").take() {
+                    reply.error(Errno::EAGAIN);
                 }
-            });
+            }
         }
     }
 }

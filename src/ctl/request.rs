@@ -28,8 +28,11 @@ fn bad(message: impl Into<String>) -> BadRequest {
     }
 }
 
-/// Splits and validates a request. A single trailing newline is allowed
-/// (`echo` adds one); any other empty line is an error.
+/// Splits and validates a request: lines ending in a newline (`echo` adds
+/// one). A request whose last line lacks its newline is refused: the kernel
+/// splits a `writev` of many segments into several FUSE writes, and a piece
+/// of a request must never be taken for a whole one (`sub/c` out of
+/// `sub/c.img`). Empty lines are errors.
 pub fn parse(data: &[u8], ctl_name: &str) -> Result<Vec<Target>, BadRequest> {
     if data.len() > MAX_REQUEST {
         return Err(bad(format!(
@@ -41,12 +44,17 @@ pub fn parse(data: &[u8], ctl_name: &str) -> Result<Vec<Target>, BadRequest> {
         return Err(bad("request contains a NUL byte"));
     }
     let text = std::str::from_utf8(data).map_err(|_| bad("request is not UTF-8"))?;
-    let text = text.strip_suffix('\n').unwrap_or(text);
-    if text.is_empty() {
+    if text.is_empty() || text == "\n" {
         return Err(bad(
             "empty request: write image paths relative to the mount root, one per line",
         ));
     }
+    let Some(text) = text.strip_suffix('\n') else {
+        return Err(bad(
+            "request does not end with a newline, so it may be a piece of a larger write; \
+             end every request with a newline (echo IMAGE > .ctl/COMMAND, printf '%s\\n' IMAGE)",
+        ));
+    };
     text.split('\n')
         .map(|line| parse_line(line, ctl_name))
         .collect()
@@ -105,7 +113,16 @@ mod tests {
                 Target::Path("dir/b.qcow2".into())
             ]
         );
-        assert_eq!(parse(b"*", ".ctl").unwrap(), vec![Target::All]);
+        assert_eq!(parse(b"*\n", ".ctl").unwrap(), vec![Target::All]);
+    }
+
+    #[test]
+    fn refuses_a_request_without_its_final_newline() {
+        for piece in [&b"*"[..], b"a.img", b"a.img\nsub/c"] {
+            let err = parse(piece, ".ctl").unwrap_err();
+            assert_eq!(err.errno, libc::EINVAL, "{piece:?}");
+            assert!(err.message.contains("newline"), "{}", err.message);
+        }
     }
 
     #[test]

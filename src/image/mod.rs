@@ -706,7 +706,45 @@ impl Image {
         outcome
     }
 
-    pub fn status_json(&self, size: u64) -> serde_json::Value {
+    /// Whether the image can still be found by its last path; the error
+    /// says what to do when it cannot.
+    pub fn locate(&self) -> Result<(), Outcome> {
+        if self.is_device() {
+            return Ok(());
+        }
+        self.open_backing(libc::O_RDONLY).map(drop).map_err(|e| {
+            Outcome::failed(
+                sys::errno_of(&e),
+                format!(
+                    "image last seen as {} cannot be found there ({e}): renamed or deleted \
+                     outside this mount? name it by its current path",
+                    self.path()
+                ),
+            )
+        })
+    }
+
+    /// True when the file is known to be deleted everywhere: the fd kept
+    /// since its first open sees no name left.
+    fn is_deleted(&self) -> bool {
+        if self.is_device() {
+            return false;
+        }
+        let keep = self.errseq.lock().expect("errseq lock");
+        keep.as_ref().is_some_and(|f| {
+            f.metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0)
+                .unwrap_or(false)
+        }) && self.open_handle_count() == 0
+    }
+
+    /// `size`: None when unknown; `missing`: why the backing cannot be
+    /// opened (the image is still listed, with this error).
+    pub fn status_json(
+        &self,
+        size: Option<u64>,
+        missing: Option<std::io::Error>,
+    ) -> serde_json::Value {
         let (state, sticky, last) = {
             let st = self.state.lock().expect("state lock");
             (
@@ -742,6 +780,10 @@ impl Image {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         json!({
             "path": self.path(),
+            "error": missing.map(|e| format!(
+                "{}: cannot be found by its last path ({e}); renamed or deleted outside this mount?",
+                sys::errno_name(sys::errno_of(&e))
+            )),
             "kind": if self.is_device() { "device" } else { "file" },
             "state": state,
             "size": size,
@@ -797,6 +839,16 @@ impl Registry {
 
     pub fn remove(&self, identity: &Identity) {
         self.images.lock().expect("registry lock").remove(identity);
+    }
+
+    /// Forgets `image` if it is deleted (no name left on the backing and
+    /// no handle open here); returns whether it did.
+    pub fn forget_if_deleted(&self, image: &Image) -> bool {
+        if image.is_deleted() {
+            self.remove(&image.identity);
+            return true;
+        }
+        false
     }
 
     pub fn all(&self) -> Vec<Arc<Image>> {

@@ -1,0 +1,111 @@
+//! What a command request names: never a piece of a request, always the
+//! image's current name, and every image `*` stands for.
+
+mod common;
+
+use common::{Mount, ctl_write, ctl_write_read, make_file, scratch, status};
+use std::fs::{self, OpenOptions};
+use std::io::{IoSlice, Write};
+use std::os::unix::fs::symlink;
+
+fn image_status(m: &Mount, path: &str) -> Option<serde_json::Value> {
+    status(m)["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|i| i["path"] == path)
+        .cloned()
+}
+
+/// A writev of more segments than the kernel puts in one FUSE write reaches
+/// the daemon in pieces. A piece that ends inside a line (`sub/c` of
+/// `sub/c.img`) must never be acted on: the request rule is that it ends
+/// with a newline.
+#[test]
+fn a_piece_of_a_split_write_is_never_acted_on() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir_all(back.join("sub")).unwrap();
+    make_file(&back.join("sub/c.img"), 4096, b'c');
+    make_file(&back.join("sub/c"), 4096, b'x');
+    let m = Mount::start(dir.path(), &back, &[]);
+
+    // Without its newline a request is refused, with a message that says so.
+    let (res, out) = ctl_write_read(&m.ctl("check"), "sub/c.img");
+    assert_eq!(res, Err(libc::EINVAL), "{out}");
+    assert!(out.contains("newline"), "{out:?}");
+
+    // 600 one-byte segments: "sub/c.img\n" 60 times. Wherever the kernel
+    // splits it, a piece ending in "sub/c" must not activate `sub/c`.
+    let body = "sub/c.img\n".repeat(60);
+    for shift in 0..10 {
+        let body = format!("sub/c.img\n{}", &body[shift * 10..]);
+        let slices: Vec<IoSlice<'_>> = body.as_bytes().chunks(1).map(IoSlice::new).collect();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(m.ctl("activate"))
+            .unwrap();
+        let res = f.write_vectored(&slices);
+        match res {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "writev: {e}"),
+        }
+    }
+    if let Some(st) = image_status(&m, "sub/c") {
+        assert!(
+            st["last_command"].is_null(),
+            "a piece of a request acted on sub/c: {st}"
+        );
+    }
+    assert!(
+        !m.log_text().contains("activate sub/c:"),
+        "log shows sub/c activated:\n{}",
+        m.log_text()
+    );
+}
+
+/// After `mv sub sub2` on the backing, the image is named by its new path;
+/// before anyone names it, `check *` and status still list it, with its
+/// error, instead of leaving it out. A symlink to an image does not rename it.
+#[test]
+fn image_paths_follow_renames_and_star_lists_lost_images() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir_all(back.join("sub")).unwrap();
+    make_file(&back.join("sub/c.img"), 4096, b'c');
+    let m = Mount::start(dir.path(), &back, &[]);
+    assert_eq!(ctl_write(&m.ctl("inactivate"), "sub/c.img\n"), Ok(()));
+
+    fs::rename(back.join("sub"), back.join("sub2")).unwrap();
+    let (_, out) = ctl_write_read(&m.ctl("check"), "*\n");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("image=sub/c.img") && l.contains("errno=ENOENT")),
+        "check * must list the image it can no longer find, with ENOENT: {out:?}"
+    );
+    let st = image_status(&m, "sub/c.img").expect("status must still list the lost image");
+    assert!(st["error"].is_string(), "{st}");
+
+    let (res, out) = ctl_write_read(&m.ctl("activate"), "sub2/c.img\n");
+    assert_eq!(res, Ok(()), "activate by the new path: {out}");
+    assert!(out.contains("image=sub2/c.img result=ok"), "{out:?}");
+    let st = image_status(&m, "sub2/c.img").expect("status under the new path");
+    assert_eq!(st["state"], "active", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+    assert!(image_status(&m, "sub/c.img").is_none());
+
+    symlink("c.img", back.join("sub2/link.img")).unwrap();
+    let (res, out) = ctl_write_read(&m.ctl("check"), "sub2/link.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert!(
+        image_status(&m, "sub2/c.img").is_some(),
+        "a symlink must not rename the image: {}",
+        status(&m)
+    );
+}
