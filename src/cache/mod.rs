@@ -4,6 +4,7 @@
 //! `migsafe residency`.
 
 pub mod holders;
+pub mod invalidator;
 
 use std::fs::File;
 use std::io;

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use super::ControlPlane;
 use super::request::{self, Target};
 use crate::cache::Identity;
-use crate::fs::MigsafeFs;
+use crate::cache::invalidator::AttrInvalidator;
 use crate::image::{CommandContext, Image, Outcome, Registry, Source};
 use crate::settings::Settings;
 use crate::sys;
@@ -44,29 +45,21 @@ pub struct Job {
     registry: Arc<Registry>,
     settings: Arc<Settings>,
     root_fd: Arc<OwnedFd>,
-    invalidator: Arc<crate::fs::AttrInvalidator>,
+    invalidator: Arc<AttrInvalidator>,
     devices: Vec<(String, Arc<Image>)>,
 }
 
 impl Job {
-    pub fn new(fs: &MigsafeFs, command: Command, data: &[u8]) -> Job {
-        let devices = fs
-            .devices
-            .iter()
-            .filter_map(|(name, id)| {
-                let inode = fs.inodes.get(*id)?;
-                Some((name.clone(), inode.image()?.clone()))
-            })
-            .collect();
+    pub fn new(plane: &ControlPlane, command: Command, data: &[u8]) -> Job {
         Job {
             command,
             data: data.to_vec(),
-            ctl_name: fs.config.ctl_name.clone(),
-            registry: fs.registry.clone(),
-            settings: fs.settings.clone(),
-            root_fd: fs.root_fd.clone(),
-            invalidator: fs.invalidator.clone(),
-            devices,
+            ctl_name: plane.ctl_name.clone(),
+            registry: plane.registry.clone(),
+            settings: plane.settings.clone(),
+            root_fd: plane.root_fd.clone(),
+            invalidator: plane.invalidator.clone(),
+            devices: plane.devices.clone(),
         }
     }
 
@@ -89,7 +82,7 @@ impl Job {
             }
         };
         let invalidator = self.invalidator.clone();
-        let invalidate = move |img: &Image| MigsafeFs::invalidate_attrs_async(&invalidator, img);
+        let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
@@ -230,12 +223,12 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
 }
 
 /// The `status` document.
-pub fn status_json(fs: &MigsafeFs) -> serde_json::Value {
-    let images: Vec<serde_json::Value> = fs
+pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
+    let images: Vec<serde_json::Value> = plane
         .registry
         .all()
         .iter()
-        .filter(|img| !fs.registry.forget_if_deleted(img))
+        .filter(|img| !plane.registry.forget_if_deleted(img))
         .map(|img| {
             if img.is_device() {
                 return img.status_json(Some(img.device_size.load(Ordering::Relaxed)), None);
@@ -248,14 +241,14 @@ pub fn status_json(fs: &MigsafeFs) -> serde_json::Value {
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "passthrough_supported": fs.passthrough_supported.load(Ordering::Relaxed),
+        "passthrough_supported": plane.passthrough_supported.load(Ordering::Relaxed),
         "data_paths": {
-            "passthrough_active": fs.passthrough_active.load(Ordering::Relaxed),
-            "io": format!("{:?}", fs.config.io).to_lowercase(),
+            "passthrough_active": plane.passthrough_active.load(Ordering::Relaxed),
+            "io": plane.io.name(),
             "devices": "relay",
         },
-        "ctl_name": fs.config.ctl_name,
-        "settings": fs.settings.to_json(),
+        "ctl_name": plane.ctl_name,
+        "settings": plane.settings.to_json(),
         "images": images,
     })
 }

@@ -6,14 +6,16 @@
 pub mod commands;
 pub mod request;
 
-use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use fuser::{Errno, FileHandle, FileType, FopenFlags, ReplyData, ReplyOpen, ReplyWrite, Request};
+use fuser::Errno;
 
-use crate::fs::MigsafeFs;
-use crate::fs::inodes::{CTL_DIR, CTL_FIRST};
-use crate::settings::Key;
+use crate::cache::invalidator::AttrInvalidator;
+use crate::datapath::IoMode;
+use crate::image::{Image, Registry};
+use crate::settings::{Key, Settings};
 use commands::Command;
 
 /// What a control file is.
@@ -24,7 +26,7 @@ pub enum CtlFile {
     Status,
 }
 
-/// The files of the control directory, in node-id order.
+/// The files of the control directory, in listing order.
 pub const FILES: [(&str, CtlFile); 12] = [
     ("activate", CtlFile::Command(Command::Activate)),
     ("inactivate", CtlFile::Command(Command::Inactivate)),
@@ -46,47 +48,40 @@ pub const FILES: [(&str, CtlFile); 12] = [
     ("status", CtlFile::Status),
 ];
 
-fn file_of(nodeid: u64) -> Option<CtlFile> {
-    nodeid
-        .checked_sub(CTL_FIRST)
-        .and_then(|i| FILES.get(i as usize))
-        .map(|(_, f)| *f)
+/// The index in [`FILES`] of the control file called `name`.
+pub fn file_index(name: &[u8]) -> Option<usize> {
+    FILES.iter().position(|(n, _)| n.as_bytes() == name)
 }
 
-pub fn lookup(name: &OsStr) -> Option<u64> {
-    FILES
-        .iter()
-        .position(|(n, _)| OsStr::new(n) == name)
-        .map(|i| CTL_FIRST + i as u64)
-}
-
-pub fn dir_entries() -> Vec<(u64, FileType, OsString)> {
-    let mut v = vec![
-        (CTL_DIR, FileType::Directory, OsString::from(".")),
-        (
-            fuser::INodeNo::ROOT.0,
-            FileType::Directory,
-            OsString::from(".."),
-        ),
-    ];
-    v.extend(FILES.iter().enumerate().map(|(i, (n, _))| {
-        (
-            CTL_FIRST + i as u64,
-            FileType::RegularFile,
-            OsString::from(n),
-        )
-    }));
-    v
-}
-
-/// Mode bits shown for control nodes. Informational only: who may write is
-/// decided by `check_writer`, whatever the bits say.
-pub fn file_mode(nodeid: u64) -> u16 {
-    match file_of(nodeid) {
+/// Mode bits shown for control file `index` (None: the directory).
+/// Informational only: who may write is decided by `check_writer`, whatever
+/// the bits say.
+pub fn file_mode(index: Option<usize>) -> u16 {
+    match index.and_then(|i| FILES.get(i)) {
         None => 0o755,
-        Some(CtlFile::Status) => 0o444,
+        Some((_, CtlFile::Status)) => 0o444,
         Some(_) => 0o644,
     }
+}
+
+/// Everything the control plane works on, and nothing of the filesystem
+/// around it: the image registry, the settings, the attribute invalidator,
+/// the device entries and who may write.
+pub struct ControlPlane {
+    pub registry: Arc<Registry>,
+    pub settings: Arc<Settings>,
+    pub invalidator: Arc<AttrInvalidator>,
+    /// `--device` entries by name, in command-line order.
+    pub devices: Vec<(String, Arc<Image>)>,
+    /// The backing directory's O_PATH root, beneath which paths resolve.
+    pub root_fd: Arc<OwnedFd>,
+    pub ctl_name: String,
+    /// Besides root, the only user allowed to write control files.
+    pub owner_uid: u32,
+    pub io: IoMode,
+    /// Set once the kernel answered FUSE_INIT.
+    pub passthrough_supported: AtomicBool,
+    pub passthrough_active: AtomicBool,
 }
 
 /// Per-open state: the text a read returns (the last command's result
@@ -102,123 +97,114 @@ pub struct CtlHandle {
     cursor: Mutex<usize>,
 }
 
-/// Only root, or the user who mounted, may change anything: with
-/// `allow_other` every user reaches these files.
-pub fn check_writer(fs: &MigsafeFs, req: &Request) -> Result<(), Errno> {
-    if req.uid() == 0 || req.uid() == fs.config.owner_uid {
-        Ok(())
-    } else {
-        Err(Errno::EACCES)
-    }
-}
-
-pub fn open(fs: &MigsafeFs, req: &Request, nodeid: u64, flags: i32, reply: ReplyOpen) {
-    let Some(file) = file_of(nodeid) else {
-        return reply.error(Errno::EISDIR);
-    };
-    if flags & libc::O_ACCMODE != libc::O_RDONLY {
-        if let Err(e) = check_writer(fs, req) {
-            return reply.error(e);
-        }
-        if file == CtlFile::Status {
-            return reply.error(Errno::EACCES);
+impl ControlPlane {
+    /// Only root, or the user who mounted, may change anything: with
+    /// `allow_other` every user reaches these files.
+    pub fn check_writer(&self, uid: u32) -> Result<(), Errno> {
+        if uid == 0 || uid == self.owner_uid {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
         }
     }
-    let text = match file {
-        CtlFile::Status => {
-            let mut s =
-                serde_json::to_string_pretty(&commands::status_json(fs)).unwrap_or_default();
-            s.push('\n');
-            s.into_bytes()
-        }
-        _ => Vec::new(),
-    };
-    let fh = fs.add_handle(crate::fs::Open::Ctl(Arc::new(CtlHandle {
-        file,
-        text: Mutex::new(text),
-        cursor: Mutex::new(0),
-    })));
-    // Direct I/O: every read reaches the daemon, the size (0) is irrelevant.
-    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-}
 
-pub fn read(fs: &MigsafeFs, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
-    let Some(h) = fs.ctl_handle(fh) else {
-        return reply.error(Errno::EBADF);
-    };
-    let text = match h.file {
-        CtlFile::Setting(key) => format!("{}\n", fs.settings.get(key)).into_bytes(),
-        _ => h.text.lock().expect("ctl text lock").clone(),
-    };
-    let mut cursor = h.cursor.lock().expect("ctl cursor lock");
-    if offset == 0 {
-        *cursor = 0;
-    }
-    let start = (*cursor).min(text.len());
-    let end = (start + size as usize).min(text.len());
-    *cursor = end;
-    reply.data(&text[start..end]);
-}
-
-pub fn write(
-    fs: &MigsafeFs,
-    req: &Request,
-    _nodeid: u64,
-    fh: FileHandle,
-    data: &[u8],
-    reply: ReplyWrite,
-) {
-    if let Err(e) = check_writer(fs, req) {
-        return reply.error(e);
-    }
-    let Some(h) = fs.ctl_handle(fh) else {
-        return reply.error(Errno::EBADF);
-    };
-    let len = data.len() as u32;
-    match h.file {
-        CtlFile::Status => reply.error(Errno::EACCES),
-        CtlFile::Setting(key) => {
-            let word = String::from_utf8_lossy(data);
-            match fs
-                .settings
-                .set(key, word.trim_end_matches(['\n', '\r', ' ', '\t']))
-            {
-                Ok(()) => {
-                    log::info!("setting {} = {}", key.name(), fs.settings.get(key));
-                    reply.written(len)
-                }
-                Err(msg) => {
-                    log::warn!("setting {}: {msg}", key.name());
-                    reply.error(Errno::EINVAL)
-                }
+    /// Opens control file `index` with open(2) `flags` for user `uid`.
+    pub fn open(&self, index: usize, flags: i32, uid: u32) -> Result<CtlHandle, Errno> {
+        let (_, file) = FILES.get(index).ok_or(Errno::ENOENT)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.check_writer(uid)?;
+            if *file == CtlFile::Status {
+                return Err(Errno::EACCES);
             }
         }
-        CtlFile::Command(cmd) => {
-            // Commands sync and scan page caches: run them off the event
-            // loop so a slow fsync never stalls other I/O of the mount.
-            let job = commands::Job::new(fs, cmd, data);
-            // The reply stays reachable here if the thread cannot start
-            // (out of threads or memory): the caller then gets EAGAIN
-            // instead of a daemon that panics.
-            let slot = Arc::new(Mutex::new(Some(reply)));
-            let worker_slot = slot.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("migsafe-{}", cmd.name()))
-                .spawn(move || {
-                    let (errno, text) = job.run();
-                    *h.text.lock().expect("ctl text lock") = text.into_bytes();
-                    *h.cursor.lock().expect("ctl cursor lock") = 0;
-                    if let Some(reply) = worker_slot.lock().expect("reply lock").take() {
-                        match errno {
-                            None => reply.written(len),
-                            Some(e) => reply.error(Errno::from_i32(e)),
-                        }
+        let text = match file {
+            CtlFile::Status => {
+                let mut s =
+                    serde_json::to_string_pretty(&commands::status_json(self)).unwrap_or_default();
+                s.push('\n');
+                s.into_bytes()
+            }
+            _ => Vec::new(),
+        };
+        Ok(CtlHandle {
+            file: *file,
+            text: Mutex::new(text),
+            cursor: Mutex::new(0),
+        })
+    }
+
+    pub fn read(&self, h: &CtlHandle, offset: u64, size: u32) -> Vec<u8> {
+        let text = match h.file {
+            CtlFile::Setting(key) => format!("{}\n", self.settings.get(key)).into_bytes(),
+            _ => h.text.lock().expect("ctl text lock").clone(),
+        };
+        let mut cursor = h.cursor.lock().expect("ctl cursor lock");
+        if offset == 0 {
+            *cursor = 0;
+        }
+        let start = (*cursor).min(text.len());
+        let end = (start + size as usize).min(text.len());
+        *cursor = end;
+        text[start..end].to_vec()
+    }
+
+    /// A write to a control file by `uid`. `done` gets the byte count or
+    /// the errno; for commands it is called from a worker thread once the
+    /// command has finished, so a slow sync never stalls the event loop.
+    pub fn write(
+        &self,
+        h: Arc<CtlHandle>,
+        uid: u32,
+        data: &[u8],
+        done: impl FnOnce(Result<u32, Errno>) + Send + 'static,
+    ) {
+        if let Err(e) = self.check_writer(uid) {
+            return done(Err(e));
+        }
+        let len = data.len() as u32;
+        match h.file {
+            CtlFile::Status => done(Err(Errno::EACCES)),
+            CtlFile::Setting(key) => {
+                let word = String::from_utf8_lossy(data);
+                match self
+                    .settings
+                    .set(key, word.trim_end_matches(['\n', '\r', ' ', '\t']))
+                {
+                    Ok(()) => {
+                        log::info!("setting {} = {}", key.name(), self.settings.get(key));
+                        done(Ok(len))
                     }
-                });
-            if let Err(e) = spawned {
-                log::warn!("{}: cannot start a worker thread: {e}", cmd.name());
-                if let Some(reply) = slot.lock().expect("reply lock").take() {
-                    reply.error(Errno::EAGAIN);
+                    Err(msg) => {
+                        log::warn!("setting {}: {msg}", key.name());
+                        done(Err(Errno::EINVAL))
+                    }
+                }
+            }
+            CtlFile::Command(cmd) => {
+                let job = commands::Job::new(self, cmd, data);
+                // `done` stays reachable here if the thread cannot start
+                // (out of threads or memory): the caller then gets EAGAIN
+                // instead of a daemon that panics.
+                let slot = Arc::new(Mutex::new(Some(done)));
+                let worker_slot = slot.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("migsafe-{}", cmd.name()))
+                    .spawn(move || {
+                        let (errno, text) = job.run();
+                        *h.text.lock().expect("ctl text lock") = text.into_bytes();
+                        *h.cursor.lock().expect("ctl cursor lock") = 0;
+                        if let Some(done) = worker_slot.lock().expect("reply lock").take() {
+                            done(match errno {
+                                None => Ok(len),
+                                Some(e) => Err(Errno::from_i32(e)),
+                            });
+                        }
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("{}: cannot start a worker thread: {e}", cmd.name());
+                    if let Some(done) = slot.lock().expect("reply lock").take() {
+                        done(Err(Errno::EAGAIN));
+                    }
                 }
             }
         }

@@ -19,6 +19,24 @@ use fuser::BackingId;
 
 use crate::sys::AlignedBuf;
 
+/// `--io`: which data path regular files use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    Auto,
+    Passthrough,
+    Relay,
+}
+
+impl IoMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Auto => "auto",
+            IoMode::Passthrough => "passthrough",
+            IoMode::Relay => "relay",
+        }
+    }
+}
+
 /// Which data path serves an open handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {

@@ -47,7 +47,7 @@ impl MigsafeFs {
         }
         match self.config.io {
             IoMode::Relay => DataPath::Relay,
-            _ if self.passthrough_active.load(Ordering::Relaxed) => DataPath::Passthrough,
+            _ if self.passthrough_active() => DataPath::Passthrough,
             _ => DataPath::Relay,
         }
     }
@@ -74,7 +74,7 @@ impl MigsafeFs {
             }
             return Ok(());
         }
-        let invalidate = |img: &Image| Self::invalidate_attrs_async(&self.invalidator, img);
+        let invalidate = |img: &Image| self.invalidate_attrs_async(img);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
@@ -436,11 +436,6 @@ impl MigsafeFs {
         ch: AttrChanges,
         fh: Option<FileHandle>,
     ) -> Result<FileAttr, Errno> {
-        if MigsafeFs::is_virtual(ino.0) {
-            // `echo x > .ctl/file` truncates first; control files have no size.
-            crate::ctl::check_writer(self, req)?;
-            return Ok(self.ctl_file_attr(ino.0));
-        }
         let inode = self.inode(ino)?;
         if inode.device_name.is_some() {
             return self.setattr_device(&inode, &ch);

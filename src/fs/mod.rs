@@ -2,6 +2,7 @@
 //! operations (namespace, files, control directory).
 
 pub mod attr;
+mod ctl_node;
 mod files;
 pub mod inodes;
 mod namespace;
@@ -23,19 +24,14 @@ use fuser::{
 
 use crate::backing::DeviceSpec;
 use crate::cache::Identity;
-use crate::ctl::{self, CtlHandle};
+use crate::cache::invalidator::AttrInvalidator;
+use crate::ctl::{ControlPlane, CtlHandle};
 use crate::image::{Handle, Image, Registry, Source};
 use crate::settings::Settings;
 use crate::sys;
 use inodes::{Inode, InodeTable, Kind};
 
-/// `--io`: which data path regular files use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoMode {
-    Auto,
-    Passthrough,
-    Relay,
-}
+pub use crate::datapath::IoMode;
 
 /// Everything fixed at mount time.
 #[derive(Debug)]
@@ -58,43 +54,11 @@ pub(crate) enum Open {
     Ctl(Arc<CtlHandle>),
 }
 
-/// One long-lived thread that sends FUSE inode invalidations. The kernel
-/// may wait on locks held by the request being served when a notification
-/// is sent from inside a handler, so handlers (and control commands) only
-/// queue the node id here; a queue instead of a thread per request keeps
-/// invalidate-on-open cheap.
-pub struct AttrInvalidator {
-    queue: std::sync::mpsc::Sender<u64>,
-}
-
-impl AttrInvalidator {
-    fn start(notifier: Arc<OnceLock<Notifier>>) -> AttrInvalidator {
-        let (queue, rx) = std::sync::mpsc::channel::<u64>();
-        let spawned = std::thread::Builder::new()
-            .name("migsafe-inval".into())
-            .spawn(move || {
-                for nodeid in rx {
-                    if let Some(n) = notifier.get()
-                        && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
-                    {
-                        log::debug!("inval_inode {nodeid}: {e}");
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("cannot start the invalidation thread: {e}; attributes expire by TTL only");
-        }
-        AttrInvalidator { queue }
-    }
-
-    fn request(&self, nodeid: u64) {
-        // Fails only once the worker is gone (unmounting): nothing to do then.
-        let _ = self.queue.send(nodeid);
-    }
-}
-
 pub struct MigsafeFs {
     pub(crate) config: FsConfig,
+    /// The control plane; `settings`, `registry` and `root_fd` below are the
+    /// same objects it holds, kept here for the operations' short paths.
+    pub(crate) ctl: Arc<ControlPlane>,
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
     pub(crate) root_fd: Arc<OwnedFd>,
@@ -105,11 +69,6 @@ pub struct MigsafeFs {
     pub(crate) devices: Vec<(String, u64)>,
     /// Filled after the session exists; used from worker threads only.
     pub notifier: Arc<OnceLock<Notifier>>,
-    pub(crate) invalidator: Arc<AttrInvalidator>,
-    pub(crate) passthrough_active: AtomicBool,
-    /// The kernel offers FUSE passthrough and we may use it, whether or not
-    /// `--io` chose it.
-    pub(crate) passthrough_supported: AtomicBool,
     pub(crate) mounted_at: SystemTime,
 }
 
@@ -133,6 +92,7 @@ impl MigsafeFs {
         );
         let registry = Arc::new(Registry::default());
         let mut device_ids = Vec::new();
+        let mut device_images = Vec::new();
         for dev in devices {
             let identity = Identity::of_stat(&dev.stat);
             let image = registry.get_or_insert(identity, || {
@@ -147,10 +107,24 @@ impl MigsafeFs {
                 Some(dev.name.clone()),
             );
             image.nodeid.store(inode.nodeid, Ordering::Relaxed);
+            device_images.push((dev.name.clone(), image));
             device_ids.push((dev.name, inode.nodeid));
         }
+        let ctl = Arc::new(ControlPlane {
+            registry: registry.clone(),
+            settings: settings.clone(),
+            invalidator: Arc::new(AttrInvalidator::start(notifier.clone())),
+            devices: device_images,
+            root_fd: root_fd.clone(),
+            ctl_name: config.ctl_name.clone(),
+            owner_uid: config.owner_uid,
+            io: config.io,
+            passthrough_supported: AtomicBool::new(false),
+            passthrough_active: AtomicBool::new(false),
+        });
         Ok(MigsafeFs {
             config,
+            ctl,
             settings,
             registry,
             root_fd,
@@ -158,10 +132,7 @@ impl MigsafeFs {
             handles: RwLock::default(),
             next_fh: AtomicU64::new(1),
             devices: device_ids,
-            notifier: notifier.clone(),
-            invalidator: Arc::new(AttrInvalidator::start(notifier)),
-            passthrough_active: AtomicBool::new(false),
-            passthrough_supported: AtomicBool::new(false),
+            notifier,
             mounted_at: SystemTime::now(),
         })
     }
@@ -183,13 +154,6 @@ impl MigsafeFs {
         }
     }
 
-    pub(crate) fn ctl_handle(&self, fh: FileHandle) -> Option<Arc<CtlHandle>> {
-        match self.handles.read().expect("handles lock").get(&fh.0) {
-            Some(Open::Ctl(h)) => Some(h.clone()),
-            _ => None,
-        }
-    }
-
     pub(crate) fn remove_handle(&self, fh: FileHandle) -> Option<Open> {
         self.handles.write().expect("handles lock").remove(&fh.0)
     }
@@ -202,10 +166,6 @@ impl MigsafeFs {
         } else {
             format!("{p}/{}", name.to_string_lossy())
         }
-    }
-
-    pub(crate) fn is_ctl_name(&self, parent: INodeNo, name: &OsStr) -> bool {
-        parent == INodeNo::ROOT && name == OsStr::new(&self.config.ctl_name)
     }
 
     pub(crate) fn device_at_root(&self, parent: INodeNo, name: &OsStr) -> Option<u64> {
@@ -243,27 +203,14 @@ impl MigsafeFs {
 
     /// Asks the invalidation worker to drop the kernel's attributes (and any
     /// FUSE-side pages) of the image's inode.
-    pub(crate) fn invalidate_attrs_async(invalidator: &AttrInvalidator, image: &Image) {
-        let nodeid = image.nodeid.load(Ordering::Relaxed);
-        if nodeid != 0 {
-            invalidator.request(nodeid);
-        }
+    pub(crate) fn invalidate_attrs_async(&self, image: &Image) {
+        self.ctl
+            .invalidator
+            .request(image.nodeid.load(Ordering::Relaxed));
     }
 
-    pub(crate) fn ctl_file_attr(&self, nodeid: u64) -> fuser::FileAttr {
-        let perm = ctl::file_mode(nodeid);
-        attr::virtual_node(
-            nodeid,
-            nodeid == inodes::CTL_DIR,
-            perm,
-            self.config.owner_uid,
-            self.config.owner_gid,
-            self.mounted_at,
-        )
-    }
-
-    pub(crate) fn is_virtual(nodeid: u64) -> bool {
-        nodeid >= inodes::CTL_DIR && nodeid < inodes::CTL_FIRST + ctl::FILES.len() as u64
+    pub(crate) fn passthrough_active(&self) -> bool {
+        self.ctl.passthrough_active.load(Ordering::Relaxed)
     }
 }
 
@@ -286,7 +233,8 @@ impl Filesystem for MigsafeFs {
         let caps = config.capabilities();
         let want_pt = self.config.io != IoMode::Relay;
         let pt_offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
-        self.passthrough_supported
+        self.ctl
+            .passthrough_supported
             .store(pt_offered && sys::has_cap_sys_admin(), Ordering::Relaxed);
         if want_pt && pt_offered && sys::has_cap_sys_admin() {
             config
@@ -295,7 +243,7 @@ impl Filesystem for MigsafeFs {
             // Backing files on ordinary filesystems have stack depth 0; 1 also
             // allows a backing that is itself a FUSE mount (mergerfs, NFS-like).
             let _ = config.set_max_stack_depth(2);
-            self.passthrough_active.store(true, Ordering::Relaxed);
+            self.ctl.passthrough_active.store(true, Ordering::Relaxed);
         } else if self.config.io == IoMode::Passthrough {
             let why = if !pt_offered {
                 "the kernel does not offer FUSE passthrough (needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
@@ -320,7 +268,7 @@ impl Filesystem for MigsafeFs {
         log::info!(
             "mounted: io={:?} passthrough={} max_write={} ctl={}",
             self.config.io,
-            self.passthrough_active.load(Ordering::Relaxed),
+            self.passthrough_active(),
             self.config.max_write,
             self.config.ctl_name
         );
@@ -328,7 +276,10 @@ impl Filesystem for MigsafeFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.do_lookup(req, parent, name) {
+        let result = self
+            .ctl_lookup(parent, name)
+            .unwrap_or_else(|| self.do_lookup(req, parent, name));
+        match result {
             Ok(attr) => reply.entry(&attr::TTL, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -339,8 +290,8 @@ impl Filesystem for MigsafeFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if Self::is_virtual(ino.0) {
-            return reply.attr(&attr::TTL, &self.ctl_file_attr(ino.0));
+        if ctl_node::is_virtual(ino.0) {
+            return reply.attr(&attr::TTL, &self.ctl_attr(ino.0));
         }
         match self.inode(ino).and_then(|i| self.attr_of(&i)) {
             Ok(a) => reply.attr(&attr::TTL, &a),
@@ -366,6 +317,12 @@ impl Filesystem for MigsafeFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if ctl_node::is_virtual(ino.0) {
+            return match self.ctl_setattr(req, ino.0) {
+                Ok(a) => reply.attr(&attr::TTL, &a),
+                Err(e) => reply.error(e),
+            };
+        }
         let changes = files::AttrChanges {
             mode,
             uid,
@@ -459,8 +416,8 @@ impl Filesystem for MigsafeFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if Self::is_virtual(ino.0) {
-            return ctl::open(self, req, ino.0, flags.0, reply);
+        if ctl_node::is_virtual(ino.0) {
+            return self.ctl_open(req, ino.0, flags.0, reply);
         }
         self.do_open(req, ino, flags.0, reply);
     }
@@ -476,8 +433,8 @@ impl Filesystem for MigsafeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if Self::is_virtual(ino.0) {
-            return ctl::read(self, fh, offset, size, reply);
+        if ctl_node::is_virtual(ino.0) {
+            return self.ctl_read(fh, offset, size, reply);
         }
         self.do_read(fh, offset, size, reply);
     }
@@ -494,8 +451,8 @@ impl Filesystem for MigsafeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if Self::is_virtual(ino.0) {
-            return ctl::write(self, req, ino.0, fh, data, reply);
+        if ctl_node::is_virtual(ino.0) {
+            return self.ctl_write(req, fh, data, reply);
         }
         match self.do_write(fh, offset, data) {
             Ok(n) => reply.written(n as u32),
@@ -511,7 +468,7 @@ impl Filesystem for MigsafeFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if Self::is_virtual(ino.0) {
+        if ctl_node::is_virtual(ino.0) {
             return reply.ok();
         }
         reply_empty(reply, self.do_flush(fh))
@@ -539,7 +496,7 @@ impl Filesystem for MigsafeFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if Self::is_virtual(ino.0) {
+        if ctl_node::is_virtual(ino.0) {
             return reply.ok();
         }
         reply_empty(reply, self.do_fsync(fh, datasync))

@@ -14,7 +14,6 @@ use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyXattr, Request};
 use super::inodes::{self, Inode, Kind};
 use super::{MigsafeFs, Open, attr};
 use crate::cache::Identity;
-use crate::ctl;
 use crate::image::{Image, Source};
 use crate::sys::{self, FsCreds};
 
@@ -63,14 +62,6 @@ impl MigsafeFs {
         parent: INodeNo,
         name: &OsStr,
     ) -> Result<FileAttr, Errno> {
-        if parent.0 == inodes::CTL_DIR {
-            return ctl::lookup(name)
-                .map(|id| self.ctl_file_attr(id))
-                .ok_or(Errno::ENOENT);
-        }
-        if self.is_ctl_name(parent, name) {
-            return Ok(self.ctl_file_attr(inodes::CTL_DIR));
-        }
         if let Some(id) = self.device_at_root(parent, name) {
             let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
             return self.attr_of(&inode);
@@ -331,7 +322,7 @@ impl MigsafeFs {
     pub(crate) fn do_opendir(&self, req: &Request, ino: INodeNo) -> Result<u64, Errno> {
         if ino.0 == inodes::CTL_DIR {
             return Ok(self.add_handle(Open::Dir(Arc::new(DirSnapshot {
-                entries: ctl::dir_entries(),
+                entries: super::ctl_node::dir_entries(),
             }))));
         }
         let inode = self.inode(ino)?;
@@ -387,7 +378,7 @@ impl MigsafeFs {
     }
 
     pub(crate) fn do_access(&self, req: &Request, ino: INodeNo, mask: i32) -> Result<(), Errno> {
-        if MigsafeFs::is_virtual(ino.0) {
+        if super::ctl_node::is_virtual(ino.0) {
             return Ok(());
         }
         let inode = self.inode(ino)?;

@@ -1,0 +1,47 @@
+//! Dropping the kernel's cached attributes (and FUSE-side pages) of an
+//! image's FUSE inode, from one long-lived worker thread.
+
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, OnceLock};
+
+use fuser::{INodeNo, Notifier};
+
+/// One long-lived thread that sends FUSE inode invalidations. The kernel
+/// may wait on locks held by the request being served when a notification
+/// is sent from inside a handler, so handlers (and control commands) only
+/// queue the node id here; a queue instead of a thread per request keeps
+/// invalidate-on-open cheap.
+pub struct AttrInvalidator {
+    queue: Sender<u64>,
+}
+
+impl AttrInvalidator {
+    /// `notifier` is filled once the FUSE session exists; requests queued
+    /// before are dropped (nothing can be cached before the mount is live).
+    pub fn start(notifier: Arc<OnceLock<Notifier>>) -> AttrInvalidator {
+        let (queue, rx) = std::sync::mpsc::channel::<u64>();
+        let spawned = std::thread::Builder::new()
+            .name("migsafe-inval".into())
+            .spawn(move || {
+                for nodeid in rx {
+                    if let Some(n) = notifier.get()
+                        && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
+                    {
+                        log::debug!("inval_inode {nodeid}: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the invalidation thread: {e}; attributes expire by TTL only");
+        }
+        AttrInvalidator { queue }
+    }
+
+    /// Queues an invalidation of FUSE node `nodeid` (0 = none: nothing to do).
+    pub fn request(&self, nodeid: u64) {
+        if nodeid != 0 {
+            // Fails only once the worker is gone (unmounting): nothing to do then.
+            let _ = self.queue.send(nodeid);
+        }
+    }
+}

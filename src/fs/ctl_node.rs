@@ -1,0 +1,127 @@
+//! The FUSE side of the control directory: its node ids, attributes,
+//! lookup and listing, and the open/read/write/setattr glue that hands
+//! requests to the control plane (which knows nothing of FUSE nodes).
+
+use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, ReplyData, ReplyOpen, ReplyWrite,
+    Request,
+};
+
+use super::inodes::{CTL_DIR, CTL_FIRST};
+use super::{MigsafeFs, Open, attr};
+use crate::ctl::{self, CtlHandle};
+
+/// True for the control directory and its files.
+pub(crate) fn is_virtual(nodeid: u64) -> bool {
+    (CTL_DIR..CTL_FIRST + ctl::FILES.len() as u64).contains(&nodeid)
+}
+
+/// The control file index of a node id (None: the directory itself).
+fn index_of(nodeid: u64) -> Option<usize> {
+    nodeid
+        .checked_sub(CTL_FIRST)
+        .map(|i| i as usize)
+        .filter(|i| *i < ctl::FILES.len())
+}
+
+/// Entries of the control directory, for readdir.
+pub(crate) fn dir_entries() -> Vec<(u64, FileType, OsString)> {
+    let mut v = vec![
+        (CTL_DIR, FileType::Directory, OsString::from(".")),
+        (INodeNo::ROOT.0, FileType::Directory, OsString::from("..")),
+    ];
+    v.extend(ctl::FILES.iter().enumerate().map(|(i, (n, _))| {
+        (
+            CTL_FIRST + i as u64,
+            FileType::RegularFile,
+            OsString::from(n),
+        )
+    }));
+    v
+}
+
+impl MigsafeFs {
+    pub(crate) fn is_ctl_name(&self, parent: INodeNo, name: &OsStr) -> bool {
+        parent == INodeNo::ROOT && name == OsStr::new(&self.config.ctl_name)
+    }
+
+    /// Lookups the control plane answers: the directory at the root and
+    /// the files in it. None: not a control node, the backing decides.
+    pub(crate) fn ctl_lookup(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+    ) -> Option<Result<FileAttr, Errno>> {
+        if parent.0 == CTL_DIR {
+            return Some(
+                ctl::file_index(name.as_encoded_bytes())
+                    .map(|i| self.ctl_attr(CTL_FIRST + i as u64))
+                    .ok_or(Errno::ENOENT),
+            );
+        }
+        self.is_ctl_name(parent, name)
+            .then(|| Ok(self.ctl_attr(CTL_DIR)))
+    }
+
+    /// Attributes of a control node: owned by the mounting user, times
+    /// fixed at mount.
+    pub(crate) fn ctl_attr(&self, nodeid: u64) -> FileAttr {
+        attr::virtual_node(
+            nodeid,
+            nodeid == CTL_DIR,
+            ctl::file_mode(index_of(nodeid)),
+            self.config.owner_uid,
+            self.config.owner_gid,
+            self.mounted_at,
+        )
+    }
+
+    fn ctl_handle(&self, fh: FileHandle) -> Option<Arc<CtlHandle>> {
+        match self.handles.read().expect("handles lock").get(&fh.0) {
+            Some(Open::Ctl(h)) => Some(h.clone()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn ctl_open(&self, req: &Request, nodeid: u64, flags: i32, reply: ReplyOpen) {
+        let Some(index) = index_of(nodeid) else {
+            return reply.error(Errno::EISDIR);
+        };
+        match self.ctl.open(index, flags, req.uid()) {
+            Ok(h) => {
+                let fh = self.add_handle(Open::Ctl(Arc::new(h)));
+                // Direct I/O: every read reaches the daemon, the size (0) is
+                // irrelevant.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(crate) fn ctl_read(&self, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+        match self.ctl_handle(fh) {
+            Some(h) => reply.data(&self.ctl.read(&h, offset, size)),
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    pub(crate) fn ctl_write(&self, req: &Request, fh: FileHandle, data: &[u8], reply: ReplyWrite) {
+        let Some(h) = self.ctl_handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        self.ctl.write(h, req.uid(), data, move |res| match res {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        });
+    }
+
+    /// `echo x > .ctl/file` truncates first; control files have no size,
+    /// but the truncate is checked like a write.
+    pub(crate) fn ctl_setattr(&self, req: &Request, nodeid: u64) -> Result<FileAttr, Errno> {
+        self.ctl.check_writer(req.uid())?;
+        Ok(self.ctl_attr(nodeid))
+    }
+}
