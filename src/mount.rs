@@ -214,17 +214,43 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;
     let notifier_slot = fs.notifier.clone();
     let mut fuse_config = Config::default();
-    fuse_config.mount_options = mount_options;
-    fuse_config.acl = acl;
     fuse_config.n_threads = Some(args.threads.max(1));
     fuse_config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, &args.mountpoint, &fuse_config).map_err(|e| {
+    let cannot_mount = |e: &dyn std::fmt::Display| {
         StartError(format!(
             "cannot mount {} on {}: {e}",
             args.backing.display(),
             args.mountpoint.display()
         ))
-    })?;
+    };
+    let auto_unmount = mount_options.contains(&MountOption::AutoUnmount);
+    let own = if auto_unmount {
+        // Only fusermount3 can watch for our exit and unmount then.
+        None
+    } else {
+        OwnMount::mount(&args.mountpoint, &mount_options, acl)?
+    };
+    let mut own_guard = None;
+    let (session, unmounter) = match own {
+        Some((dev_fuse, own)) => {
+            let own = Arc::new(own);
+            own_guard = Some(own.clone());
+            let session = fuser::Session::from_fd(fs, dev_fuse, acl, fuse_config)
+                .map_err(|e| cannot_mount(&e))?;
+            (session, Unmounter::Own(own))
+        }
+        None => {
+            // Not allowed to mount(2) (no CAP_SYS_ADMIN): fuser runs the
+            // setuid fusermount3, which also names the type fuse.migsafe
+            // from the subtype option.
+            fuse_config.mount_options = mount_options;
+            fuse_config.acl = acl;
+            let mut session = fuser::Session::new(fs, &args.mountpoint, &fuse_config)
+                .map_err(|e| cannot_mount(&e))?;
+            let unmounter = Unmounter::Fuser(session.unmount_callable());
+            (session, unmounter)
+        }
+    };
     let _ = notifier_slot.set(session.notifier());
     log::info!(
         "migsafe {} serving {} on {} ({} threads)",
@@ -237,11 +263,11 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         let _ = std::fs::write(p, format!("{}\n", std::process::id()));
     }
     daemon_ready(args.log_file.as_deref());
-    let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
     std::thread::spawn(move || {
         if let Ok(sig) = signals.wait() {
             log::info!("{sig:?}: unmounting {}", mountpoint.display());
+            let mut unmounter = unmounter;
             if let Err(e) = unmounter.unmount() {
                 log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
                 let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
@@ -254,8 +280,240 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             args.mountpoint.display()
         ))
     })?;
+    // A session that ended on an error leaves its mount dead: take it away.
+    drop(own_guard);
     log::info!("unmounted {}", args.mountpoint.display());
     Ok(())
+}
+
+/// Who takes the mount away on SIGTERM: migsafe's own mount(2), or fuser's
+/// fusermount3 mount.
+enum Unmounter {
+    Own(Arc<OwnMount>),
+    Fuser(fuser::SessionUnmounter),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> std::io::Result<()> {
+        match self {
+            Unmounter::Own(m) => m.unmount(),
+            Unmounter::Fuser(u) => u.unmount(),
+        }
+    }
+}
+
+/// A FUSE mount migsafe made itself with mount(2), so the kernel records the
+/// type `fuse.migsafe` (fuser's own mount(2) says plain `fuse`, which
+/// `findmnt -t fuse.migsafe` and libvirt do not recognise). It also keeps the
+/// /dev/fuse connection in migsafe's hands.
+struct OwnMount {
+    mountpoint: PathBuf,
+    /// The mount's device number (`major:minor` in mountinfo): unmounting
+    /// checks the top mount on the path is still this one, so a mount an
+    /// operator already took away never makes us unmount what lies beneath.
+    dev: String,
+    done: std::sync::atomic::AtomicBool,
+}
+
+/// The filesystem type migsafe mounts as.
+pub const FSTYPE: &str = "fuse.migsafe";
+
+impl OwnMount {
+    /// Opens /dev/fuse and mounts it on `mountpoint`; `None` when mount(2)
+    /// is not permitted (then fusermount3 has to do it).
+    fn mount(
+        mountpoint: &Path,
+        options: &[MountOption],
+        acl: SessionACL,
+    ) -> Result<Option<(OwnedFd, OwnMount)>, StartError> {
+        use nix::mount::MsFlags;
+        let dev_fuse = open_dev_fuse()?;
+        let mut flags = MsFlags::empty();
+        let (mut dev, mut suid) = (false, false);
+        let mut source = "migsafe".to_string();
+        let mut data = format!(
+            "fd={},rootmode={:o},user_id={},group_id={}",
+            std::os::fd::AsRawFd::as_raw_fd(&dev_fuse),
+            libc::S_IFDIR,
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        );
+        for opt in options {
+            match opt {
+                MountOption::FSName(n) => source = n.clone(),
+                MountOption::Subtype(_) | MountOption::AutoUnmount => {}
+                MountOption::DefaultPermissions => data.push_str(",default_permissions"),
+                MountOption::CUSTOM(c) => {
+                    data.push(',');
+                    data.push_str(c);
+                }
+                MountOption::Dev => dev = true,
+                MountOption::NoDev => dev = false,
+                MountOption::Suid => suid = true,
+                MountOption::NoSuid => suid = false,
+                MountOption::RO => flags |= MsFlags::MS_RDONLY,
+                MountOption::RW => flags &= !MsFlags::MS_RDONLY,
+                MountOption::Exec => flags &= !MsFlags::MS_NOEXEC,
+                MountOption::NoExec => flags |= MsFlags::MS_NOEXEC,
+                MountOption::Atime => flags &= !MsFlags::MS_NOATIME,
+                MountOption::NoAtime => flags |= MsFlags::MS_NOATIME,
+                MountOption::Sync => flags |= MsFlags::MS_SYNCHRONOUS,
+                MountOption::Async => flags &= !MsFlags::MS_SYNCHRONOUS,
+                MountOption::DirSync => flags |= MsFlags::MS_DIRSYNC,
+            }
+        }
+        // nodev,nosuid unless asked otherwise, as fuser and libfuse do.
+        if !dev {
+            flags |= MsFlags::MS_NODEV;
+        }
+        if !suid {
+            flags |= MsFlags::MS_NOSUID;
+        }
+        if acl != SessionACL::Owner {
+            data.push_str(",allow_other");
+        }
+        match nix::mount::mount(
+            Some(source.as_str()),
+            mountpoint,
+            Some(FSTYPE),
+            flags,
+            Some(data.as_str()),
+        ) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) => return Ok(None),
+            Err(e) => {
+                return err(format!(
+                    "mount(2) {FSTYPE} on {}: {} ({e}); check the mountpoint and the options",
+                    mountpoint.display(),
+                    crate::sys::errno_name(e as i32),
+                ));
+            }
+        }
+        let dev = top_mount(mountpoint).map(|m| m.dev).unwrap_or_default();
+        Ok(Some((
+            dev_fuse,
+            OwnMount {
+                mountpoint: mountpoint.to_path_buf(),
+                dev,
+                done: std::sync::atomic::AtomicBool::new(false),
+            },
+        )))
+    }
+
+    /// True while the top mount on the path is still ours.
+    fn still_ours(&self) -> bool {
+        top_mount(&self.mountpoint).is_some_and(|m| m.dev == self.dev && m.fstype == FSTYPE)
+    }
+
+    fn unmount(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.done.swap(true, Ordering::SeqCst) || !self.still_ours() {
+            return Ok(());
+        }
+        nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()).map_err(|e| {
+            self.done.store(false, Ordering::SeqCst);
+            std::io::Error::from(e)
+        })
+    }
+}
+
+impl Drop for OwnMount {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if !self.done.load(Ordering::SeqCst) && self.still_ours() {
+            log::warn!(
+                "session on {} ended while mounted: detaching the mount",
+                self.mountpoint.display()
+            );
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Opens /dev/fuse read-write; a refusal names the device, its mode and the
+/// next step.
+fn open_dev_fuse() -> Result<OwnedFd, StartError> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(f) => Ok(f.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            err("/dev/fuse does not exist: load the fuse module (modprobe fuse)")
+        }
+        Err(e) => {
+            let mode = std::fs::metadata("/dev/fuse")
+                .map(|m| {
+                    format!(
+                        "mode {:04o}, owner {}:{}",
+                        m.mode() & 0o7777,
+                        m.uid(),
+                        m.gid()
+                    )
+                })
+                .unwrap_or_else(|_| "mode unknown".into());
+            err(format!(
+                "cannot open /dev/fuse ({mode}): {e}; run as root or give this user read-write access to /dev/fuse"
+            ))
+        }
+    }
+}
+
+/// One line of /proc/self/mountinfo, the parts migsafe needs.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    /// `major:minor` of the mounted filesystem.
+    pub dev: String,
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// The mounts of this mount namespace, in mount order (later entries are
+/// mounted over earlier ones on the same path).
+pub fn mountinfo() -> Vec<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let l: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(MountEntry {
+                dev: l.get(2)?.to_string(),
+                mountpoint: PathBuf::from(unescape_octal(l.get(4)?)),
+                fstype: r.first()?.to_string(),
+                source: unescape_octal(r.get(1).unwrap_or(&"")),
+            })
+        })
+        .collect()
+}
+
+/// The mount on top at `path` (canonicalized), if `path` is a mountpoint.
+pub fn top_mount(path: &Path) -> Option<MountEntry> {
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    mountinfo().into_iter().rev().find(|m| m.mountpoint == want)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// SIGINT/SIGTERM/SIGHUP are blocked in every thread (the mask is inherited

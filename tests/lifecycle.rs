@@ -239,3 +239,123 @@ fn mount_helper_form_daemonizes_with_o_options() {
     drop(guard);
     assert!(!is_mounted(&mnt));
 }
+
+/// The types of the mounts on `path` in this mount namespace, bottom first.
+fn types_at(path: &Path) -> Vec<String> {
+    let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && Path::new(f[1]) == want).then(|| f[2].to_string())
+        })
+        .collect()
+}
+
+/// Operators' tools (findmnt -t, libvirt) recognise a mount by its type:
+/// a foreground mount must be `fuse.migsafe`, not plain `fuse`.
+#[test]
+fn foreground_mount_has_type_fuse_migsafe() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, _) = dirs(dir.path());
+    let m = Mount::start(dir.path(), &backing, &["--io", "relay"]);
+    assert_eq!(types_at(&m.mountpoint), ["fuse.migsafe"]);
+    let found = run(Command::new("findmnt")
+        .args(["-n", "-t", "fuse.migsafe", "-o", "TARGET"])
+        .arg(&m.mountpoint));
+    assert_eq!(found.trim(), m.mountpoint.to_str().unwrap());
+    assert_eq!(fs::read(m.path("disk.img")).unwrap(), b"image bytes");
+    assert_eq!(m.stop(), Some(0));
+}
+
+#[test]
+fn daemon_mount_has_type_fuse_migsafe() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    run(Command::new(BIN)
+        .args(["mount", "--daemon", "--io", "relay", "--pid-file"])
+        .arg(&guard.pid_file)
+        .arg(&backing)
+        .arg(&mnt)
+        .stdin(Stdio::null()));
+    assert_eq!(types_at(&mnt), ["fuse.migsafe"]);
+    assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), b"image bytes");
+    let pid = guard.pid().expect("pid file");
+    run(Command::new("umount").arg(&mnt));
+    assert!(wait_gone(pid), "daemon did not exit after umount");
+}
+
+/// Runs `script` with `sh -e` in a private mount namespace where the
+/// directory `bin_dir` is laid over /usr/sbin (an overlay, invisible to the
+/// rest of the host): there mount(8) and mount.fuse3, which run helpers
+/// with a fixed PATH, find the `migsafe` under test. Returns stdout+stderr.
+fn in_namespace_with_sbin(bin_dir: &Path, script: &str) -> (bool, String) {
+    let full = format!(
+        "mount -t overlay overlay -o lowerdir={}:/usr/sbin /usr/sbin\n{script}",
+        bin_dir.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec", &full])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `mount -t fuse.migsafe SRC DIR -o ...` goes through mount(8) and fuse3's
+/// mount.fuse3 to `migsafe SRC DIR -o ...`: the result is `fuse.migsafe`.
+#[test]
+fn mount_helper_via_mount8_has_type_fuse_migsafe() {
+    if !require_root() || !have_tool("unshare") {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let bin_dir = dir.path().join("sbin");
+    fs::create_dir(&bin_dir).unwrap();
+    fs::copy(BIN, bin_dir.join("migsafe")).unwrap();
+    // The daemon lives in the namespace; killing it by pid on failure takes
+    // the namespace and its mount with it.
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let (ok, text) = in_namespace_with_sbin(
+        &bin_dir,
+        &format!(
+            "mount -t fuse.migsafe -o io=relay,pid-file={pid} {b} {m}\n\
+             findmnt -n -o FSTYPE,SOURCE {m}\n\
+             cat {m}/disk.img; echo\n\
+             umount {m}\n",
+            pid = guard.pid_file.display(),
+            b = backing.display(),
+            m = mnt.display()
+        ),
+    );
+    assert!(ok, "mount(8) helper form failed:\n{text}");
+    let mut lines = text.lines();
+    let fstype = lines.next().unwrap_or("");
+    assert!(
+        fstype.starts_with("fuse.migsafe "),
+        "type via mount(8) is not fuse.migsafe:\n{text}"
+    );
+    assert_eq!(lines.next(), Some("image bytes"), "{text}");
+    let pid = guard.pid().expect("pid file");
+    assert!(wait_gone(pid), "daemon did not exit after umount");
+}
