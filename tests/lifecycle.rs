@@ -359,3 +359,77 @@ fn mount_helper_via_mount8_has_type_fuse_migsafe() {
     let pid = guard.pid().expect("pid file");
     assert!(wait_gone(pid), "daemon did not exit after umount");
 }
+
+/// `scripts/install.sh` puts the binary where mount(8)'s helper finds it
+/// (mount.fuse3 runs `sh -c migsafe ...` with no PATH of its own) and the unit
+/// beside it, naming that binary. Staged under DESTDIR, then laid over
+/// /usr/sbin in a private namespace, `mount -t fuse.migsafe` works; with an
+/// empty /usr/sbin overlay (the control) mount fails with `not found`.
+#[test]
+fn install_script_puts_migsafe_where_mount8_finds_it() {
+    if !require_root() || !have_tool("unshare") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let dest = dir.path().join("root");
+    let out = run(Command::new(script_path()).arg(BIN).env("DESTDIR", &dest));
+    let installed = dest.join("usr/sbin/migsafe");
+    assert!(out.contains("usr/sbin/migsafe"), "{out}");
+    assert_eq!(fs::read(&installed).unwrap(), fs::read(BIN).unwrap());
+    assert_eq!(
+        fs::metadata(&installed).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    let unit = read_text(&dest.join("etc/systemd/system/migsafe@.service"));
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("ExecStart=/usr/sbin/migsafe mount ")),
+        "unit does not run the installed binary:\n{unit}"
+    );
+    assert!(dest.join("etc/migsafe").is_dir());
+
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let script = format!(
+        "mount -t fuse.migsafe -o io=relay,pid-file={pid} {b} {m}\n\
+         findmnt -n -o FSTYPE {m}\n\
+         umount {m}\n",
+        pid = guard.pid_file.display(),
+        b = backing.display(),
+        m = mnt.display()
+    );
+    // Control: nothing installed, so the helper cannot find migsafe.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let (ok, text) = in_namespace_with_sbin(&empty, &script);
+    assert!(
+        !ok && text.contains("migsafe: not found"),
+        "mount(8) found a migsafe that was not installed:\n{text}"
+    );
+    let (ok, text) = in_namespace_with_sbin(&dest.join("usr/sbin"), &script);
+    assert!(ok, "mount(8) with the installed binary failed:\n{text}");
+    assert_eq!(text.lines().next(), Some("fuse.migsafe"), "{text}");
+    let pid = guard.pid().expect("pid file");
+    assert!(wait_gone(pid), "daemon did not exit after umount");
+
+    // A directory outside the helper's PATH is installed with a warning.
+    let out = Command::new(script_path())
+        .arg(BIN)
+        .env("DESTDIR", dir.path().join("root2"))
+        .env("SBINDIR", "/opt/migsafe/bin")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not on mount(8)'s helper PATH"),
+        "{out:?}"
+    );
+}
+
+fn script_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install.sh")
+}
