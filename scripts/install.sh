@@ -36,6 +36,8 @@ sed "s#/usr/sbin/migsafe#$sbindir/migsafe#g" "$here/examples/migsafe@.service" \
 	>"$destdir$unitdir/migsafe@.service"
 chmod 0644 "$destdir$unitdir/migsafe@.service"
 install -d -m 0755 "$destdir/etc/migsafe"
+# The unit's Documentation= points here.
+install -D -m 0644 "$here/README.md" "$destdir/usr/share/doc/migsafe/README.md"
 
 echo "installed $destdir$sbindir/migsafe"
 echo "installed $destdir$unitdir/migsafe@.service (settings: /etc/migsafe/<instance>.conf)"

@@ -263,10 +263,17 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         let _ = std::fs::write(p, format!("{}\n", std::process::id()));
     }
     daemon_ready(args.log_file.as_deref());
+    sd_notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+        std::process::id(),
+        args.backing.display(),
+        args.mountpoint.display()
+    ));
     let mountpoint = args.mountpoint.clone();
     std::thread::spawn(move || {
         if let Ok(sig) = signals.wait() {
             log::info!("{sig:?}: unmounting {}", mountpoint.display());
+            sd_notify("STOPPING=1");
             let mut unmounter = unmounter;
             if let Err(e) = unmounter.unmount() {
                 log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
@@ -284,6 +291,37 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     drop(own_guard);
     log::info!("unmounted {}", args.mountpoint.display());
     Ok(())
+}
+
+/// Tells a service manager how the daemon is doing (sd_notify(3)): one
+/// datagram to `$NOTIFY_SOCKET`, a path or an abstract name written `@name`.
+/// A `Type=notify` unit counts as started only on `READY=1`, which is sent
+/// once the mount is live, so units ordered after it (libvirtd) never see an
+/// empty mountpoint. Without `NOTIFY_SOCKET` it does nothing.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(Path::new(&target)),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        log::warn!(
+            "NOTIFY_SOCKET {}: {e}; the service manager does not learn that migsafe is {}",
+            target.to_string_lossy(),
+            if state.starts_with("READY") {
+                "ready"
+            } else {
+                "stopping"
+            }
+        );
+    }
 }
 
 /// Who takes the mount away on SIGTERM: migsafe's own mount(2), or fuser's

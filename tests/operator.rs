@@ -1,0 +1,301 @@
+//! What an operator's tools see of the daemon: the systemd unit (checked by
+//! systemd-analyze and run as systemd would run it), sd_notify readiness,
+//! the log in every start form, and the start-up refusals.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// A migsafe process this test started, with the mountpoint it may have
+/// mounted: unmounted (lazily if busy), killed and reaped on drop.
+struct Daemon {
+    child: Option<Child>,
+    mountpoint: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(cmd: &mut Command, mountpoint: &Path) -> Daemon {
+        Daemon {
+            child: Some(cmd.spawn().expect("spawn migsafe")),
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Waits up to 10 s for the process to exit; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg(&self.mountpoint).status();
+            if is_mounted(&self.mountpoint) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The types of the mounts on `path` in this mount namespace, bottom first.
+fn types_at(path: &Path) -> Vec<String> {
+    let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && Path::new(f[1]) == want).then(|| f[2].to_string())
+        })
+        .collect()
+}
+
+fn backing_dir(scratch: &Path) -> PathBuf {
+    let backing = scratch.join("backing");
+    fs::create_dir_all(&backing).unwrap();
+    fs::write(backing.join("disk.img"), b"image bytes").unwrap();
+    backing
+}
+
+/// One datagram from `sock` within 15 s (EINTR retried), as text.
+fn recv_text(sock: &UnixDatagram) -> Result<String, std::io::Error> {
+    sock.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn unit_text() -> String {
+    read_text(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/migsafe@.service"))
+}
+
+/// Runs `systemd-analyze verify` on the unit with its binary path replaced
+/// by `binary`; (success, output).
+fn verify_unit(dir: &Path, binary: &str) -> (bool, String) {
+    let unit = dir.join("migsafe@.service");
+    fs::write(&unit, unit_text().replace("/usr/sbin/migsafe", binary)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn unit_file_passes_systemd_analyze_verify() {
+    if !have_tool("systemd-analyze") {
+        return;
+    }
+    let dir = scratch();
+    let (ok, text) = verify_unit(dir.path(), BIN);
+    assert!(ok, "systemd-analyze verify failed:\n{text}");
+    assert!(
+        !text.contains("migsafe@"),
+        "systemd-analyze complains about the unit:\n{text}"
+    );
+    // Control: a binary that does not exist is caught.
+    let missing = dir.path().join("no-such-migsafe");
+    let (ok, text) = verify_unit(dir.path(), missing.to_str().unwrap());
+    assert!(
+        !ok && text.contains("no-such-migsafe"),
+        "verify accepted a missing binary:\n{text}"
+    );
+}
+
+/// systemd's expansion of one command line of the unit: `%f`/`%i`
+/// specifiers, `$VAR` split into words, `${VAR}` as one word, a leading `-`
+/// meaning "failure is ignored".
+fn expand(line: &str, f: &Path, instance: &str, env: &[(String, String)]) -> (bool, Vec<String>) {
+    let (ignore, line) = match line.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, line),
+    };
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut words = Vec::new();
+    for word in line.split_whitespace() {
+        let word = word
+            .replace("%f", f.to_str().unwrap())
+            .replace("%i", instance);
+        if let Some(name) = word.strip_prefix("${").and_then(|w| w.strip_suffix('}')) {
+            words.push(lookup(name));
+        } else if let Some(name) = word.strip_prefix('$') {
+            words.extend(lookup(name).split_whitespace().map(String::from));
+        } else {
+            words.push(word);
+        }
+    }
+    (ignore, words)
+}
+
+/// The unit started the way systemd starts it, on a mountpoint that does not
+/// exist yet (a /run path after boot): ExecStartPre lines in order, then
+/// ExecStart with NOTIFY_SOCKET set. READY=1 must come, and only once the
+/// mountpoint is a live fuse.migsafe mount; ExecStop then ends the daemon
+/// with status 0.
+#[test]
+fn unit_starts_like_systemd_creates_mountpoint_and_notifies_ready() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("run/migsafe");
+    let unit = unit_text();
+    assert!(
+        !unit.contains("ConditionPathIsDirectory"),
+        "a ConditionPathIsDirectory skips /run mountpoints after boot"
+    );
+    assert!(unit.lines().any(|l| l == "Type=notify"), "{unit}");
+    let conf = [
+        ("MIGSAFE_BACKING".to_string(), backing.display().to_string()),
+        (
+            "MIGSAFE_OPTS".to_string(),
+            "--io relay --ctl-name .ctl".to_string(),
+        ),
+    ];
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut service = false;
+    let mut daemon = None;
+    let mut stop = None;
+    for line in unit.lines() {
+        if line.starts_with('[') {
+            service = line == "[Service]";
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        if !service {
+            continue;
+        }
+        let (ignore, argv) = expand(value, &mnt, "run-migsafe", &conf);
+        match key {
+            "ExecStartPre" => {
+                let ok = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stderr(Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok || ignore, "ExecStartPre {argv:?} failed");
+            }
+            "ExecStart" => {
+                assert_eq!(argv[0], "/usr/sbin/migsafe");
+                let mut cmd = Command::new(BIN);
+                cmd.args(&argv[1..])
+                    .env("NOTIFY_SOCKET", &sock_path)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                daemon = Some(Daemon::spawn(&mut cmd, &mnt));
+            }
+            "ExecStop" => stop = Some(argv),
+            _ => {}
+        }
+    }
+    let mut daemon = daemon.expect("the unit has an ExecStart");
+    let msg = recv_text(&sock).expect("no sd_notify message within 15 s");
+    // Checked at the moment READY arrived: the mount is already live.
+    assert_eq!(
+        types_at(&mnt),
+        ["fuse.migsafe"],
+        "READY before the mount: {msg}"
+    );
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    assert!(
+        msg.lines()
+            .any(|l| l == format!("MAINPID={}", daemon.pid())),
+        "{msg}"
+    );
+    assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), b"image bytes");
+    let stop = stop.expect("the unit has an ExecStop");
+    run(Command::new(&stop[0]).args(&stop[1..]));
+    assert_eq!(daemon.wait_exit(), Some(0), "exit status after ExecStop");
+    assert!(!is_mounted(&mnt));
+}
+
+/// READY=1 reaches an abstract-namespace NOTIFY_SOCKET (`@name`, as systemd
+/// also passes it) only once the mount is live, and SIGTERM sends STOPPING=1.
+#[test]
+fn ready_on_abstract_notify_socket_after_mount_then_stopping() {
+    if !require_root() {
+        return;
+    }
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let name = format!("migsafe-test-{}-{}", std::process::id(), line!());
+    let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+    let mut daemon = Daemon::spawn(
+        Command::new(BIN)
+            .args(["mount", "--io", "relay"])
+            .arg(&backing)
+            .arg(&mnt)
+            .env("NOTIFY_SOCKET", format!("@{name}"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+        &mnt,
+    );
+    let msg = recv_text(&sock).expect("no READY within 15 s");
+    assert_eq!(types_at(&mnt), ["fuse.migsafe"], "READY before the mount");
+    assert!(msg.starts_with("READY=1\n"), "{msg}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let msg = recv_text(&sock).expect("no STOPPING within 15 s");
+    assert_eq!(msg, "STOPPING=1");
+    assert_eq!(daemon.wait_exit(), Some(0));
+    assert!(!is_mounted(&mnt));
+}
