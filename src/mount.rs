@@ -27,7 +27,8 @@ pub struct MountArgs {
     pub options: Vec<String>,
     pub daemon: bool,
     pub pid_file: Option<PathBuf>,
-    /// Where a `--daemon` mount writes its log once detached (else nowhere).
+    /// Where the log goes in every start form (else stderr in the
+    /// foreground, syslog once detached).
     pub log_file: Option<PathBuf>,
     pub max_write: u32,
 }
@@ -155,6 +156,15 @@ pub fn parse_device(v: &str) -> Result<(String, PathBuf), StartError> {
 /// Mounts and serves; returns when the filesystem is unmounted.
 pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     let (mount_options, acl) = apply_options(&mut args)?;
+    if let Some(p) = &args.log_file {
+        // A --daemon parent still shows what goes wrong before it returns.
+        crate::logging::to_file(p, args.daemon).map_err(|e| {
+            StartError(format!(
+                "--log-file {}: {e}; name a writable file",
+                p.display()
+            ))
+        })?;
+    }
     let root = backing::open_root(&args.backing).map_err(StartError)?;
     check_mountpoint(&args.mountpoint)?;
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
@@ -613,35 +623,59 @@ fn daemonize(args: &MountArgs) -> Result<(), StartError> {
     }
 }
 
+/// Where a detached daemon without `--log-file` logs when there is no
+/// syslog socket to send to.
+const FALLBACK_LOG: &str = "/var/log/migsafe.log";
+
 /// Tells a waiting `--daemon` parent the mount is live, then detaches from
 /// its stdio: a caller capturing the mount command's output (a pipe, ssh,
-/// mount.fuse3) must see end-of-file now, not at unmount. The log goes to
-/// `--log-file` if given.
+/// mount.fuse3) must see end-of-file now, not at unmount. The log goes on to
+/// `--log-file` if given, else to syslog, else to [`FALLBACK_LOG`]; the last
+/// two choices are said on the caller's stderr while it still shows them.
 fn daemon_ready(log_file: Option<&Path>) {
     let Some(fd) = READY_FD.lock().expect("ready lock").take() else {
         return;
     };
     use std::io::Write;
     use std::os::fd::AsRawFd;
+    let mut stderr_file = log_file.map(Path::to_path_buf);
+    if log_file.is_some() {
+        crate::logging::stop_tee();
+    } else if let Err(e) = crate::logging::to_syslog() {
+        let socket = crate::logging::syslog_socket();
+        match crate::logging::to_file(Path::new(FALLBACK_LOG), false) {
+            Ok(()) => {
+                eprintln!(
+                    "migsafe: no syslog at {} ({e}): logging to {FALLBACK_LOG}; choose a file with --log-file",
+                    socket.display()
+                );
+                stderr_file = Some(PathBuf::from(FALLBACK_LOG));
+            }
+            Err(e2) => eprintln!(
+                "migsafe: no syslog at {} ({e}) and {FALLBACK_LOG}: {e2}: the log is discarded; pass --log-file PATH",
+                socket.display()
+            ),
+        }
+    }
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null");
-    let log = log_file.and_then(|p| {
+    // stderr follows the log file, so a panic message is kept with the log.
+    let log = stderr_file.and_then(|p| {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| log::warn!("--log-file {}: {e}; logging nowhere", p.display()))
             .ok()
     });
     if let Ok(null) = &null {
-        let out = log.as_ref().unwrap_or(null);
+        let err_out = log.as_ref().unwrap_or(null);
         // SAFETY: dup2 onto the standard descriptors; both sources are open.
         unsafe {
             libc::dup2(null.as_raw_fd(), 0);
-            libc::dup2(out.as_raw_fd(), 1);
-            libc::dup2(out.as_raw_fd(), 2);
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(err_out.as_raw_fd(), 2);
         }
     }
     let _ = std::fs::File::from(fd).write_all(b"ok\n");

@@ -299,3 +299,155 @@ fn ready_on_abstract_notify_socket_after_mount_then_stopping() {
     assert_eq!(daemon.wait_exit(), Some(0));
     assert!(!is_mounted(&mnt));
 }
+
+/// `--log-file` in the foreground gets the log (it used to be ignored
+/// without `--daemon`), and a failed control command is logged at WARN with
+/// the image's name and errno, a successful one (flush) at INFO (the
+/// control).
+#[test]
+fn foreground_log_file_gets_the_log_and_failed_commands_warn() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let log = dir.path().join("migsafe.log");
+    let m = Mount::start(
+        dir.path(),
+        &backing,
+        &["--io", "relay", "--log-file", log.to_str().unwrap()],
+    );
+    let text = read_text(&log);
+    assert!(
+        text.contains(&format!("serving {} on", backing.display())),
+        "--log-file lacks the start line:\n{text}"
+    );
+    assert!(
+        !m.log_text().contains("serving"),
+        "the log went to stderr too"
+    );
+    assert_eq!(ctl_write(&m.ctl("flush"), "disk.img\n"), Ok(()));
+    assert_eq!(
+        ctl_write(&m.ctl("activate"), "no-such.img\n"),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(m.stop(), Some(0));
+    let text = read_text(&log);
+    let lines: Vec<&str> = text.lines().collect();
+    let warn: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains(" (1 targets): "))
+        .collect();
+    assert_eq!(warn.len(), 2, "{text}");
+    assert!(
+        warn[0].contains(" INFO ") && warn[0].contains(": ok in"),
+        "success not at INFO: {}",
+        warn[0]
+    );
+    assert!(
+        warn[1].contains(" WARN ")
+            && warn[1].contains("image=no-such.img")
+            && warn[1].contains("ENOENT"),
+        "failure not at WARN with name and errno: {}",
+        warn[1]
+    );
+    assert!(text.contains("unmounted"), "{text}");
+}
+
+/// A detached daemon without `--log-file` logs to syslog: RFC 3164 datagrams
+/// on the syslog socket, facility daemon, WARN as severity warning.
+#[test]
+fn detached_daemon_without_log_file_logs_to_syslog() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let sock_path = dir.path().join("log.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let pid_file = dir.path().join("pid");
+    let guard = Daemon {
+        child: None,
+        mountpoint: mnt.clone(),
+    };
+    let out = Command::new(BIN)
+        .args(["mount", "--daemon", "--io", "relay", "--pid-file"])
+        .arg(&pid_file)
+        .arg(&backing)
+        .arg(&mnt)
+        .env("MIGSAFE_SYSLOG_SOCKET", &sock_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pid = read_text(&pid_file).trim().to_string();
+    assert_eq!(
+        ctl_write(&mnt.join(".ctl/activate"), "gone.img\n"),
+        Err(libc::ENOENT)
+    );
+    let msg = recv_text(&sock).expect("no syslog datagram within 15 s");
+    assert!(
+        msg.starts_with(&format!("<28>migsafe[{pid}]: WARN "))
+            && msg.contains("image=gone.img")
+            && msg.contains("ENOENT"),
+        "{msg}"
+    );
+    run(Command::new("umount").arg(&mnt));
+    let mut seen = Vec::new();
+    while let Ok(msg) = recv_text(&sock) {
+        seen.push(msg.clone());
+        if msg.contains("unmounted") {
+            break;
+        }
+    }
+    assert!(
+        seen.last()
+            .is_some_and(|m| m.starts_with(&format!("<30>migsafe[{pid}]: INFO "))),
+        "no INFO unmount line: {seen:?}"
+    );
+    drop(guard);
+}
+
+/// Without a syslog socket the detached daemon says so on the caller's
+/// stderr and names where the log goes instead.
+#[test]
+fn detached_daemon_without_syslog_says_where_the_log_goes() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let guard = Daemon {
+        child: None,
+        mountpoint: mnt.clone(),
+    };
+    let out = Command::new(BIN)
+        .args(["mount", "--daemon", "--io", "relay"])
+        .arg(&backing)
+        .arg(&mnt)
+        .env("MIGSAFE_SYSLOG_SOCKET", dir.path().join("no-such-socket"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no syslog at") && stderr.contains("/var/log/migsafe.log"),
+        "{stderr}"
+    );
+    run(Command::new("umount").arg(&mnt));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = format!("unmounted {}", mnt.display());
+    while !read_text(Path::new("/var/log/migsafe.log")).contains(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "{want:?} not in /var/log/migsafe.log"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    drop(guard);
+}
