@@ -53,7 +53,12 @@ pub fn default_threads() -> usize {
 
 fn check_mountpoint(path: &Path) -> Result<(), StartError> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.is_dir() => refuse_live_migsafe(path),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => err(format!(
+            "mountpoint {} is a dead FUSE mount (its daemon is gone): umount -l {} and mount again; VMs must reopen their images",
+            path.display(),
+            path.display()
+        )),
         Ok(_) => err(format!("mountpoint {} is not a directory", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => err(format!(
             "mountpoint {} does not exist (create it with mkdir -p)",
@@ -61,6 +66,59 @@ fn check_mountpoint(path: &Path) -> Result<(), StartError> {
         )),
         Err(e) => err(format!("mountpoint {}: {e}", path.display())),
     }
+}
+
+/// True for a mount migsafe made (plain `fuse` with a `migsafe:` source is
+/// what versions before `fuse.migsafe` left).
+fn is_migsafe(m: &MountEntry) -> bool {
+    m.fstype == FSTYPE || (m.fstype == "fuse" && m.source.starts_with("migsafe:"))
+}
+
+/// A second mount on a live migsafe mountpoint would stack over it: its
+/// images and control files vanish under the new mount, and `migsafe ctl`
+/// would drive the wrong daemon.
+fn refuse_live_migsafe(path: &Path) -> Result<(), StartError> {
+    match top_mount(path) {
+        Some(m) if is_migsafe(&m) => err(format!(
+            "{} is already a live migsafe mount ({}, type {}); a second mount would hide it: unmount it first (umount {}) or choose another mountpoint",
+            path.display(),
+            m.source,
+            m.fstype,
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Warnings (not refusals) about where the mount goes: entries it hides, and
+/// another migsafe mount of the same backing on this host (each daemon keeps
+/// its own activation state, so the two can disagree about an image).
+fn warn_about_placement(args: &MountArgs, is_backing: bool) {
+    if !is_backing && let Ok(entries) = std::fs::read_dir(&args.mountpoint) {
+        let n = entries.count();
+        if n > 0 {
+            log::warn!(
+                "mountpoint {} is not empty ({n} entries): they stay hidden while migsafe is mounted there",
+                args.mountpoint.display()
+            );
+        }
+    }
+    let source = default_fsname(&args.backing);
+    for m in mountinfo() {
+        if is_migsafe(&m) && m.source == source {
+            log::warn!(
+                "backing {} is already mounted by migsafe on {}: two daemons keep separate activation state for the same images; use that mount or unmount it",
+                args.backing.display(),
+                m.mountpoint.display()
+            );
+        }
+    }
+}
+
+/// `migsafe:` and the canonical backing path: what findmnt shows as SOURCE.
+fn default_fsname(backing: &Path) -> String {
+    let canonical = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    format!("migsafe:{}", canonical.display())
 }
 
 /// Splits `-o` options into kernel/fuser mount options and migsafe's own
@@ -125,7 +183,7 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
         }
     }
     opts.push(MountOption::FSName(
-        fsname.unwrap_or_else(|| format!("migsafe:{}", args.backing.display())),
+        fsname.unwrap_or_else(|| default_fsname(&args.backing)),
     ));
     opts.push(MountOption::Subtype("migsafe".into()));
     Ok((opts, acl))
@@ -167,6 +225,14 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     }
     let root = backing::open_root(&args.backing).map_err(StartError)?;
     check_mountpoint(&args.mountpoint)?;
+    let is_backing = backing::check_mountpoint_outside(&root, &args.backing, &args.mountpoint)
+        .map_err(StartError)?;
+    if args.threads == 0 {
+        return err(
+            "--threads 0: migsafe needs at least 1 event-loop thread (default: one per CPU, at least 2)",
+        );
+    }
+    warn_about_placement(&args, is_backing);
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
     }
@@ -224,7 +290,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;
     let notifier_slot = fs.notifier.clone();
     let mut fuse_config = Config::default();
-    fuse_config.n_threads = Some(args.threads.max(1));
+    fuse_config.n_threads = Some(args.threads);
     fuse_config.clone_fd = true;
     let cannot_mount = |e: &dyn std::fmt::Display| {
         StartError(format!(

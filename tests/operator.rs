@@ -48,7 +48,11 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if is_mounted(&self.mountpoint) {
+        // A mount stacked by a defect needs one umount per layer.
+        for _ in 0..3 {
+            if !is_mounted(&self.mountpoint) {
+                break;
+            }
             let _ = Command::new("umount").arg(&self.mountpoint).status();
             if is_mounted(&self.mountpoint) {
                 let _ = Command::new("umount")
@@ -450,4 +454,315 @@ fn detached_daemon_without_syslog_says_where_the_log_goes() {
         sleep(Duration::from_millis(20));
     }
     drop(guard);
+}
+
+/// Runs `migsafe mount ARGS...` expecting a start-up refusal: it must exit
+/// within 10 s (a defect that mounts instead is unmounted and killed by the
+/// guard). Returns (exit code, stderr).
+fn start_refused(args: &[&std::ffi::OsStr], guard_mountpoint: &Path) -> (Option<i32>, String) {
+    let dir = tempfile::NamedTempFile::new().unwrap();
+    let mut daemon = Daemon::spawn(
+        Command::new(BIN)
+            .arg("mount")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(dir.reopen().unwrap()),
+        guard_mountpoint,
+    );
+    let code = daemon.wait_exit();
+    if code.is_some() {
+        // It exited, so it holds no mount: whatever is mounted there
+        // belongs to someone else.
+        daemon.mountpoint = PathBuf::new();
+    }
+    (code, fs::read_to_string(dir.path()).unwrap_or_default())
+}
+
+/// A second `migsafe mount` on a live migsafe mountpoint is refused, naming
+/// the running mount and the next step, and leaves the first one alone;
+/// once that one is unmounted (the control) the same command mounts.
+#[test]
+fn second_mount_on_live_migsafe_mountpoint_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let other = dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let first = Mount::start(dir.path(), &backing, &["--io", "relay"]);
+    let mnt = first.mountpoint.clone();
+    let args = [
+        "--io".as_ref(),
+        "relay".as_ref(),
+        other.as_os_str(),
+        mnt.as_os_str(),
+    ];
+    let (code, stderr) = start_refused(&args, &mnt);
+    assert_eq!(code, Some(1), "second mount was not refused: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is already a live migsafe mount",
+            mnt.display()
+        )) && stderr.contains(&format!("migsafe:{}", backing.display()))
+            && stderr.contains("umount"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert_eq!(types_at(&mnt), ["fuse.migsafe"], "stacked anyway");
+    assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), b"image bytes");
+    assert_eq!(first.stop(), Some(0));
+    // Control: the mountpoint is free now.
+    let mut second = Daemon::spawn(
+        Command::new(BIN)
+            .arg("mount")
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+        &mnt,
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(&mnt) {
+        assert!(Instant::now() < deadline, "control mount not live");
+        sleep(Duration::from_millis(20));
+    }
+    run(Command::new("umount").arg(&mnt));
+    assert_eq!(second.wait_exit(), Some(0));
+}
+
+/// A mountpoint beneath the backing directory, directly or through a bind
+/// mount of it, is refused at start; mounting over the backing directory
+/// itself (the control) works.
+#[test]
+fn mountpoint_inside_its_backing_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let nested = backing.join("sub/mnt");
+    fs::create_dir_all(&nested).unwrap();
+    let (code, stderr) = start_refused(&[backing.as_os_str(), nested.as_os_str()], &nested);
+    assert_eq!(code, Some(1), "nested mount was not refused: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "mountpoint {} is inside the backing directory {}",
+            nested.display(),
+            backing.display()
+        )) && stderr.contains("choose a mountpoint outside"),
+        "{stderr}"
+    );
+    // The same directory reached through a bind mount of the backing.
+    let bind = KMount::mount(
+        &["--bind", backing.to_str().unwrap()],
+        &dir.path().join("bind"),
+    );
+    let via_bind = bind.path.join("sub/mnt");
+    let (code, stderr) = start_refused(&[backing.as_os_str(), via_bind.as_os_str()], &via_bind);
+    assert_eq!(
+        code,
+        Some(1),
+        "nested mount via bind was not refused: {stderr}"
+    );
+    assert!(
+        stderr.contains("is inside the backing directory"),
+        "{stderr}"
+    );
+    // Control: over the backing itself is served through the fd opened
+    // before the mount.
+    let mut over = Daemon::spawn(
+        Command::new(BIN)
+            .args(["mount", "--io", "relay"])
+            .arg(&backing)
+            .arg(&backing)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+        &backing,
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(&backing) {
+        assert!(Instant::now() < deadline, "mount over the backing not live");
+        sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read(backing.join("disk.img")).unwrap(), b"image bytes");
+    run(Command::new("umount").arg(&backing));
+    assert_eq!(over.wait_exit(), Some(0));
+}
+
+#[test]
+fn threads_zero_is_an_error() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    for args in [vec!["--threads", "0"], vec!["-o", "threads=0"]] {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.push(backing.as_os_str());
+        all.push(mnt.as_os_str());
+        let (code, stderr) = start_refused(&all, &mnt);
+        assert_eq!(code, Some(1), "{args:?} accepted: {stderr}");
+        assert!(stderr.contains("--threads 0"), "{args:?}: {stderr}");
+        assert!(!is_mounted(&mnt));
+    }
+}
+
+/// Warnings, not refusals: a non-empty mountpoint, and a backing another
+/// migsafe mount on this host already serves. A first, clean mount (the
+/// control) warns about neither.
+#[test]
+fn nonempty_mountpoint_and_backing_mounted_twice_warn() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let first = Mount::start(dir.path(), &backing, &["--io", "relay"]);
+    let log = first.log_text();
+    assert!(!log.contains("WARN"), "a clean mount warned:\n{log}");
+    let full = dir.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("hidden"), b"x").unwrap();
+    let mut second = Daemon::spawn(
+        Command::new(BIN)
+            .args(["mount", "--io", "relay", "--log-file"])
+            .arg(dir.path().join("second.log"))
+            .arg(&backing)
+            .arg(&full)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+        &full,
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(&full) {
+        assert!(Instant::now() < deadline, "second mount not live");
+        sleep(Duration::from_millis(20));
+    }
+    let log = read_text(&dir.path().join("second.log"));
+    assert!(
+        log.contains(&format!(
+            "mountpoint {} is not empty (1 entries)",
+            full.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "backing {} is already mounted by migsafe on {}",
+            backing.display(),
+            first.mountpoint.display()
+        )),
+        "{log}"
+    );
+    run(Command::new("umount").arg(&full));
+    assert_eq!(second.wait_exit(), Some(0));
+    assert_eq!(first.stop(), Some(0));
+}
+
+/// A user who cannot open /dev/fuse is told so, with the device's mode. Run
+/// as nobody in a private mount namespace where /dev/fuse is a 0600 node
+/// (the host's stays as it is). The control, the same user with a 0666 node,
+/// gets past /dev/fuse and mounts through fusermount3, also as type
+/// fuse.migsafe.
+#[test]
+fn user_without_dev_fuse_access_is_told_its_mode() {
+    if !require_root() || !have_tool("unshare") || !have_tool("fusermount3") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    for mode in ["0600", "0666"] {
+        let node = dir.path().join(format!("fuse-{mode}"));
+        let log = dir.path().join(format!("log-{mode}"));
+        // The daemon lives in the namespace: when the script ends (or
+        // `timeout` kills it) the namespace and any mount in it are gone.
+        let script = format!(
+            "mknod -m {mode} {node} c 10 229\n\
+             mount --bind {node} /dev/fuse\n\
+             setpriv --reuid=65534 --regid=65534 --clear-groups \
+               timeout 20 {BIN} mount --io relay {b} {m} >{log} 2>&1 </dev/null &\n\
+             pid=$!\n\
+             for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; \
+               findmnt -n -o FSTYPE,OPTIONS {m} && break; sleep 0.1; done\n\
+             umount {m} 2>/dev/null || true\n\
+             wait $pid || true\n\
+             cat {log}",
+            node = node.display(),
+            log = log.display(),
+            b = backing.display(),
+            m = mnt.display()
+        );
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-ec", &script])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let _ = fs::remove_file(&node);
+        let _ = fs::remove_file(&log);
+        if mode == "0600" {
+            assert!(
+                text.contains("cannot open /dev/fuse (mode 0600, owner 0:0)")
+                    && text.contains("read-write access to /dev/fuse"),
+                "{text}"
+            );
+        } else {
+            assert!(!text.contains("cannot open /dev/fuse"), "{text}");
+            assert!(
+                text.starts_with("fuse.migsafe ") && text.contains("user_id=65534"),
+                "non-root mount via fusermount3:\n{text}"
+            );
+        }
+    }
+}
+
+/// A mountpoint whose daemon died (ENOTCONN) is named as a dead mount with
+/// the way out, not as a bare "Transport endpoint is not connected".
+#[test]
+fn dead_mountpoint_is_named_with_the_way_out() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut dead = Daemon::spawn(
+        Command::new(BIN)
+            .args(["mount", "--io", "relay"])
+            .arg(&backing)
+            .arg(&mnt)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+        &mnt,
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(&mnt) {
+        assert!(Instant::now() < deadline, "mount not live");
+        sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dead.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Killed by a signal: no exit code, but reaped.
+    let _ = dead.wait_exit();
+    assert!(dead.child.is_none(), "SIGKILLed daemon still running");
+    let err = fs::metadata(&mnt).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    let (code, stderr) = start_refused(&[backing.as_os_str(), mnt.as_os_str()], &mnt);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is a dead FUSE mount") && stderr.contains("umount -l"),
+        "{stderr}"
+    );
+    run(Command::new("umount").arg("-l").arg(&mnt));
 }
