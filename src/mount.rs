@@ -426,6 +426,8 @@ struct OwnMount {
     /// checks the top mount on the path is still this one, so a mount an
     /// operator already took away never makes us unmount what lies beneath.
     dev: String,
+    /// The mountpoint as mountinfo spells it, resolved before mounting.
+    canonical: PathBuf,
     done: std::sync::atomic::AtomicBool,
 }
 
@@ -442,6 +444,8 @@ impl OwnMount {
     ) -> Result<Option<(OwnedFd, OwnMount)>, StartError> {
         use nix::mount::MsFlags;
         let dev_fuse = open_dev_fuse()?;
+        let canonical =
+            std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
         let mut flags = MsFlags::empty();
         let (mut dev, mut suid) = (false, false);
         let mut source = "migsafe".to_string();
@@ -503,20 +507,28 @@ impl OwnMount {
                 ));
             }
         }
-        let dev = top_mount(mountpoint).map(|m| m.dev).unwrap_or_default();
+        // Looked up by the path resolved before mounting: resolving it now
+        // could send a request to this very process, which does not serve
+        // requests yet.
+        let dev = top_mount_at(&canonical).map(|m| m.dev).unwrap_or_default();
         Ok(Some((
             dev_fuse,
             OwnMount {
                 mountpoint: mountpoint.to_path_buf(),
+                canonical,
                 dev,
                 done: std::sync::atomic::AtomicBool::new(false),
             },
         )))
     }
 
-    /// True while the top mount on the path is still ours.
+    /// True while the top mount on the path is still ours (or, should
+    /// mountinfo not have shown it after mounting, assumed so: better an
+    /// unmount by path than a SIGTERM that does nothing).
     fn still_ours(&self) -> bool {
-        top_mount(&self.mountpoint).is_some_and(|m| m.dev == self.dev && m.fstype == FSTYPE)
+        self.dev.is_empty()
+            || top_mount_at(&self.canonical)
+                .is_some_and(|m| m.dev == self.dev && m.fstype == FSTYPE)
     }
 
     fn unmount(&self) -> std::io::Result<()> {
@@ -606,8 +618,16 @@ pub fn mountinfo() -> Vec<MountEntry> {
 
 /// The mount on top at `path` (canonicalized), if `path` is a mountpoint.
 pub fn top_mount(path: &Path) -> Option<MountEntry> {
-    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    mountinfo().into_iter().rev().find(|m| m.mountpoint == want)
+    top_mount_at(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
+/// Like [`top_mount`] for a path already canonical; touches no filesystem
+/// but /proc.
+fn top_mount_at(canonical: &Path) -> Option<MountEntry> {
+    mountinfo()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == canonical)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
