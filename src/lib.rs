@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod datapath;
 pub mod fs;
 pub mod image;
+pub mod logging;
 pub mod mount;
 pub mod residency;
 pub mod settings;

@@ -97,7 +97,8 @@ struct MountCmd {
     /// Write the daemon's pid here once mounted.
     #[arg(long)]
     pid_file: Option<PathBuf>,
-    /// With --daemon: append the log here once detached (default: discarded).
+    /// Append the log here, in every start form (default: stderr in the
+    /// foreground, syslog once detached).
     #[arg(long)]
     log_file: Option<PathBuf>,
     /// Largest FUSE write request in bytes.
@@ -251,11 +252,7 @@ fn mount_helper_args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,fuser::session=error"),
-    )
-    .format_timestamp_millis()
-    .init();
+    migsafe::logging::init();
     let cli = Cli::parse_from(mount_helper_args());
     let code = match cli.command {
         Cmd::Mount(m) => match mount_args(*m)

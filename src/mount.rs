@@ -27,7 +27,8 @@ pub struct MountArgs {
     pub options: Vec<String>,
     pub daemon: bool,
     pub pid_file: Option<PathBuf>,
-    /// Where a `--daemon` mount writes its log once detached (else nowhere).
+    /// Where the log goes in every start form (else stderr in the
+    /// foreground, syslog once detached).
     pub log_file: Option<PathBuf>,
     pub max_write: u32,
 }
@@ -52,7 +53,12 @@ pub fn default_threads() -> usize {
 
 fn check_mountpoint(path: &Path) -> Result<(), StartError> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) if m.is_dir() => refuse_live_migsafe(path),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => err(format!(
+            "mountpoint {} is a dead FUSE mount (its daemon is gone): umount -l {} and mount again; VMs must reopen their images",
+            path.display(),
+            path.display()
+        )),
         Ok(_) => err(format!("mountpoint {} is not a directory", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => err(format!(
             "mountpoint {} does not exist (create it with mkdir -p)",
@@ -60,6 +66,59 @@ fn check_mountpoint(path: &Path) -> Result<(), StartError> {
         )),
         Err(e) => err(format!("mountpoint {}: {e}", path.display())),
     }
+}
+
+/// True for a mount migsafe made (plain `fuse` with a `migsafe:` source is
+/// what versions before `fuse.migsafe` left).
+fn is_migsafe(m: &MountEntry) -> bool {
+    m.fstype == FSTYPE || (m.fstype == "fuse" && m.source.starts_with("migsafe:"))
+}
+
+/// A second mount on a live migsafe mountpoint would stack over it: its
+/// images and control files vanish under the new mount, and `migsafe ctl`
+/// would drive the wrong daemon.
+fn refuse_live_migsafe(path: &Path) -> Result<(), StartError> {
+    match top_mount(path) {
+        Some(m) if is_migsafe(&m) => err(format!(
+            "{} is already a live migsafe mount ({}, type {}); a second mount would hide it: unmount it first (umount {}) or choose another mountpoint",
+            path.display(),
+            m.source,
+            m.fstype,
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Warnings (not refusals) about where the mount goes: entries it hides, and
+/// another migsafe mount of the same backing on this host (each daemon keeps
+/// its own activation state, so the two can disagree about an image).
+fn warn_about_placement(args: &MountArgs, is_backing: bool) {
+    if !is_backing && let Ok(entries) = std::fs::read_dir(&args.mountpoint) {
+        let n = entries.count();
+        if n > 0 {
+            log::warn!(
+                "mountpoint {} is not empty ({n} entries): they stay hidden while migsafe is mounted there",
+                args.mountpoint.display()
+            );
+        }
+    }
+    let source = default_fsname(&args.backing);
+    for m in mountinfo() {
+        if is_migsafe(&m) && m.source == source {
+            log::warn!(
+                "backing {} is already mounted by migsafe on {}: two daemons keep separate activation state for the same images; use that mount or unmount it",
+                args.backing.display(),
+                m.mountpoint.display()
+            );
+        }
+    }
+}
+
+/// `migsafe:` and the canonical backing path: what findmnt shows as SOURCE.
+fn default_fsname(backing: &Path) -> String {
+    let canonical = std::fs::canonicalize(backing).unwrap_or_else(|_| backing.to_path_buf());
+    format!("migsafe:{}", canonical.display())
 }
 
 /// Splits `-o` options into kernel/fuser mount options and migsafe's own
@@ -124,7 +183,7 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
         }
     }
     opts.push(MountOption::FSName(
-        fsname.unwrap_or_else(|| format!("migsafe:{}", args.backing.display())),
+        fsname.unwrap_or_else(|| default_fsname(&args.backing)),
     ));
     opts.push(MountOption::Subtype("migsafe".into()));
     Ok((opts, acl))
@@ -155,8 +214,25 @@ pub fn parse_device(v: &str) -> Result<(String, PathBuf), StartError> {
 /// Mounts and serves; returns when the filesystem is unmounted.
 pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     let (mount_options, acl) = apply_options(&mut args)?;
+    if let Some(p) = &args.log_file {
+        // A --daemon parent still shows what goes wrong before it returns.
+        crate::logging::to_file(p, args.daemon).map_err(|e| {
+            StartError(format!(
+                "--log-file {}: {e}; name a writable file",
+                p.display()
+            ))
+        })?;
+    }
     let root = backing::open_root(&args.backing).map_err(StartError)?;
     check_mountpoint(&args.mountpoint)?;
+    let is_backing = backing::check_mountpoint_outside(&root, &args.backing, &args.mountpoint)
+        .map_err(StartError)?;
+    if args.threads == 0 {
+        return err(
+            "--threads 0: migsafe needs at least 1 event-loop thread (default: one per CPU, at least 2)",
+        );
+    }
+    warn_about_placement(&args, is_backing);
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
     }
@@ -214,17 +290,43 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;
     let notifier_slot = fs.notifier.clone();
     let mut fuse_config = Config::default();
-    fuse_config.mount_options = mount_options;
-    fuse_config.acl = acl;
-    fuse_config.n_threads = Some(args.threads.max(1));
+    fuse_config.n_threads = Some(args.threads);
     fuse_config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, &args.mountpoint, &fuse_config).map_err(|e| {
+    let cannot_mount = |e: &dyn std::fmt::Display| {
         StartError(format!(
             "cannot mount {} on {}: {e}",
             args.backing.display(),
             args.mountpoint.display()
         ))
-    })?;
+    };
+    let auto_unmount = mount_options.contains(&MountOption::AutoUnmount);
+    let own = if auto_unmount {
+        // Only fusermount3 can watch for our exit and unmount then.
+        None
+    } else {
+        OwnMount::mount(&args.mountpoint, &mount_options, acl)?
+    };
+    let mut own_guard = None;
+    let (session, unmounter) = match own {
+        Some((dev_fuse, own)) => {
+            let own = Arc::new(own);
+            own_guard = Some(own.clone());
+            let session = fuser::Session::from_fd(fs, dev_fuse, acl, fuse_config)
+                .map_err(|e| cannot_mount(&e))?;
+            (session, Unmounter::Own(own))
+        }
+        None => {
+            // Not allowed to mount(2) (no CAP_SYS_ADMIN): fuser runs the
+            // setuid fusermount3, which also names the type fuse.migsafe
+            // from the subtype option.
+            fuse_config.mount_options = mount_options;
+            fuse_config.acl = acl;
+            let mut session = fuser::Session::new(fs, &args.mountpoint, &fuse_config)
+                .map_err(|e| cannot_mount(&e))?;
+            let unmounter = Unmounter::Fuser(session.unmount_callable());
+            (session, unmounter)
+        }
+    };
     let _ = notifier_slot.set(session.notifier());
     log::info!(
         "migsafe {} serving {} on {} ({} threads)",
@@ -237,11 +339,18 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         let _ = std::fs::write(p, format!("{}\n", std::process::id()));
     }
     daemon_ready(args.log_file.as_deref());
-    let mut unmounter = session.unmount_callable();
+    sd_notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+        std::process::id(),
+        args.backing.display(),
+        args.mountpoint.display()
+    ));
     let mountpoint = args.mountpoint.clone();
     std::thread::spawn(move || {
         if let Ok(sig) = signals.wait() {
             log::info!("{sig:?}: unmounting {}", mountpoint.display());
+            sd_notify("STOPPING=1");
+            let mut unmounter = unmounter;
             if let Err(e) = unmounter.unmount() {
                 log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
                 let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
@@ -254,8 +363,291 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             args.mountpoint.display()
         ))
     })?;
+    // A session that ended on an error leaves its mount dead: take it away.
+    drop(own_guard);
     log::info!("unmounted {}", args.mountpoint.display());
     Ok(())
+}
+
+/// Tells a service manager how the daemon is doing (sd_notify(3)): one
+/// datagram to `$NOTIFY_SOCKET`, a path or an abstract name written `@name`.
+/// A `Type=notify` unit counts as started only on `READY=1`, which is sent
+/// once the mount is live, so units ordered after it (libvirtd) never see an
+/// empty mountpoint. Without `NOTIFY_SOCKET` it does nothing.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(Path::new(&target)),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        log::warn!(
+            "NOTIFY_SOCKET {}: {e}; the service manager does not learn that migsafe is {}",
+            target.to_string_lossy(),
+            if state.starts_with("READY") {
+                "ready"
+            } else {
+                "stopping"
+            }
+        );
+    }
+}
+
+/// Who takes the mount away on SIGTERM: migsafe's own mount(2), or fuser's
+/// fusermount3 mount.
+enum Unmounter {
+    Own(Arc<OwnMount>),
+    Fuser(fuser::SessionUnmounter),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> std::io::Result<()> {
+        match self {
+            Unmounter::Own(m) => m.unmount(),
+            Unmounter::Fuser(u) => u.unmount(),
+        }
+    }
+}
+
+/// A FUSE mount migsafe made itself with mount(2), so the kernel records the
+/// type `fuse.migsafe` (fuser's own mount(2) says plain `fuse`, which
+/// `findmnt -t fuse.migsafe` and libvirt do not recognise). It also keeps the
+/// /dev/fuse connection in migsafe's hands.
+struct OwnMount {
+    mountpoint: PathBuf,
+    /// The mount's device number (`major:minor` in mountinfo): unmounting
+    /// checks the top mount on the path is still this one, so a mount an
+    /// operator already took away never makes us unmount what lies beneath.
+    dev: String,
+    /// The mountpoint as mountinfo spells it, resolved before mounting.
+    canonical: PathBuf,
+    done: std::sync::atomic::AtomicBool,
+}
+
+/// The filesystem type migsafe mounts as.
+pub const FSTYPE: &str = "fuse.migsafe";
+
+impl OwnMount {
+    /// Opens /dev/fuse and mounts it on `mountpoint`; `None` when mount(2)
+    /// is not permitted (then fusermount3 has to do it).
+    fn mount(
+        mountpoint: &Path,
+        options: &[MountOption],
+        acl: SessionACL,
+    ) -> Result<Option<(OwnedFd, OwnMount)>, StartError> {
+        use nix::mount::MsFlags;
+        let dev_fuse = open_dev_fuse()?;
+        let canonical =
+            std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+        let mut flags = MsFlags::empty();
+        let (mut dev, mut suid) = (false, false);
+        let mut source = "migsafe".to_string();
+        let mut data = format!(
+            "fd={},rootmode={:o},user_id={},group_id={}",
+            std::os::fd::AsRawFd::as_raw_fd(&dev_fuse),
+            libc::S_IFDIR,
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        );
+        for opt in options {
+            match opt {
+                MountOption::FSName(n) => source = n.clone(),
+                MountOption::Subtype(_) | MountOption::AutoUnmount => {}
+                MountOption::DefaultPermissions => data.push_str(",default_permissions"),
+                MountOption::CUSTOM(c) => {
+                    data.push(',');
+                    data.push_str(c);
+                }
+                MountOption::Dev => dev = true,
+                MountOption::NoDev => dev = false,
+                MountOption::Suid => suid = true,
+                MountOption::NoSuid => suid = false,
+                MountOption::RO => flags |= MsFlags::MS_RDONLY,
+                MountOption::RW => flags &= !MsFlags::MS_RDONLY,
+                MountOption::Exec => flags &= !MsFlags::MS_NOEXEC,
+                MountOption::NoExec => flags |= MsFlags::MS_NOEXEC,
+                MountOption::Atime => flags &= !MsFlags::MS_NOATIME,
+                MountOption::NoAtime => flags |= MsFlags::MS_NOATIME,
+                MountOption::Sync => flags |= MsFlags::MS_SYNCHRONOUS,
+                MountOption::Async => flags &= !MsFlags::MS_SYNCHRONOUS,
+                MountOption::DirSync => flags |= MsFlags::MS_DIRSYNC,
+            }
+        }
+        // nodev,nosuid unless asked otherwise, as fuser and libfuse do.
+        if !dev {
+            flags |= MsFlags::MS_NODEV;
+        }
+        if !suid {
+            flags |= MsFlags::MS_NOSUID;
+        }
+        if acl != SessionACL::Owner {
+            data.push_str(",allow_other");
+        }
+        match nix::mount::mount(
+            Some(source.as_str()),
+            mountpoint,
+            Some(FSTYPE),
+            flags,
+            Some(data.as_str()),
+        ) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) => return Ok(None),
+            Err(e) => {
+                return err(format!(
+                    "mount(2) {FSTYPE} on {}: {} ({e}); check the mountpoint and the options",
+                    mountpoint.display(),
+                    crate::sys::errno_name(e as i32),
+                ));
+            }
+        }
+        // Looked up by the path resolved before mounting: resolving it now
+        // could send a request to this very process, which does not serve
+        // requests yet.
+        let dev = top_mount_at(&canonical).map(|m| m.dev).unwrap_or_default();
+        Ok(Some((
+            dev_fuse,
+            OwnMount {
+                mountpoint: mountpoint.to_path_buf(),
+                canonical,
+                dev,
+                done: std::sync::atomic::AtomicBool::new(false),
+            },
+        )))
+    }
+
+    /// True while the top mount on the path is still ours (or, should
+    /// mountinfo not have shown it after mounting, assumed so: better an
+    /// unmount by path than a SIGTERM that does nothing).
+    fn still_ours(&self) -> bool {
+        self.dev.is_empty()
+            || top_mount_at(&self.canonical)
+                .is_some_and(|m| m.dev == self.dev && m.fstype == FSTYPE)
+    }
+
+    fn unmount(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.done.swap(true, Ordering::SeqCst) || !self.still_ours() {
+            return Ok(());
+        }
+        nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()).map_err(|e| {
+            self.done.store(false, Ordering::SeqCst);
+            std::io::Error::from(e)
+        })
+    }
+}
+
+impl Drop for OwnMount {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if !self.done.load(Ordering::SeqCst) && self.still_ours() {
+            log::warn!(
+                "session on {} ended while mounted: detaching the mount",
+                self.mountpoint.display()
+            );
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Opens /dev/fuse read-write; a refusal names the device, its mode and the
+/// next step.
+fn open_dev_fuse() -> Result<OwnedFd, StartError> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(f) => Ok(f.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            err("/dev/fuse does not exist: load the fuse module (modprobe fuse)")
+        }
+        Err(e) => {
+            let mode = std::fs::metadata("/dev/fuse")
+                .map(|m| {
+                    format!(
+                        "mode {:04o}, owner {}:{}",
+                        m.mode() & 0o7777,
+                        m.uid(),
+                        m.gid()
+                    )
+                })
+                .unwrap_or_else(|_| "mode unknown".into());
+            err(format!(
+                "cannot open /dev/fuse ({mode}): {e}; run as root or give this user read-write access to /dev/fuse"
+            ))
+        }
+    }
+}
+
+/// One line of /proc/self/mountinfo, the parts migsafe needs.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    /// `major:minor` of the mounted filesystem.
+    pub dev: String,
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// The mounts of this mount namespace, in mount order (later entries are
+/// mounted over earlier ones on the same path).
+pub fn mountinfo() -> Vec<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let l: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(MountEntry {
+                dev: l.get(2)?.to_string(),
+                mountpoint: PathBuf::from(unescape_octal(l.get(4)?)),
+                fstype: r.first()?.to_string(),
+                source: unescape_octal(r.get(1).unwrap_or(&"")),
+            })
+        })
+        .collect()
+}
+
+/// The mount on top at `path` (canonicalized), if `path` is a mountpoint.
+pub fn top_mount(path: &Path) -> Option<MountEntry> {
+    top_mount_at(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
+/// Like [`top_mount`] for a path already canonical; touches no filesystem
+/// but /proc.
+fn top_mount_at(canonical: &Path) -> Option<MountEntry> {
+    mountinfo()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == canonical)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// SIGINT/SIGTERM/SIGHUP are blocked in every thread (the mask is inherited
@@ -317,35 +709,59 @@ fn daemonize(args: &MountArgs) -> Result<(), StartError> {
     }
 }
 
+/// Where a detached daemon without `--log-file` logs when there is no
+/// syslog socket to send to.
+const FALLBACK_LOG: &str = "/var/log/migsafe.log";
+
 /// Tells a waiting `--daemon` parent the mount is live, then detaches from
 /// its stdio: a caller capturing the mount command's output (a pipe, ssh,
-/// mount.fuse3) must see end-of-file now, not at unmount. The log goes to
-/// `--log-file` if given.
+/// mount.fuse3) must see end-of-file now, not at unmount. The log goes on to
+/// `--log-file` if given, else to syslog, else to [`FALLBACK_LOG`]; the last
+/// two choices are said on the caller's stderr while it still shows them.
 fn daemon_ready(log_file: Option<&Path>) {
     let Some(fd) = READY_FD.lock().expect("ready lock").take() else {
         return;
     };
     use std::io::Write;
     use std::os::fd::AsRawFd;
+    let mut stderr_file = log_file.map(Path::to_path_buf);
+    if log_file.is_some() {
+        crate::logging::stop_tee();
+    } else if let Err(e) = crate::logging::to_syslog() {
+        let socket = crate::logging::syslog_socket();
+        match crate::logging::to_file(Path::new(FALLBACK_LOG), false) {
+            Ok(()) => {
+                eprintln!(
+                    "migsafe: no syslog at {} ({e}): logging to {FALLBACK_LOG}; choose a file with --log-file",
+                    socket.display()
+                );
+                stderr_file = Some(PathBuf::from(FALLBACK_LOG));
+            }
+            Err(e2) => eprintln!(
+                "migsafe: no syslog at {} ({e}) and {FALLBACK_LOG}: {e2}: the log is discarded; pass --log-file PATH",
+                socket.display()
+            ),
+        }
+    }
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null");
-    let log = log_file.and_then(|p| {
+    // stderr follows the log file, so a panic message is kept with the log.
+    let log = stderr_file.and_then(|p| {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| log::warn!("--log-file {}: {e}; logging nowhere", p.display()))
             .ok()
     });
     if let Ok(null) = &null {
-        let out = log.as_ref().unwrap_or(null);
+        let err_out = log.as_ref().unwrap_or(null);
         // SAFETY: dup2 onto the standard descriptors; both sources are open.
         unsafe {
             libc::dup2(null.as_raw_fd(), 0);
-            libc::dup2(out.as_raw_fd(), 1);
-            libc::dup2(out.as_raw_fd(), 2);
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(err_out.as_raw_fd(), 2);
         }
     }
     let _ = std::fs::File::from(fd).write_all(b"ok\n");

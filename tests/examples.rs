@@ -85,7 +85,7 @@ fn systemd_unit_and_fstab_example_are_complete() {
         "[Unit]",
         "[Service]",
         "[Install]",
-        "Type=simple",
+        "Type=notify",
         "ExecStart=",
         "migsafe mount",
         "%f",

@@ -250,3 +250,197 @@ fn mount_helper_form_daemonizes_with_o_options() {
     drop(guard);
     assert!(!is_mounted(&mnt));
 }
+
+/// The types of the mounts on `path` in this mount namespace, bottom first.
+fn types_at(path: &Path) -> Vec<String> {
+    let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && Path::new(f[1]) == want).then(|| f[2].to_string())
+        })
+        .collect()
+}
+
+/// Operators' tools (findmnt -t, libvirt) recognise a mount by its type:
+/// a foreground mount must be `fuse.migsafe`, not plain `fuse`.
+#[test]
+fn foreground_mount_has_type_fuse_migsafe() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, _) = dirs(dir.path());
+    let m = Mount::start(dir.path(), &backing, &["--io", "relay"]);
+    assert_eq!(types_at(&m.mountpoint), ["fuse.migsafe"]);
+    let found = run(Command::new("findmnt")
+        .args(["-n", "-t", "fuse.migsafe", "-o", "TARGET"])
+        .arg(&m.mountpoint));
+    assert_eq!(found.trim(), m.mountpoint.to_str().unwrap());
+    assert_eq!(fs::read(m.path("disk.img")).unwrap(), b"image bytes");
+    assert_eq!(m.stop(), Some(0));
+}
+
+#[test]
+fn daemon_mount_has_type_fuse_migsafe() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    run(Command::new(BIN)
+        .args(["mount", "--daemon", "--io", "relay", "--pid-file"])
+        .arg(&guard.pid_file)
+        .arg(&backing)
+        .arg(&mnt)
+        .stdin(Stdio::null()));
+    assert_eq!(types_at(&mnt), ["fuse.migsafe"]);
+    assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), b"image bytes");
+    let pid = guard.pid().expect("pid file");
+    run(Command::new("umount").arg(&mnt));
+    assert!(wait_gone(pid), "daemon did not exit after umount");
+}
+
+/// Runs `script` with `sh -e` in a private mount namespace where the
+/// directory `bin_dir` is laid over /usr/sbin (an overlay, invisible to the
+/// rest of the host): there mount(8) and mount.fuse3, which run helpers
+/// with a fixed PATH, find the `migsafe` under test. Returns stdout+stderr.
+fn in_namespace_with_sbin(bin_dir: &Path, script: &str) -> (bool, String) {
+    let full = format!(
+        "mount -t overlay overlay -o lowerdir={}:/usr/sbin /usr/sbin\n{script}",
+        bin_dir.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec", &full])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `mount -t fuse.migsafe SRC DIR -o ...` goes through mount(8) and fuse3's
+/// mount.fuse3 to `migsafe SRC DIR -o ...`: the result is `fuse.migsafe`.
+#[test]
+fn mount_helper_via_mount8_has_type_fuse_migsafe() {
+    if !require_root() || !have_tool("unshare") {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let bin_dir = dir.path().join("sbin");
+    fs::create_dir(&bin_dir).unwrap();
+    fs::copy(BIN, bin_dir.join("migsafe")).unwrap();
+    // The daemon lives in the namespace; killing it by pid on failure takes
+    // the namespace and its mount with it.
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let (ok, text) = in_namespace_with_sbin(
+        &bin_dir,
+        &format!(
+            "mount -t fuse.migsafe -o io=relay,pid-file={pid} {b} {m}\n\
+             findmnt -n -o FSTYPE,SOURCE {m}\n\
+             cat {m}/disk.img; echo\n\
+             umount {m}\n",
+            pid = guard.pid_file.display(),
+            b = backing.display(),
+            m = mnt.display()
+        ),
+    );
+    assert!(ok, "mount(8) helper form failed:\n{text}");
+    let mut lines = text.lines();
+    let fstype = lines.next().unwrap_or("");
+    assert!(
+        fstype.starts_with("fuse.migsafe "),
+        "type via mount(8) is not fuse.migsafe:\n{text}"
+    );
+    assert_eq!(lines.next(), Some("image bytes"), "{text}");
+    let pid = guard.pid().expect("pid file");
+    assert!(wait_gone(pid), "daemon did not exit after umount");
+}
+
+/// `scripts/install.sh` puts the binary where mount(8)'s helper finds it
+/// (mount.fuse3 runs `sh -c migsafe ...` with no PATH of its own) and the unit
+/// beside it, naming that binary. Staged under DESTDIR, then laid over
+/// /usr/sbin in a private namespace, `mount -t fuse.migsafe` works; with an
+/// empty /usr/sbin overlay (the control) mount fails with `not found`.
+#[test]
+fn install_script_puts_migsafe_where_mount8_finds_it() {
+    if !require_root() || !have_tool("unshare") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let dest = dir.path().join("root");
+    let out = run(Command::new(script_path()).arg(BIN).env("DESTDIR", &dest));
+    let installed = dest.join("usr/sbin/migsafe");
+    assert!(out.contains("usr/sbin/migsafe"), "{out}");
+    assert_eq!(fs::read(&installed).unwrap(), fs::read(BIN).unwrap());
+    assert_eq!(
+        fs::metadata(&installed).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    let unit = read_text(&dest.join("etc/systemd/system/migsafe@.service"));
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("ExecStart=/usr/sbin/migsafe mount ")),
+        "unit does not run the installed binary:\n{unit}"
+    );
+    assert!(dest.join("etc/migsafe").is_dir());
+
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let script = format!(
+        "mount -t fuse.migsafe -o io=relay,pid-file={pid} {b} {m}\n\
+         findmnt -n -o FSTYPE {m}\n\
+         umount {m}\n",
+        pid = guard.pid_file.display(),
+        b = backing.display(),
+        m = mnt.display()
+    );
+    // Control: nothing installed, so the helper cannot find migsafe.
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let (ok, text) = in_namespace_with_sbin(&empty, &script);
+    assert!(
+        !ok && text.contains("migsafe: not found"),
+        "mount(8) found a migsafe that was not installed:\n{text}"
+    );
+    let (ok, text) = in_namespace_with_sbin(&dest.join("usr/sbin"), &script);
+    assert!(ok, "mount(8) with the installed binary failed:\n{text}");
+    assert_eq!(text.lines().next(), Some("fuse.migsafe"), "{text}");
+    let pid = guard.pid().expect("pid file");
+    assert!(wait_gone(pid), "daemon did not exit after umount");
+
+    // A directory outside the helper's PATH is installed with a warning.
+    let out = Command::new(script_path())
+        .arg(BIN)
+        .env("DESTDIR", dir.path().join("root2"))
+        .env("SBINDIR", "/opt/migsafe/bin")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not on mount(8)'s helper PATH"),
+        "{out:?}"
+    );
+}
+
+fn script_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install.sh")
+}

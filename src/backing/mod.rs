@@ -39,6 +39,48 @@ pub fn open_root(path: &Path) -> Result<OwnedFd, String> {
     }
 }
 
+/// Refuses a mountpoint beneath the backing directory, also when reached
+/// through a bind mount or symlink of it: every lookup of that entry would
+/// go through migsafe's own mount back into migsafe, and the event-loop
+/// threads end up waiting on themselves (the whole mount hangs in D state).
+/// Returns true when the mountpoint *is* the backing directory (a mount over
+/// its own backing, which is safe: the backing is reached through the fd
+/// opened before the mount).
+pub fn check_mountpoint_outside(
+    root: &OwnedFd,
+    backing: &Path,
+    mountpoint: &Path,
+) -> Result<bool, String> {
+    let root_st = sys::fstat_fd(root.as_fd())
+        .map_err(|e| format!("backing directory {}: {e}", backing.display()))?;
+    let same = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .ok()
+            .and_then(|c| sys::stat_path(&c).ok())
+            .is_some_and(|st| st.st_dev == root_st.st_dev && st.st_ino == root_st.st_ino)
+    };
+    let Ok(canonical) = std::fs::canonicalize(mountpoint) else {
+        return Ok(false);
+    };
+    if same(&canonical) {
+        return Ok(true);
+    }
+    let mut up = canonical.parent();
+    while let Some(dir) = up {
+        if same(dir) {
+            return Err(format!(
+                "mountpoint {} is inside the backing directory {} (at {}): migsafe would serve its own mount and hang; choose a mountpoint outside {}",
+                mountpoint.display(),
+                backing.display(),
+                dir.display(),
+                backing.display()
+            ));
+        }
+        up = dir.parent();
+    }
+    Ok(false)
+}
+
 /// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
 fn unsafe_cwd() -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.

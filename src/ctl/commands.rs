@@ -100,15 +100,26 @@ impl Job {
                 text.push_str(&result_line(&name, &outcome, t0.elapsed().as_millis()));
             }
         }
-        log::info!(
-            "{} ({} targets): {} in {} ms",
-            self.command.name(),
-            targets.len(),
-            first_errno
-                .map(sys::errno_name)
-                .unwrap_or_else(|| "ok".into()),
-            start.elapsed().as_millis()
-        );
+        match first_errno {
+            None => log::info!(
+                "{} ({} targets): ok in {} ms",
+                self.command.name(),
+                targets.len(),
+                start.elapsed().as_millis()
+            ),
+            // The failing images' result lines name each image and errno.
+            Some(e) => log::warn!(
+                "{} ({} targets): {} in {} ms: {}",
+                self.command.name(),
+                targets.len(),
+                sys::errno_name(e),
+                start.elapsed().as_millis(),
+                text.lines()
+                    .filter(|l| l.contains(" result=error "))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
         (first_errno, text)
     }
 
