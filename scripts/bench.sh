@@ -32,7 +32,7 @@ Options:
                        seqread-1m seqwrite-1m randread-4k-qd1 randread-4k-qd16
                        randwrite-4k randrw-4k   (each -hot and -cold)
                        odirect-randread-4k
-  --targets LIST     comma list of: native passthrough relay mergerfs qsd
+  --targets LIST     comma list of: native passthrough relay cached mergerfs qsd
                      (default: all that are available; native is always run)
   --threads N        passed to `migsafe mount --threads N`
   --mount-arg ARG    extra argument for every `migsafe mount` (repeatable)
@@ -41,7 +41,8 @@ Options:
   --csv FILE         write the fio results (aggregated) as CSV
   --json FILE        write everything (raw and aggregated) as JSON
   --blockdev         also run the block-device table: a loop device natively
-                     vs `migsafe mount --device disk=/dev/loopN` (relay)
+                     vs `migsafe mount --device disk=/dev/loopN` (cached and
+                     relay device paths)
                      (+ qemu-storage-daemon host_device export)
   --no-file          skip the file-backed data-path table
   --ctl              control-op timings: activate on a 100 GiB sparse image
@@ -773,9 +774,14 @@ run_one() {
 	row_args "$row"
 	sync "$backing"
 	case $ROW_MODE in
-	hot) py warm "$backing" ;;
+	hot)
+		py warm "$backing"
+		# The cached path's one cache is the FUSE inode's: warm that.
+		if [[ $target == cached ]]; then py warm "$file"; fi
+		;;
 	cold)
 		evict "$backing"
+		if [[ $target == cached ]]; then evict "$file"; fi
 		local cs
 		read -ra cs <<<"$(py cachestat "$backing")"
 		if ((cs[0] * 100 > cs[3])); then
@@ -838,7 +844,7 @@ target_wanted() { # name
 if [[ -n $TARGETS ]]; then
 	IFS=, read -ra _items <<<"$TARGETS"
 	for _i in "${_items[@]}"; do
-		case $_i in native | passthrough | relay | mergerfs | qsd) ;; *) die "unknown target in --targets: $_i" ;; esac
+		case $_i in native | passthrough | relay | cached | mergerfs | qsd) ;; *) die "unknown target in --targets: $_i" ;; esac
 	done
 fi
 
@@ -929,19 +935,22 @@ stage_blockdev() {
 	# a block device's cache goes when its last opener closes it: hold it open
 	hold ro "$loop" || die "cannot hold $loop open"
 	TARGET_FILE[native]=$loop
-	if target_wanted relay; then
-		if start_migsafe dev "$WORK/devbacking" "$WORK/mnt-dev" --io relay --device "disk=$loop"; then
-			DAEMON_PID[relay]=$LAST_PID
-			TARGET_FILE[relay]=$WORK/mnt-dev/disk
-			if hold ro "$WORK/mnt-dev/disk"; then
-				targets+=(relay)
+	local t
+	for t in cached relay; do
+		target_wanted "$t" || continue
+		mkdir -p "$WORK/devbacking-$t"
+		if start_migsafe "dev-$t" "$WORK/devbacking-$t" "$WORK/mnt-dev-$t" --device-io "$t" --device "disk=$loop"; then
+			DAEMON_PID[$t]=$LAST_PID
+			TARGET_FILE[$t]=$WORK/mnt-dev-$t/disk
+			if hold ro "$WORK/mnt-dev-$t/disk"; then
+				targets+=("$t")
 			else
-				note "blockdev relay: could not open disk through the mount; target skipped"
+				note "blockdev $t: could not open disk through the mount; target skipped"
 			fi
 		else
-			note "migsafe mount --device failed (log above); target skipped"
+			note "migsafe mount --device --device-io $t failed (log above); target skipped"
 		fi
-	fi
+	done
 	if target_wanted qsd && have qemu-storage-daemon; then
 		if start_qsd host_device "$loop" "$WORK/qsd-dev"; then
 			DAEMON_PID[qsd]=$LAST_PID

@@ -24,14 +24,20 @@
 # Options:
 #   --format raw|qcow2   image format (default raw)
 #   --backing loop|dir   two-host bed (default loop)
-#   --no-activate        negative control: skip `activate` on the destination;
-#                        the destination must then read stale data (exit 3)
+#   --no-activate        negative control: skip `activate` on the destination
+#                        and switch off QEMU's own invalidation there
+#                        (file.drop-cache=off); the destination must then read
+#                        stale data (exit 3)
+#   --qemu-only          no control command at all: the migration relies on
+#                        QEMU's own drop-cache on the destination, which reaches
+#                        the FUSE page cache of the cached device path
 #   --cancel             failed migration: the source is stopped and
 #                        inactivated mid-migration, the migration is cancelled,
 #                        the source re-activates, continues and must still read
 #                        and write its data
 #   --migsafe PATH       migsafe binary (default: $MIGSAFE or `migsafe` on PATH)
 #   --io MODE            data path of the dir bed's migsafe mounts (default relay)
+#   --device-io MODE     data path of the loop bed's devices (default cached)
 #   --direct             bed check without migsafe: QEMU opens the loop devices
 #                        or mergerfs files itself; --no-activate then means the
 #                        destination's file.drop-cache=off
@@ -50,6 +56,8 @@ ACTIVATE=1
 CANCEL=0
 DIRECT=0
 IO=relay
+DEVICE_IO=cached
+QEMU_ONLY=0
 MIGSAFE=${MIGSAFE:-migsafe}
 
 usage() {
@@ -65,6 +73,8 @@ while (($#)); do
     --cancel) CANCEL=1; shift ;;
     --migsafe) MIGSAFE=${2:?}; shift 2 ;;
     --io) IO=${2:?}; shift 2 ;;
+    --device-io) DEVICE_IO=${2:?}; shift 2 ;;
+    --qemu-only) QEMU_ONLY=1; ACTIVATE=0; shift ;;
     --direct) DIRECT=1; shift ;;
     -h | --help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
@@ -201,9 +211,10 @@ start_migsafe() { # host backing_dir mountpoint extra-args...
 start_qemu() {
     local host=$1 path=$2 incoming=${3:-} drive extra=()
     drive="if=none,id=d0,file=$path,format=$FORMAT,cache=writeback,file.locking=off"
-    # --direct: QEMU's own drop-cache is the only cache control; the negative
-    # control switches it off on the destination.
-    if ((DIRECT && !ACTIVATE)) && [[ $host == B ]]; then
+    # The negative control switches QEMU's own drop-cache off on the
+    # destination too: with --direct it is the only cache control, and on the
+    # cached device path it reaches the FUSE page cache.
+    if ((!ACTIVATE && !QEMU_ONLY)) && [[ $host == B ]]; then
         drive+=",file.drop-cache=off"
     fi
     [[ -n $incoming ]] && extra=(-incoming defer)
@@ -237,8 +248,8 @@ if [[ $BACKING == loop ]]; then
         PATH_A=$LOOP_A PATH_B=$LOOP_B
     else
         mkdir -p "$WORK/empty-A" "$WORK/empty-B"
-        start_migsafe A "$WORK/empty-A" "$WORK/mnt-A" --device "$IMG=$LOOP_A"
-        start_migsafe B "$WORK/empty-B" "$WORK/mnt-B" --device "$IMG=$LOOP_B"
+        start_migsafe A "$WORK/empty-A" "$WORK/mnt-A" --device "$IMG=$LOOP_A" --device-io "$DEVICE_IO"
+        start_migsafe B "$WORK/empty-B" "$WORK/mnt-B" --device "$IMG=$LOOP_B" --device-io "$DEVICE_IO"
         PATH_A=$WORK/mnt-A/$IMG PATH_B=$WORK/mnt-B/$IMG
     fi
 else
@@ -370,7 +381,9 @@ else
     log "migration completed; source is $(qmp "$SOCK_A" status), destination is $(qmp "$SOCK_B" status)"
     # 6. Handover of the image: inactivate on the source, activate on the
     #    destination, and only if that worked, run the guest there.
-    if ((!DIRECT)); then
+    if ((QEMU_ONLY)); then
+        log "no control commands: relying on QEMU's own drop-cache on the destination"
+    elif ((!DIRECT)); then
         ctl "$MNT_A" inactivate "$IMG" || { log "inactivate on source failed"; exit 4; }
         if ((ACTIVATE)); then
             ctl "$MNT_B" activate "$IMG" || { log "activate on destination failed"; exit 4; }
@@ -399,7 +412,7 @@ paths = {h.get("data_path", "?") for i in st.get("images", []) if i.get("path") 
          for h in i.get("open_handles", [])}
 print(",".join(sorted(paths)) or "none")' "$mnt/.ctl/status" "$IMG") || DATA_PATH=unknown
 fi
-SUMMARY="data_path=$DATA_PATH format=$FORMAT backing=$BACKING mode=$MODE activate=$ACTIVATE cancel=$CANCEL${FENCE:+ fencing=$FENCE}"
+SUMMARY="data_path=$DATA_PATH format=$FORMAT backing=$BACKING mode=$MODE activate=$ACTIVATE qemu_only=$QEMU_ONLY cancel=$CANCEL${FENCE:+ fencing=$FENCE}"
 for c in "${CHECKS[@]}"; do echo "check host=$HOST ${c%%:*} ${c#*:}"; done
 if ((FAILED)); then
     echo "RESULT: STALE ($FAILED of ${#CHECKS[@]} checks failed) $SUMMARY"

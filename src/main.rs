@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use migsafe::client;
-use migsafe::fs::IoMode;
+use migsafe::fs::{DataPath, IoMode};
 use migsafe::mount::{self, MountArgs};
 use migsafe::settings::Key;
 
@@ -25,6 +25,12 @@ struct Cli {
 enum Io {
     Auto,
     Passthrough,
+    Relay,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceIo {
+    Cached,
     Relay,
 }
 
@@ -63,9 +69,13 @@ struct MountCmd {
     /// Show a block device (or file) at the mount root as regular file NAME.
     #[arg(long = "device", value_name = "NAME=PATH")]
     devices: Vec<String>,
-    /// Data path for regular files (devices always use relay).
+    /// Data path for regular files.
     #[arg(long, value_enum, default_value = "auto")]
     io: Io,
+    /// Data path for --device entries: cached (the FUSE page cache, O_DIRECT
+    /// on the device) or relay (every read and write through the daemon).
+    #[arg(long, value_enum, default_value = "cached")]
+    device_io: DeviceIo,
     /// FUSE event-loop threads (default: number of CPUs, at least 2).
     #[arg(long)]
     threads: Option<usize>,
@@ -186,6 +196,10 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
             Io::Auto => IoMode::Auto,
             Io::Passthrough => IoMode::Passthrough,
             Io::Relay => IoMode::Relay,
+        },
+        device_io: match m.device_io {
+            DeviceIo::Cached => DataPath::Cached,
+            DeviceIo::Relay => DataPath::Relay,
         },
         threads: m.threads.unwrap_or_else(mount::default_threads),
         ctl_name: m.ctl_name,

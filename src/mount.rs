@@ -9,7 +9,7 @@ use std::sync::Arc;
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::backing::{self, DeviceSpec};
-use crate::fs::{FsConfig, IoMode, MigsafeFs};
+use crate::fs::{DataPath, FsConfig, IoMode, MigsafeFs};
 use crate::settings::{Key, Settings};
 use crate::sys;
 
@@ -20,6 +20,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub devices: Vec<(String, PathBuf)>,
     pub io: IoMode,
+    /// Data path of `--device` entries: cached (default) or relay.
+    pub device_io: DataPath,
     pub threads: usize,
     pub ctl_name: String,
     pub settings: Vec<(Key, String)>,
@@ -161,6 +163,7 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
             ) => {}
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             ("io", Some(v)) => args.io = parse_io(v)?,
+            ("device-io" | "device_io", Some(v)) => args.device_io = parse_device_io(v)?,
             ("device", Some(v)) => args.devices.push(parse_device(v)?),
             ("threads", Some(v)) => {
                 args.threads = v
@@ -187,6 +190,14 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
     ));
     opts.push(MountOption::Subtype("migsafe".into()));
     Ok((opts, acl))
+}
+
+pub fn parse_device_io(v: &str) -> Result<DataPath, StartError> {
+    match v {
+        "cached" => Ok(DataPath::Cached),
+        "relay" => Ok(DataPath::Relay),
+        _ => err(format!("invalid device io {v:?}: expected cached or relay")),
+    }
 }
 
 pub fn parse_io(v: &str) -> Result<IoMode, StartError> {
@@ -285,6 +296,9 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         owner_gid: nix::unistd::getegid().as_raw(),
         max_write: args.max_write,
         max_background: 64,
+        mountpoint: std::fs::canonicalize(&args.mountpoint)
+            .unwrap_or_else(|_| args.mountpoint.clone()),
+        device_io: args.device_io,
     };
     let fs = MigsafeFs::new(config, settings, root, devices)
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;

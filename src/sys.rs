@@ -417,3 +417,42 @@ pub fn errno_name(errno: i32) -> String {
 pub fn errno_of(err: &io::Error) -> i32 {
     err.raw_os_error().unwrap_or(libc::EIO)
 }
+
+/// The calling thread's id (the pid FUSE requests carry).
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() as u32 }
+}
+
+/// Sets O_DIRECT on an open fd (F_SETFL accepts it on Linux).
+pub fn set_direct(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments only.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } as libc::c_long)?;
+    // SAFETY: as above.
+    check(
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags as i32 | libc::O_DIRECT) }
+            as libc::c_long,
+    )
+    .map(|_| ())
+}
+
+/// The logical block size O_DIRECT I/O must be aligned to: BLKSSZGET for a
+/// block device, 4096 (every filesystem's page-sized safe choice) otherwise.
+pub fn logical_block_size(fd: BorrowedFd<'_>) -> u64 {
+    const BLKSSZGET: libc::c_ulong = 0x1268;
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which is live;
+    // on a non-device the ioctl fails and nothing is written.
+    let ret = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
+    if ret == 0 && size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}

@@ -258,7 +258,7 @@ fn blockdev_size(dev: &Path) -> u64 {
 
 /// A loop device given with `--device`: same data both ways, the device's
 /// size, and the rules that keep an operator from damaging or hiding it.
-fn check_device(extra: &[&str]) {
+fn check_device(extra: &[&str], want_path: &str) {
     let dir = scratch();
     let img = dir.path().join("disk.img");
     File::create(&img)
@@ -410,8 +410,8 @@ fn check_device(extra: &[&str]) {
 
     let log = m.log_text();
     assert!(
-        log_has_open(&log, "disk", "relay"),
-        "log does not say `data path=relay` for disk:\n{log}"
+        log_has_open(&log, "disk", want_path),
+        "log does not say `data path={want_path}` for disk:\n{log}"
     );
     assert!(
         !log_has_open(&log, "disk", "passthrough"),
@@ -419,12 +419,21 @@ fn check_device(extra: &[&str]) {
     );
 }
 
+/// Devices default to the cached path; `--io` is for regular files only.
 #[test]
 fn device_default_io() {
     if !common::require_root() {
         return;
     }
-    check_device(&[]);
+    check_device(&[], "cached");
+}
+
+#[test]
+fn device_with_io_relay_stays_cached() {
+    if !common::require_root() {
+        return;
+    }
+    check_device(&["--io", "relay"], "cached");
 }
 
 #[test]
@@ -432,5 +441,5 @@ fn device_io_relay() {
     if !common::require_root() {
         return;
     }
-    check_device(&["--io", "relay"]);
+    check_device(&["--device-io", "relay"], "relay");
 }

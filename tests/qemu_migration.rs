@@ -81,15 +81,24 @@ fn assert_pass(args: &[&str]) -> Run {
         .position(|a| *a == "--io")
         .map(|i| args[i + 1])
         .unwrap_or("relay");
+    let device_io = args
+        .iter()
+        .position(|a| *a == "--device-io")
+        .map(|i| args[i + 1])
+        .unwrap_or("cached");
     if !args.contains(&"--direct") && io != "auto" {
-        let want = if args.contains(&"loop") { "relay" } else { io };
+        let want = if args.contains(&"loop") {
+            device_io
+        } else {
+            io
+        };
         assert!(
             run.stdout.contains(&format!("data_path={want} ")),
             "expected data_path={want}\n{}",
             run.describe()
         );
     }
-    if args.contains(&"--cancel") && io == "relay" {
+    if args.contains(&"--cancel") && (io == "relay" || args.contains(&"loop")) {
         assert!(
             run.stdout.contains("fencing=full"),
             "the inactive image must have refused the source's write\n{}",
@@ -151,6 +160,64 @@ fn qcow2_on_loop_devices() {
 fn qcow2_on_loop_devices_without_activate_reads_stale() {
     if prerequisites(false) {
         assert_stale_without_activate(&["--format", "qcow2", "--backing", "loop"]);
+    }
+}
+
+#[test]
+fn raw_on_loop_devices_relay() {
+    if prerequisites(false) {
+        assert_pass(&[
+            "--format",
+            "raw",
+            "--backing",
+            "loop",
+            "--device-io",
+            "relay",
+        ]);
+    }
+}
+
+#[test]
+fn raw_on_loop_devices_relay_without_activate_reads_stale() {
+    if prerequisites(false) {
+        assert_stale_without_activate(&[
+            "--format",
+            "raw",
+            "--backing",
+            "loop",
+            "--device-io",
+            "relay",
+        ]);
+    }
+}
+
+/// On the cached device path the FUSE inode's page cache is the only one,
+/// so QEMU's own invalidation at activation (its drop-cache fadvise on its
+/// FUSE fd) reaches it: a migration with no control command at all reads
+/// the source's last writes. The negative controls above are the same
+/// migration with QEMU's drop-cache off.
+#[test]
+fn qemu_drop_cache_alone_suffices_on_cached_devices() {
+    if prerequisites(false) {
+        assert_pass(&["--format", "raw", "--backing", "loop", "--qemu-only"]);
+        assert_pass(&["--format", "qcow2", "--backing", "loop", "--qemu-only"]);
+        // On relay the device's page cache is the one that matters, and
+        // QEMU's fadvise on its FUSE fd never reaches it.
+        let run = e2e(&[
+            "--format",
+            "raw",
+            "--backing",
+            "loop",
+            "--qemu-only",
+            "--device-io",
+            "relay",
+        ]);
+        assert_eq!(
+            run.code,
+            3,
+            "relay devices with QEMU's drop-cache alone must read stale data\n{}",
+            run.describe()
+        );
     }
 }
 

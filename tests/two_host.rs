@@ -60,6 +60,20 @@ fn loop_bed_destination_reads_stale_until_activate() {
     if !common::require_root() {
         return;
     }
+    loop_bed("relay");
+}
+
+/// The cached device path: the one cache is the FUSE inode's, so that is
+/// where the stale block sits and what inactivate/activate must drop.
+#[test]
+fn loop_bed_cached_destination_reads_stale_until_activate() {
+    if !common::require_root() {
+        return;
+    }
+    loop_bed("cached");
+}
+
+fn loop_bed(device_io: &str) {
     let dir = scratch();
     let img = dir.path().join("shared.img");
     make_file(&img, 64 * MIB, b'A');
@@ -71,28 +85,59 @@ fn loop_bed_destination_reads_stale_until_activate() {
     fs::create_dir(&back_b).unwrap();
     let dev_a = format!("disk={}", loop_a.path.display());
     let dev_b = format!("disk={}", loop_b.path.display());
-    let m1 = Mount::start(dir.path(), &back_a, &["--device", &dev_a]);
-    let m2 = Mount::start(dir.path(), &back_b, &["--device", &dev_b]);
+    let io = ["--device-io", device_io];
+    let m1 = Mount::start(
+        dir.path(),
+        &back_a,
+        &[&["--device", &dev_a][..], &io].concat(),
+    );
+    let m2 = Mount::start(
+        dir.path(),
+        &back_b,
+        &[&["--device", &dev_b][..], &io].concat(),
+    );
     let disk1 = m1.path("disk");
     let disk2 = m2.path("disk");
     assert_eq!(fs::metadata(&disk2).unwrap().len(), 64 * MIB as u64);
+    // Where each host caches the image: the device's page cache (relay) or
+    // the FUSE inode's (cached, whose device fd is O_DIRECT).
+    let (cache_a, cache_b) = if device_io == "cached" {
+        (disk1.clone(), disk2.clone())
+    } else {
+        (loop_a.path.clone(), loop_b.path.clone())
+    };
 
-    // The destination's VMM holds the image open (keeps loopB's cache alive).
+    // Each host's VMM holds the image open (keeps its cache alive, and makes
+    // `migsafe residency`'s open of the FUSE file a later open, which keeps
+    // the FUSE cache it measures).
     let _holder = hold_open(&disk2);
+    let _source_vmm = hold_open(&disk1);
 
-    // Destination reads X early: it lands in loopB's page cache.
+    // Destination reads X early: it lands in the destination's cache.
     let before = read_at(&disk2, X, MIB);
     assert!(all(&before, b'A'), "initial read: {}", describe(&before));
-    let rb = residency(&loop_b.path);
+    let rb = residency(&cache_b);
     assert!(
         rb.cached >= (MIB / 4096) as u64,
         "precondition: block X must be cached in {} (cached={})",
-        loop_b.path.display(),
+        cache_b.display(),
         rb.cached
     );
+    if device_io == "cached" {
+        assert_eq!(
+            residency(&loop_b.path).cached,
+            0,
+            "cached path: the device's own page cache must hold nothing"
+        );
+    }
 
     // Source writes X (with fsync) and inactivates.
     write_at_sync(&disk1, X, &vec![b'B'; MIB]);
+    assert!(
+        residency(&cache_a).cached >= (MIB / 4096) as u64,
+        "precondition: the source caches what it wrote in {}",
+        cache_a.display()
+    );
     let (res, out) = ctl_write_read(&m1.ctl("inactivate"), "disk\n");
     assert_eq!(
         res,
@@ -101,7 +146,7 @@ fn loop_bed_destination_reads_stale_until_activate() {
         m1.log_text()
     );
     assert!(out.contains("result=ok"), "inactivate read-back: {out:?}");
-    let ra = residency(&loop_a.path);
+    let ra = residency(&cache_a);
     assert_eq!(ra.dirty, 0, "source still has dirty pages after inactivate");
     assert_eq!(
         ra.writeback, 0,

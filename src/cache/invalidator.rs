@@ -13,6 +13,7 @@ use fuser::{INodeNo, Notifier};
 /// invalidate-on-open cheap.
 pub struct AttrInvalidator {
     queue: Sender<u64>,
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl AttrInvalidator {
@@ -20,11 +21,12 @@ impl AttrInvalidator {
     /// before are dropped (nothing can be cached before the mount is live).
     pub fn start(notifier: Arc<OnceLock<Notifier>>) -> AttrInvalidator {
         let (queue, rx) = std::sync::mpsc::channel::<u64>();
+        let worker_notifier = notifier.clone();
         let spawned = std::thread::Builder::new()
             .name("migsafe-inval".into())
             .spawn(move || {
                 for nodeid in rx {
-                    if let Some(n) = notifier.get()
+                    if let Some(n) = worker_notifier.get()
                         && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
                     {
                         log::debug!("inval_inode {nodeid}: {e}");
@@ -34,7 +36,23 @@ impl AttrInvalidator {
         if let Err(e) = spawned {
             log::warn!("cannot start the invalidation thread: {e}; attributes expire by TTL only");
         }
-        AttrInvalidator { queue }
+        AttrInvalidator { queue, notifier }
+    }
+
+    /// Invalidates FUSE node `nodeid`'s attributes and page cache now, and
+    /// returns once the kernel has done it: the kernel writes dirty pages
+    /// back, unmaps mapped ones and drops them inside the notification's
+    /// write. Only from a thread that serves no FUSE request (a control
+    /// worker): the kernel may wait on pages a request being served holds.
+    pub fn invalidate_now(&self, nodeid: u64) -> std::io::Result<()> {
+        match self.notifier.get() {
+            Some(n) if nodeid != 0 => match n.inval_inode(INodeNo(nodeid), 0, 0) {
+                // ENOENT: the kernel has no such inode, so nothing cached.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                other => other,
+            },
+            _ => Ok(()),
+        }
     }
 
     /// Queues an invalidation of FUSE node `nodeid` (0 = none: nothing to do).

@@ -47,6 +47,7 @@ pub struct Job {
     root_fd: Arc<OwnedFd>,
     invalidator: Arc<AttrInvalidator>,
     devices: Vec<(String, Arc<Image>)>,
+    mountpoint: std::path::PathBuf,
 }
 
 impl Job {
@@ -60,6 +61,7 @@ impl Job {
             root_fd: plane.root_fd.clone(),
             invalidator: plane.invalidator.clone(),
             devices: plane.devices.clone(),
+            mountpoint: plane.mountpoint.clone(),
         }
     }
 
@@ -83,9 +85,14 @@ impl Job {
         };
         let invalidator = self.invalidator.clone();
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
+        let fuse = super::fuse_cache::MountCache {
+            mountpoint: &self.mountpoint,
+            invalidator: &self.invalidator,
+        };
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
+            fuse: Some(&fuse),
         };
         let mut first_errno = None;
         let mut text = String::new();
@@ -256,7 +263,7 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         "data_paths": {
             "passthrough_active": plane.passthrough_active.load(Ordering::Relaxed),
             "io": plane.io.name(),
-            "devices": "relay",
+            "devices": plane.device_io.name(),
         },
         "ctl_name": plane.ctl_name,
         "settings": plane.settings.to_json(),

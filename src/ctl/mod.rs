@@ -4,6 +4,7 @@
 //! on the same open file.
 
 pub mod commands;
+pub mod fuse_cache;
 pub mod request;
 
 use std::os::fd::OwnedFd;
@@ -76,9 +77,14 @@ pub struct ControlPlane {
     /// The backing directory's O_PATH root, beneath which paths resolve.
     pub root_fd: Arc<OwnedFd>,
     pub ctl_name: String,
+    /// Where this mount is: control commands reach the FUSE inodes' page
+    /// caches through files of the mount.
+    pub mountpoint: std::path::PathBuf,
     /// Besides root, the only user allowed to write control files.
     pub owner_uid: u32,
     pub io: IoMode,
+    /// The data path of `--device` entries.
+    pub device_io: crate::datapath::DataPath,
     /// Set once the kernel answered FUSE_INIT.
     pub passthrough_supported: AtomicBool,
     pub passthrough_active: AtomicBool,

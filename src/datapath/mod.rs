@@ -19,6 +19,8 @@ use fuser::BackingId;
 
 use crate::sys::AlignedBuf;
 
+pub mod cached;
+
 /// `--io`: which data path regular files use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoMode {
@@ -42,6 +44,8 @@ impl IoMode {
 pub enum DataPath {
     Passthrough,
     Relay,
+    /// The FUSE inode's page cache, O_DIRECT on the backing.
+    Cached,
 }
 
 impl DataPath {
@@ -49,7 +53,15 @@ impl DataPath {
         match self {
             DataPath::Passthrough => "passthrough",
             DataPath::Relay => "relay",
+            DataPath::Cached => "cached",
         }
+    }
+
+    /// Whether the FUSE inode can hold pages of the image: always for
+    /// cached; for relay through mappings (direct-io mmap uses the FUSE
+    /// page cache); never for passthrough, whose mappings are the backing's.
+    pub fn fuse_pages(self) -> bool {
+        self != DataPath::Passthrough
     }
 }
 

@@ -15,6 +15,7 @@ use fuser::{
 use super::inodes::{Inode, Kind};
 use super::{IoMode, MigsafeFs, Open, attr};
 use crate::datapath::{self, PassthroughBacking};
+use crate::image::handle::is_internal_opener;
 use crate::image::{CommandContext, DataPath, Handle, Image};
 use crate::settings::OnOpen;
 use crate::sys::{self, FsCreds};
@@ -42,8 +43,9 @@ fn backing_flags(flags: i32) -> i32 {
 impl MigsafeFs {
     fn data_path_for(&self, inode: &Inode) -> DataPath {
         if inode.device_name.is_some() {
-            // The kernel refuses a block device as passthrough backing (EINVAL).
-            return DataPath::Relay;
+            // The kernel refuses a block device as passthrough backing
+            // (EINVAL): cached (default) or relay.
+            return self.config.device_io;
         }
         match self.config.io {
             IoMode::Relay => DataPath::Relay,
@@ -75,9 +77,12 @@ impl MigsafeFs {
             return Ok(());
         }
         let invalidate = |img: &Image| self.invalidate_attrs_async(img);
+        // Inside the open request: the FUSE inode's cache is dropped by the
+        // reply (no FOPEN_KEEP_CACHE on a first open), never from here.
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
+            fuse: None,
         };
         let outcome = image.invalidate_on_open(&ctx);
         match outcome.errno {
@@ -190,6 +195,23 @@ impl MigsafeFs {
                 }
             }
         }
+        if data_path == DataPath::Cached {
+            // The device's own page cache must hold nothing of the image:
+            // the FUSE inode's is the one cache.
+            sys::set_direct(file.as_fd()).map_err(|e| {
+                log::warn!(
+                    "open {}: cannot use O_DIRECT on the backing ({e}); use --device-io relay",
+                    image.path()
+                );
+                errno(e)
+            })?;
+        }
+        // A first open (nobody else has the image open here) is the
+        // close-to-open point: without FOPEN_KEEP_CACHE the kernel drops the
+        // FUSE inode's pages as the open completes.
+        let keep_cache = image.open_handle_count() > 0
+            || self.settings.on_open() != OnOpen::Invalidate
+            || !self.settings.drop_cache();
         let handle = Arc::new(Handle::new(
             image.clone(),
             Arc::new(file),
@@ -235,6 +257,8 @@ impl MigsafeFs {
             DataPath::Relay => {
                 FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
             }
+            DataPath::Cached if keep_cache => FopenFlags::FOPEN_KEEP_CACHE,
+            DataPath::Cached => FopenFlags::empty(),
         };
         Ok((fh, fopen, passthrough))
     }
@@ -252,6 +276,9 @@ impl MigsafeFs {
                     .check_writable(&self.settings)
                     .map_err(Errno::from_i32)?;
             }
+            if is_internal_opener(req.pid()) {
+                return self.open_internal(inode, image);
+            }
             // Held until the handle is registered, so a concurrent first
             // open neither invalidates again nor sees a half-open image.
             let gate = image.clone();
@@ -265,6 +292,30 @@ impl MigsafeFs {
             Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
             Err(e) => reply.error(e),
         }
+    }
+
+    /// The control plane opening a file of this mount to measure or sync
+    /// its FUSE cache: read-only, not one of the image's handles, and the
+    /// cache it measures stays (FOPEN_KEEP_CACHE).
+    fn open_internal(
+        &self,
+        inode: Arc<Inode>,
+        image: Arc<Image>,
+    ) -> Result<(u64, FopenFlags, Option<Arc<PassthroughBacking>>), Errno> {
+        let file = match &inode.fd {
+            Some(fd) => sys::reopen(fd.as_fd(), libc::O_RDONLY).map_err(errno)?,
+            None => image.open_backing(libc::O_RDONLY).map_err(errno)?,
+        };
+        let handle = Handle::new(
+            image,
+            Arc::new(file),
+            DataPath::Relay,
+            libc::O_RDONLY,
+            std::process::id(),
+            None,
+        );
+        let fh = self.add_handle(Open::File(Arc::new(handle)));
+        Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, None))
     }
 
     pub(crate) fn do_create(
@@ -360,7 +411,7 @@ impl MigsafeFs {
             Err(e) => return reply.error(e),
         };
         h.image.counters.reads.fetch_add(1, Ordering::Relaxed);
-        datapath::relay_read(&h.file, offset, size as usize, |res| match res {
+        let respond = |res: std::io::Result<&[u8]>| match res {
             Ok(data) => reply.data(data),
             Err(e) => {
                 // O_DIRECT openers (QEMU) probe alignment with reads that
@@ -372,7 +423,13 @@ impl MigsafeFs {
                 }
                 reply.error(errno(e))
             }
-        })
+        };
+        match h.data_path {
+            DataPath::Cached => {
+                datapath::cached::read(&h.file, h.block, offset, size as usize, respond)
+            }
+            _ => datapath::relay_read(&h.file, offset, size as usize, respond),
+        }
     }
 
     pub(crate) fn do_write(
@@ -401,7 +458,13 @@ impl MigsafeFs {
             data = &data[..data.len().min(room)];
         }
         h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
-        let written = datapath::relay_write(&h.file, offset, data, h.direct).map_err(|e| {
+        let written = match h.data_path {
+            DataPath::Cached => {
+                datapath::cached::write(&h.file, h.block, &h.image.write_ranges, offset, data)
+            }
+            _ => datapath::relay_write(&h.file, offset, data, h.direct),
+        }
+        .map_err(|e| {
             log::warn!("write {} at {offset}: {e}", h.image.path());
             errno(e)
         });

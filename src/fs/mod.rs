@@ -31,7 +31,7 @@ use crate::settings::Settings;
 use crate::sys;
 use inodes::{Inode, InodeTable, Kind};
 
-pub use crate::datapath::IoMode;
+pub use crate::datapath::{DataPath, IoMode};
 
 /// Everything fixed at mount time.
 #[derive(Debug)]
@@ -45,6 +45,10 @@ pub struct FsConfig {
     pub owner_gid: u32,
     pub max_write: u32,
     pub max_background: u16,
+    /// Absolute path of the mountpoint.
+    pub mountpoint: std::path::PathBuf,
+    /// Data path of `--device` entries (cached or relay).
+    pub device_io: DataPath,
 }
 
 /// An open file, directory or control file.
@@ -117,8 +121,10 @@ impl MigsafeFs {
             devices: device_images,
             root_fd: root_fd.clone(),
             ctl_name: config.ctl_name.clone(),
+            mountpoint: config.mountpoint.clone(),
             owner_uid: config.owner_uid,
             io: config.io,
+            device_io: config.device_io,
             passthrough_supported: AtomicBool::new(false),
             passthrough_active: AtomicBool::new(false),
         });

@@ -22,6 +22,8 @@ pub struct Handle {
     pub data_path: DataPath,
     pub direct: bool,
     pub writable: bool,
+    /// The backing's logical block size: the alignment O_DIRECT needs.
+    pub block: u64,
     /// The opening process and its command name, captured at open: the
     /// process may be gone by the time a report names it.
     pub pid: u32,
@@ -50,6 +52,7 @@ impl Handle {
         passthrough: Option<Arc<PassthroughBacking>>,
     ) -> Handle {
         let pid = process_of(pid);
+        let block = sys::logical_block_size(std::os::fd::AsFd::as_fd(&*file));
         Handle {
             opened_inactive: !image.is_active(),
             image,
@@ -57,6 +60,7 @@ impl Handle {
             data_path,
             direct: flags & libc::O_DIRECT != 0,
             writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+            block,
             pid,
             comm: proc_comm(pid),
             opened_at: Instant::now(),
@@ -138,4 +142,34 @@ pub(crate) fn proc_comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into())
+}
+
+/// Threads of this daemon that are opening files of its own mount (the
+/// control plane measuring a FUSE inode's cache). Their opens must not
+/// count as an image's handles, run close-to-open invalidation, or drop the
+/// cache they are about to measure.
+static INTERNAL_OPENERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `f` with the calling thread's opens marked as the daemon's own.
+pub fn as_internal_opener<T>(f: impl FnOnce() -> T) -> T {
+    let tid = sys::gettid();
+    INTERNAL_OPENERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(tid);
+    let out = f();
+    let mut openers = INTERNAL_OPENERS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = openers.iter().position(|t| *t == tid) {
+        openers.swap_remove(i);
+    }
+    out
+}
+
+/// Whether a FUSE request from thread `tid` comes from this daemon's own
+/// control plane.
+pub fn is_internal_opener(tid: u32) -> bool {
+    INTERNAL_OPENERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&tid)
 }

@@ -95,6 +95,21 @@ pub struct CommandContext<'a> {
     /// Drops the kernel's cached attributes of the image's FUSE inode (its
     /// size may have changed on the source). Called from a worker thread.
     pub invalidate_attrs: &'a (dyn Fn(&Image) + Sync),
+    /// The FUSE inode's own page cache (cached data path, relay mappings);
+    /// None inside a request handler, where it must not be touched.
+    pub fuse: Option<&'a dyn FuseCache>,
+}
+
+/// The page cache of an image's FUSE inode, as control commands (on worker
+/// threads) reach it.
+pub trait FuseCache: Sync {
+    /// Writes the FUSE inode's dirty pages back through the daemon and syncs.
+    fn writeback(&self, image: &Image) -> std::io::Result<()>;
+    /// Writes back, unmaps and drops every page of the FUSE inode, and
+    /// returns when the kernel has done it.
+    fn drop_pages(&self, image: &Image) -> std::io::Result<()>;
+    /// The FUSE inode's page counts (cachestat on a file of the mount).
+    fn page_counts(&self, image: &Image) -> std::io::Result<sys::PageCounts>;
 }
 
 #[derive(Debug)]
@@ -124,6 +139,12 @@ pub struct Image {
     /// of data this host wrote, also when no handle is open any more
     /// (a fresh fd at `inactivate` time would miss them).
     errseq: Mutex<Option<Arc<File>>>,
+    /// A handle whose data path can leave pages in the FUSE inode (cached,
+    /// or relay with mappings) has been open: the handover must drop and
+    /// verify that cache too.
+    fuse_pages: std::sync::atomic::AtomicBool,
+    /// Byte ranges of O_DIRECT read-modify-writes in progress (cached path).
+    pub write_ranges: crate::datapath::cached::RangeLock,
     state: Mutex<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     pub counters: Counters,
@@ -141,6 +162,8 @@ impl Image {
             write_gate: RwLock::default(),
             open_gate: Mutex::default(),
             errseq: Mutex::default(),
+            fuse_pages: Default::default(),
+            write_ranges: Default::default(),
             state: Mutex::default(),
             handles: Mutex::default(),
             counters: Counters::default(),
@@ -245,10 +268,27 @@ impl Image {
                 }
             }
         }
+        if handle.data_path.fuse_pages() {
+            self.fuse_pages.store(true, Ordering::Relaxed);
+        }
         self.handles
             .lock()
             .expect("handles lock")
             .insert(fh, handle);
+    }
+
+    /// The FUSE cache to manage for this image in this command, if any.
+    fn fuse_cache<'a>(&self, ctx: &CommandContext<'a>) -> Option<&'a dyn FuseCache> {
+        ctx.fuse.filter(|_| {
+            self.fuse_pages.load(Ordering::Relaxed) && self.nodeid.load(Ordering::Relaxed) != 0
+        })
+    }
+
+    fn fuse_failed(e: std::io::Error, what: &str) -> Outcome {
+        Outcome::failed(
+            sys::errno_of(&e),
+            format!("{what} the FUSE page cache: {e}"),
+        )
     }
 
     pub fn remove_handle(&self, fh: u64) {
@@ -382,6 +422,10 @@ impl Image {
     /// backing fd of the image.
     pub fn flush(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("flush", || {
+            if let Some(fuse) = self.fuse_cache(ctx) {
+                fuse.writeback(self)
+                    .map_err(|e| Self::fuse_failed(e, "cannot write back"))?;
+            }
             self.drain_writes();
             self.sync_everything(ctx.settings)?;
             Ok(self.fencing_outcome())
@@ -396,6 +440,13 @@ impl Image {
     /// the image back to active so the source can keep running.
     pub fn inactivate(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("inactivate", || {
+            // Dirty pages of mappings in the FUSE inode are written back
+            // through the daemon while writes are still admitted; once the
+            // image is inactive they could only fail with EROFS.
+            if let Some(fuse) = self.fuse_cache(ctx) {
+                fuse.writeback(self)
+                    .map_err(|e| Self::fuse_failed(e, "cannot write back"))?;
+            }
             self.inactive.store(true, Ordering::SeqCst);
             self.drain_writes();
             let result = self.inactivate_steps(ctx);
@@ -434,6 +485,18 @@ impl Image {
                 })?;
             }
             left = sys::cachestat(file.as_fd()).unwrap_or_default();
+            if let Some(fuse) = self.fuse_cache(ctx) {
+                if ctx.settings.drop_cache() {
+                    fuse.drop_pages(self)
+                        .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
+                }
+                let f = fuse
+                    .page_counts(self)
+                    .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+                left.dirty += f.dirty;
+                left.writeback += f.writeback;
+                left.cached += f.cached;
+            }
             if left.dirty + left.writeback == 0 {
                 return Ok(self.fencing_outcome());
             }
@@ -497,11 +560,27 @@ impl Image {
     }
 
     /// `check`: the residency check alone, dropping nothing.
-    pub fn check(&self, _ctx: &CommandContext<'_>) -> Outcome {
+    pub fn check(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("check", || {
             let file = self.open_backing(libc::O_RDONLY).map_err(|e| {
                 Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}"))
             })?;
+            if let Some(fuse) = self.fuse_cache(ctx) {
+                let f = fuse
+                    .page_counts(self)
+                    .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+                if f.cached > 0 {
+                    return Err(Outcome {
+                        errno: Some(libc::EBUSY),
+                        resident_pages: f.cached,
+                        detail: format!(
+                            "{} pages resident in the FUSE page cache of the image ({} dirty, {} writeback)",
+                            f.cached, f.dirty, f.writeback
+                        ),
+                        unfenced: false,
+                    });
+                }
+            }
             self.verify_dropped(&file, false)
         })
     }
@@ -571,8 +650,49 @@ impl Image {
                 })?;
             }
         }
-        // 3. The size may have changed on the source.
-        (ctx.invalidate_attrs)(self);
+        // The FUSE inode's own cache (cached path, relay mappings): the
+        // same refusal for dirty pages, then a drop that has happened when
+        // this returns (the kernel unmaps mapped pages too, so no mapping
+        // can read a stale page after activate said ok).
+        if let Some(fuse) = self.fuse_cache(ctx).filter(|_| ctx.settings.drop_cache()) {
+            let f = fuse
+                .page_counts(self)
+                .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+            if f.dirty + f.writeback > 0 {
+                return Err(Outcome {
+                    errno: Some(libc::EBUSY),
+                    resident_pages: f.cached,
+                    detail: format!(
+                        "{} dirty and {} writeback pages in the FUSE page cache on this host; nothing dropped; \
+                         find the writer on this host (it must not write an image the source owns)",
+                        f.dirty, f.writeback
+                    ),
+                    unfenced: false,
+                });
+            }
+            fuse.drop_pages(self)
+                .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
+            let f = fuse
+                .page_counts(self)
+                .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+            // Clean pages present now were read from storage after the drop.
+            if ctx.settings.check_cache_dropped() && f.dirty + f.writeback > 0 {
+                return Err(Outcome {
+                    errno: Some(libc::EBUSY),
+                    resident_pages: f.cached,
+                    detail: format!(
+                        "{} dirty and {} writeback pages of the FUSE page cache survived the drop; \
+                         a process on this host is writing the image",
+                        f.dirty, f.writeback
+                    ),
+                    unfenced: false,
+                });
+            }
+        } else {
+            // 3. The size may have changed on the source (the drop above
+            // invalidates the attributes too).
+            (ctx.invalidate_attrs)(self);
+        }
         // 4. Verify nothing stayed resident. Pages a process just let go of
         // (an unmapped mlock, a folio still in a per-CPU LRU batch, readahead
         // completing) can outlive one DONTNEED by a few milliseconds: drop
