@@ -12,7 +12,7 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 
-pub const COMMANDS: [&str; 5] = ["activate", "inactivate", "invalidate", "flush", "check"];
+pub use crate::protocol::COMMANDS;
 
 fn ctl_dir(mountpoint: &Path, ctl_name: &str) -> std::path::PathBuf {
     mountpoint.join(ctl_name)

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod fs;
 pub mod image;
 pub mod mount;
+pub mod protocol;
 pub mod residency;
 pub mod settings;
 pub mod sys;
