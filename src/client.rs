@@ -5,6 +5,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::Path;
 
+use crate::protocol::{self, key};
 use crate::settings::Key;
 
 /// Exit status: 0 ok, 1 the command failed, 2 usage or I/O error.
@@ -18,44 +19,44 @@ fn ctl_dir(mountpoint: &Path, ctl_name: &str) -> std::path::PathBuf {
     mountpoint.join(ctl_name)
 }
 
-/// Parses one result line (`key=value key="quoted value" ...`) into pairs.
-pub fn parse_result_line(line: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = line.trim();
-    while !rest.is_empty() {
-        let Some(eq) = rest.find('=') else { break };
-        let key = rest[..eq].trim().to_string();
-        rest = &rest[eq + 1..];
-        let value;
-        if let Some(stripped) = rest.strip_prefix('"') {
-            // Debug-quoted string: find the closing quote not preceded by '\'.
-            let mut end = None;
-            let mut escaped = false;
-            for (i, c) in stripped.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '"' if !escaped => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            let end = end.unwrap_or(stripped.len());
-            value = stripped[..end].replace("\\\"", "\"").replace("\\\\", "\\");
-            rest = stripped.get(end + 1..).unwrap_or("").trim_start();
-        } else {
-            let end = rest.find(' ').unwrap_or(rest.len());
-            value = rest[..end].to_string();
-            rest = rest[end..].trim_start();
-        }
-        out.push((key, value));
-    }
-    out
+/// How a value of a result line is shown to a person: as the protocol
+/// writes it (bare, or quoted with escapes), so one result stays one line
+/// whatever bytes a file name holds.
+fn shown(v: Option<&[u8]>) -> String {
+    v.map(protocol::quote).unwrap_or_else(|| "?".into())
 }
 
-/// Runs a command on images; prints results; returns the exit status.
+/// A detail message for a person: its text without the protocol's quotes,
+/// control bytes still escaped.
+fn shown_detail(v: Option<&[u8]>) -> String {
+    let q = shown(v);
+    match q.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) => inner.replace("\\\"", "\""),
+        None => q,
+    }
+}
+
+/// A result value as JSON: text when it is UTF-8; otherwise the protocol's
+/// escaped form (and the caller marks the key as escaped), never a lossy
+/// string that could stand for another name.
+fn json_value(v: &[u8]) -> (serde_json::Value, bool) {
+    match std::str::from_utf8(v) {
+        Ok(s) => (serde_json::Value::String(s.to_string()), false),
+        Err(_) => (serde_json::Value::String(protocol::quote(v)), true),
+    }
+}
+
+/// Runs a command on images; prints results; returns the exit status:
+/// 0 only if the write succeeded and every result line parsed and says ok.
 pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], json: bool) -> i32 {
+    if let Some(bad) = images.iter().find(|i| i.contains('\n') || i.is_empty()) {
+        eprintln!(
+            "migsafe ctl: {cmd}: cannot name {} in a request: requests are one path per line, \
+             so a path can be neither empty nor hold a newline; use '*' to reach such an image",
+            protocol::quote(bad.as_bytes())
+        );
+        return EXIT_USAGE;
+    }
     let path = ctl_dir(mountpoint, ctl_name).join(cmd);
     let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
         Ok(f) => f,
@@ -72,60 +73,92 @@ pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], 
     body.push('\n');
     let write_result = file.write_all(body.as_bytes());
     let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    let failed = match &write_result {
-        Ok(_) => false,
-        Err(e) => {
-            if text.is_empty() {
-                eprintln!("migsafe ctl: {cmd} failed: {e}");
+    if let Err(e) = file.read_to_string(&mut text) {
+        eprintln!(
+            "migsafe ctl: {cmd}: cannot read the result from {}: {e}",
+            path.display()
+        );
+        return EXIT_USAGE;
+    }
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        match protocol::parse_line(line) {
+            Ok(f) => lines.push(f),
+            Err(e) => {
+                eprintln!(
+                    "migsafe ctl: {cmd}: the daemon's result line {line:?} does not parse ({e}); \
+                     is {} served by a migsafe of this version?",
+                    mountpoint.display()
+                );
+                return EXIT_USAGE;
             }
-            true
         }
-    };
+    }
+    let all_ok = !lines.is_empty()
+        && lines
+            .iter()
+            .all(|f| f.get_str(key::RESULT) == Some(protocol::RESULT_OK));
+    let failed = write_result.is_err();
+    let star = images.iter().any(|i| i == "*");
+    if let Err(e) = &write_result
+        && text.is_empty()
+    {
+        eprintln!("migsafe ctl: {cmd} failed: {e}");
+    }
     if json {
-        let results: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| {
-                serde_json::Value::Object(
-                    parse_result_line(l)
-                        .into_iter()
-                        .map(|(k, v)| (k, serde_json::Value::String(v)))
-                        .collect(),
-                )
+        let results: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|f| {
+                let mut obj = serde_json::Map::new();
+                for (k, v) in &f.0 {
+                    let (value, escaped) = json_value(v);
+                    obj.insert(k.clone(), value);
+                    if escaped {
+                        obj.insert(format!("{k}_escaped"), serde_json::Value::Bool(true));
+                    }
+                }
+                serde_json::Value::Object(obj)
             })
             .collect();
         let doc = serde_json::json!({
             "command": cmd,
-            "ok": !failed,
+            "ok": !failed && all_ok,
             "errno": write_result.as_ref().err().and_then(|e| e.raw_os_error()).map(crate::sys::errno_name),
             "results": results,
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        for line in text.lines() {
-            let fields = parse_result_line(line);
-            let get = |k: &str| {
-                fields
-                    .iter()
-                    .find(|(key, _)| key == k)
-                    .map(|(_, v)| v.as_str())
-            };
-            match get("result") {
-                Some("ok") => println!(
-                    "{cmd} {}: ok ({} ms)",
-                    get("image").unwrap_or("?"),
-                    get("ms").unwrap_or("?")
-                ),
+        for f in &lines {
+            let name = f.get(key::IMAGE);
+            match f.get_str(key::RESULT) {
+                Some(protocol::RESULT_OK) => {
+                    println!("{cmd} {}: ok ({} ms)", shown(name), shown(f.get(key::MS)))
+                }
                 _ => println!(
                     "{cmd} {}: FAILED {}: {}",
-                    get("image").unwrap_or("(request)"),
-                    get("errno").unwrap_or("?"),
-                    get("detail").unwrap_or("")
+                    name.map(protocol::quote)
+                        .unwrap_or_else(|| "(request)".into()),
+                    shown(f.get(key::ERRNO)),
+                    shown_detail(f.get(key::DETAIL))
                 ),
             }
         }
     }
-    if failed { EXIT_FAILED } else { EXIT_OK }
+    if failed {
+        return EXIT_FAILED;
+    }
+    // The write said ok: the lines must agree, one per named image.
+    if !all_ok || (!star && lines.len() != images.len()) {
+        eprintln!(
+            "migsafe ctl: {cmd}: the write succeeded but the result does not match it \
+             ({} result lines for {} images{}); treat the command as not done",
+            lines.len(),
+            images.len(),
+            if all_ok { "" } else { ", not all ok" }
+        );
+        return EXIT_USAGE;
+    }
+    EXIT_OK
 }
 
 pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
@@ -232,12 +265,23 @@ pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_result_line;
+    use super::*;
 
     #[test]
-    fn parses_quoted_detail() {
-        let f = parse_result_line(r#"image=a b result=error errno=EBUSY detail="x \"y\" z""#);
-        assert_eq!(f[0], ("image".into(), "a".into()));
-        assert_eq!(f.last().unwrap(), &("detail".into(), "x \"y\" z".into()));
+    fn shows_names_and_details_on_one_line() {
+        assert_eq!(shown(Some(b"disk.img")), "disk.img");
+        assert_eq!(shown(Some(b"my disk.img")), "\"my disk.img\"");
+        assert_eq!(shown(Some(b"a\nb")), "\"a\\nb\"");
+        assert_eq!(shown(None), "?");
+        assert_eq!(shown_detail(Some(b"x \"y\"\nz")), "x \"y\"\\nz");
+    }
+
+    #[test]
+    fn json_values_never_lossy() {
+        assert_eq!(json_value(b"a b"), (serde_json::json!("a b"), false));
+        assert_eq!(
+            json_value(b"a\xff"),
+            (serde_json::json!("\"a\\xff\""), true)
+        );
     }
 }
