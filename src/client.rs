@@ -19,6 +19,152 @@ fn ctl_dir(mountpoint: &Path, ctl_name: &str) -> std::path::PathBuf {
     mountpoint.join(ctl_name)
 }
 
+/// Standard output of the client. Rust ignores SIGPIPE, so `println!`
+/// panics once the reader is gone (`migsafe ctl MNT status | head -1`):
+/// here a closed pipe just ends the output quietly (the command's own
+/// result still decides the exit status), and any other write error
+/// (a full disk) is reported once and makes the exit status 2.
+pub struct Out {
+    w: std::io::StdoutLock<'static>,
+    closed: bool,
+    error: Option<std::io::Error>,
+}
+
+impl Out {
+    pub fn new() -> Out {
+        Out {
+            w: std::io::stdout().lock(),
+            closed: false,
+            error: None,
+        }
+    }
+
+    fn record(&mut self, r: std::io::Result<()>) {
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => self.closed = true,
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Writes `text` (which carries its own newlines) unless output ended.
+    pub fn text(&mut self, text: &str) {
+        if self.closed || self.error.is_some() {
+            return;
+        }
+        let r = self.w.write_all(text.as_bytes());
+        self.record(r);
+    }
+
+    /// Writes one line.
+    pub fn line(&mut self, line: &str) {
+        self.text(line);
+        self.text("\n");
+    }
+
+    /// Flushes and turns `code` into the exit status: 2 if the output
+    /// failed for another reason than a closed pipe.
+    pub fn finish(mut self, code: i32) -> i32 {
+        if !self.closed && self.error.is_none() {
+            let r = self.w.flush();
+            self.record(r);
+        }
+        match self.error {
+            Some(e) => {
+                eprintln!("migsafe ctl: cannot write the output: {e}");
+                EXIT_USAGE
+            }
+            None => code,
+        }
+    }
+}
+
+impl Default for Out {
+    fn default() -> Self {
+        Out::new()
+    }
+}
+
+/// `1536` -> `1.5 KiB`: binary units, one decimal from KiB on.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Result keys whose values are counts: JSON numbers, and a line where
+/// they are not numbers is not a valid result.
+const NUMERIC_KEYS: [&str; 2] = [key::RESIDENT_PAGES, key::MS];
+
+/// Checks what a result line must say beyond its syntax.
+fn check_fields(f: &protocol::Fields) -> Result<(), String> {
+    match f.get_str(key::RESULT) {
+        Some(protocol::RESULT_OK) | Some(protocol::RESULT_ERROR) => {}
+        Some(other) => return Err(format!("result={other} is neither ok nor error")),
+        None => return Err("no result= field".into()),
+    }
+    for k in NUMERIC_KEYS {
+        if let Some(v) = f.get(k)
+            && std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_none()
+        {
+            return Err(format!("{k}= is not a number"));
+        }
+    }
+    Ok(())
+}
+
+/// The mount's source as `/proc/self/mountinfo` shows it (`migsafe:BACKING`
+/// unless `-o fsname=` changed it), for the backing path in `status`.
+fn mount_source(mountpoint: &Path) -> Option<String> {
+    let want = std::fs::canonicalize(mountpoint).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last entry for a path is the one on top.
+    info.lines().rev().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mp = unescape_mountinfo(pre.split(' ').nth(4)?);
+        if Path::new(&mp) != want {
+            return None;
+        }
+        let mut post = post.split(' ');
+        let (_fstype, source) = (post.next()?, post.next()?);
+        Some(unescape_mountinfo(source))
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> String {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(oct) = s.get(i + 1..i + 4)
+            && let Ok(v) = u8::from_str_radix(oct, 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    std::ffi::OsString::from_vec(out)
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// How a value of a result line is shown to a person: as the protocol
 /// writes it (bare, or quoted with escapes), so one result stays one line
 /// whatever bytes a file name holds.
@@ -49,6 +195,19 @@ fn json_value(v: &[u8]) -> (serde_json::Value, bool) {
 /// Runs a command on images; prints results; returns the exit status:
 /// 0 only if the write succeeded and every result line parsed and says ok.
 pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], json: bool) -> i32 {
+    let mut out = Out::new();
+    let code = run_command(&mut out, mountpoint, ctl_name, cmd, images, json);
+    out.finish(code)
+}
+
+fn run_command(
+    out: &mut Out,
+    mountpoint: &Path,
+    ctl_name: &str,
+    cmd: &str,
+    images: &[String],
+    json: bool,
+) -> i32 {
     if let Some(bad) = images.iter().find(|i| i.contains('\n') || i.is_empty()) {
         eprintln!(
             "migsafe ctl: {cmd}: cannot name {} in a request: requests are one path per line, \
@@ -82,7 +241,12 @@ pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], 
     }
     let mut lines = Vec::new();
     for line in text.lines() {
-        match protocol::parse_line(line) {
+        match protocol::parse_line(line)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                check_fields(&f)?;
+                Ok(f)
+            }) {
             Ok(f) => lines.push(f),
             Err(e) => {
                 eprintln!(
@@ -111,6 +275,14 @@ pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], 
             .map(|f| {
                 let mut obj = serde_json::Map::new();
                 for (k, v) in &f.0 {
+                    if NUMERIC_KEYS.contains(&k.as_str())
+                        && let Some(n) = std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        obj.insert(k.clone(), n.into());
+                        continue;
+                    }
                     let (value, escaped) = json_value(v);
                     obj.insert(k.clone(), value);
                     if escaped {
@@ -126,21 +298,23 @@ pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], 
             "errno": write_result.as_ref().err().and_then(|e| e.raw_os_error()).map(crate::sys::errno_name),
             "results": results,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        out.line(&serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         for f in &lines {
             let name = f.get(key::IMAGE);
             match f.get_str(key::RESULT) {
-                Some(protocol::RESULT_OK) => {
-                    println!("{cmd} {}: ok ({} ms)", shown(name), shown(f.get(key::MS)))
-                }
-                _ => println!(
+                Some(protocol::RESULT_OK) => out.line(&format!(
+                    "{cmd} {}: ok ({} ms)",
+                    shown(name),
+                    shown(f.get(key::MS))
+                )),
+                _ => out.line(&format!(
                     "{cmd} {}: FAILED {}: {}",
                     name.map(protocol::quote)
                         .unwrap_or_else(|| "(request)".into()),
                     shown(f.get(key::ERRNO)),
                     shown_detail(f.get(key::DETAIL))
-                ),
+                )),
             }
         }
     }
@@ -161,49 +335,88 @@ pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], 
     EXIT_OK
 }
 
-pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
+/// Reads `.ctl/status` as text (the daemon's JSON document).
+fn read_status(mountpoint: &Path, ctl_name: &str) -> Result<String, i32> {
     let path = ctl_dir(mountpoint, ctl_name).join("status");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!(
-                "migsafe ctl: cannot read {}: {e} (is {} a migsafe mount?)",
-                path.display(),
-                mountpoint.display()
-            );
-            return EXIT_USAGE;
-        }
-    };
+    std::fs::read_to_string(&path).map_err(|e| {
+        eprintln!(
+            "migsafe ctl: cannot read {}: {e} (is {} a migsafe mount?)",
+            path.display(),
+            mountpoint.display()
+        );
+        EXIT_USAGE
+    })
+}
+
+/// Reads and parses `.ctl/status`.
+pub fn status_doc(mountpoint: &Path, ctl_name: &str) -> Result<serde_json::Value, i32> {
+    let text = read_status(mountpoint, ctl_name)?;
+    serde_json::from_str(&text).map_err(|e| {
+        eprintln!(
+            "migsafe ctl: {}/{ctl_name}/status is not JSON ({e})",
+            mountpoint.display()
+        );
+        EXIT_USAGE
+    })
+}
+
+pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
+    let mut out = Out::new();
     if json {
-        print!("{text}");
-        return EXIT_OK;
+        let text = match read_status(mountpoint, ctl_name) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
+        out.text(&text);
+        return out.finish(EXIT_OK);
     }
-    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
-        eprintln!("migsafe ctl: status is not JSON");
-        return EXIT_USAGE;
+    let doc = match status_doc(mountpoint, ctl_name) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
-    println!(
+    print_status(&mut out, mountpoint, &doc);
+    out.finish(EXIT_OK)
+}
+
+/// The human form of `status`: one header block, then one row per image
+/// with sizes in binary units and names quoted like result lines.
+fn print_status(out: &mut Out, mountpoint: &Path, doc: &serde_json::Value) {
+    let page = crate::sys::page_size() as u64;
+    let pages = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|p| human_bytes(p * page))
+            .unwrap_or_else(|| "?".into())
+    };
+    out.line(&format!(
         "migsafe {} on {}",
         doc["version"].as_str().unwrap_or("?"),
         mountpoint.display()
-    );
-    println!(
+    ));
+    let source = mount_source(mountpoint);
+    match source
+        .as_deref()
+        .map(|s| s.strip_prefix("migsafe:").unwrap_or(s))
+    {
+        Some(b) => out.line(&format!("backing: {b}")),
+        None => out.line("backing: ? (not found in /proc/self/mountinfo)"),
+    }
+    out.line(&format!(
         "data paths: io={} passthrough supported={} in use={}",
         doc["data_paths"]["io"].as_str().unwrap_or("?"),
         doc["passthrough_supported"],
         doc["data_paths"]["passthrough_active"]
-    );
+    ));
     if let Some(settings) = doc["settings"].as_object() {
         let s: Vec<String> = settings
             .iter()
             .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
             .collect();
-        println!("settings: {}", s.join(" "));
+        out.line(&format!("settings: {}", s.join(" ")));
     }
-    println!(
-        "{:<32} {:<8} {:>12} {:>8} {:>6} {:>5} {:<8} last",
-        "IMAGE", "STATE", "SIZE", "CACHED", "DIRTY", "OPEN", "ERROR"
-    );
+    out.line(&format!(
+        "{:<32} {:<8} {:<7} {:>10} {:>10} {:>10} {:>4} {:<7} LAST",
+        "IMAGE", "STATE", "FENCING", "SIZE", "CACHED", "DIRTY", "OPEN", "ERROR"
+    ));
     for img in doc["images"].as_array().into_iter().flatten() {
         let last = &img["last_command"];
         let last = if last.is_null() {
@@ -216,19 +429,27 @@ pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
                 last["ms"]
             )
         };
-        println!(
-            "{:<32} {:<8} {:>12} {:>8} {:>6} {:>5} {:<8} {}",
-            img["path"].as_str().unwrap_or("?"),
+        let name = img["path"]
+            .as_str()
+            .map(|p| protocol::quote(p.as_bytes()))
+            .unwrap_or_else(|| "?".into());
+        let size = img["size"]
+            .as_u64()
+            .map(human_bytes)
+            .unwrap_or_else(|| "?".into());
+        out.line(&format!(
+            "{:<32} {:<8} {:<7} {:>10} {:>10} {:>10} {:>4} {:<7} {}",
+            name,
             img["state"].as_str().unwrap_or("?"),
-            img["size"].to_string(),
-            img["cached_pages"].to_string(),
-            img["dirty_pages"].to_string(),
+            img["fencing"].as_str().unwrap_or("?"),
+            size,
+            pages(&img["cached_pages"]),
+            pages(&img["dirty_pages"]),
             img["open_handles"].as_array().map(|a| a.len()).unwrap_or(0),
             img["sticky_error"].as_str().unwrap_or("-"),
             last
-        );
+        ));
     }
-    EXIT_OK
 }
 
 pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
@@ -250,8 +471,9 @@ pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
     };
     match file.write_all(format!("{value}\n").as_bytes()) {
         Ok(_) => {
-            println!("{key} = {value}");
-            EXIT_OK
+            let mut out = Out::new();
+            out.line(&format!("{key} = {value}"));
+            out.finish(EXIT_OK)
         }
         Err(e) => {
             let words = Key::from_name(key)
@@ -274,6 +496,23 @@ mod tests {
         assert_eq!(shown(Some(b"a\nb")), "\"a\\nb\"");
         assert_eq!(shown(None), "?");
         assert_eq!(shown_detail(Some(b"x \"y\"\nz")), "x \"y\"\\nz");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 20), "1.0 MiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\011c\\134"), "/a b\tc\\");
+        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 const MIB: usize = 1 << 20;
 
@@ -164,4 +164,145 @@ fn a_result_that_does_not_parse_is_never_exit_0() {
     let (code, out, err) = ctl_at(&mnt, &["activate", "x.img", "y.img"]);
     assert_eq!(code, 2, "{out}{err}");
     fs::remove_dir_all(&mnt).unwrap();
+}
+
+/// Runs `migsafe ctl MNT args` with stdout on a pipe whose reader is
+/// already closed (like `| head -1` after its line); returns (code, stderr).
+fn ctl_into_closed_pipe(m: &Mount, args: &[&str]) -> (i32, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(common::BIN)
+        .arg("ctl")
+        .arg(&m.mountpoint)
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn broken_pipe_exits_quietly_and_full_disk_does_not() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path(), &[b"a.img"]);
+    let m = Mount::start(dir.path(), &back, &[]);
+    common::read_at(&m.path("a.img"), 0, 4096);
+
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["flush", "a.img"],
+        &["flush", "a.img", "--json"],
+    ] {
+        let (code, err) = ctl_into_closed_pipe(&m, args);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}: quiet on a closed pipe");
+        assert_eq!(code, 0, "{args:?}: the command itself succeeded");
+    }
+    // The command's own result still decides the status.
+    let (code, err) = ctl_into_closed_pipe(&m, &["activate", "nope"]);
+    assert_eq!(code, 1, "{err}");
+
+    // Not a pipe: a write error of the output is an I/O error, said once.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(common::BIN)
+        .arg("ctl")
+        .arg(&m.mountpoint)
+        .arg("status")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked") && err.contains("output"), "{err}");
+
+    // A real `| head -1` in a shell.
+    let script = format!(
+        "{} ctl {} status | head -1; echo \"rc=${{PIPESTATUS[0]}}\"",
+        common::BIN,
+        m.mountpoint.display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(text.starts_with("migsafe "), "{text}{err}");
+    assert!(text.contains("rc=0"), "{text}{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn json_numbers_are_numbers_and_status_is_readable() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path(), &[b"a.img", b"two words.img"]);
+    fs::write(back.join("small.img"), b"x").unwrap();
+    let m = Mount::start(dir.path(), &back, &["--io", "relay"]);
+    common::read_at(&m.path("a.img"), 0, 64 * 1024);
+    common::read_at(&m.path("small.img"), 0, 1);
+    let _h = common::hold_open_rw(&m.path("two words.img"));
+
+    let (code, out, err) = ctl_cli(&m, &["check", "a.img", "--json"]);
+    assert!(code == 0 || code == 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &v["results"][0];
+    assert!(r["ms"].is_u64(), "ms is a JSON number: {out}");
+    assert!(
+        r["resident_pages"].is_u64(),
+        "resident_pages is a number: {out}"
+    );
+    assert_eq!(r["image"], "a.img");
+
+    let (code, out, err) = ctl_cli(&m, &["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let backing_line = format!("backing: {}", back.display());
+    assert!(
+        lines.iter().any(|l| *l == backing_line),
+        "names the backing: {out}"
+    );
+    let header = lines
+        .iter()
+        .find(|l| l.starts_with("IMAGE"))
+        .unwrap_or_else(|| panic!("no table header: {out}"));
+    assert!(header.contains("FENCING"), "{header}");
+    let row = |name: &str| {
+        let row = lines
+            .iter()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}: {out}"));
+        row.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // a.img: 1 MiB, 64 KiB read (at least: readahead may bring more).
+    let a = row("a.img ");
+    assert_eq!(a[1], "active", "{out}");
+    assert_eq!(a[2], "full", "{out}");
+    assert_eq!(&a[3..5], ["1.0", "MiB"], "size in human units: {out}");
+    assert!(
+        a[6] == "KiB" || a[6] == "MiB",
+        "cached amount in human units: {out}"
+    );
+    let small = row("small.img ");
+    assert_eq!(&small[3..5], ["1", "B"], "{out}");
+    let two = row("\"two words.img\" ");
+    // The quoted name is two words: the columns move by one.
+    assert_eq!(two[3], "full", "relay handles are fenced: {out}");
+    assert_eq!(two[4], "1.0", "{out}");
 }
