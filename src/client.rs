@@ -85,6 +85,52 @@ impl Default for Out {
     }
 }
 
+/// True for the errnos of a FUSE mount whose daemon has gone (killed,
+/// crashed, or the connection aborted through fusectl).
+fn daemon_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+    )
+}
+
+/// The message for an error on control file `path`, saying what it means
+/// for an operator and what to do next.
+fn explain(mountpoint: &Path, path: &Path, e: &std::io::Error) -> String {
+    let mnt = mountpoint.display();
+    let errno = e
+        .raw_os_error()
+        .map(crate::sys::errno_name)
+        .unwrap_or_else(|| "?".into());
+    if daemon_gone(e) {
+        return format!(
+            "the migsafe daemon of {mnt} is gone ({errno}: {e}): nothing reaches storage \
+             through this mount any more. Unmount it with `umount -l {mnt}` and mount it \
+             again; then every VM using images there must reopen them (restart it or \
+             re-attach its disks), its open files still point at the dead mount"
+        );
+    }
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "cannot write {}: permission denied ({errno}): only root or the user who mounted \
+             {mnt} may write control files (any user may read status); run this as root",
+            path.display()
+        ),
+        Some(libc::ENOENT) => format!(
+            "cannot open {}: no such file ({errno}): is {mnt} a migsafe mount (and is its \
+             control directory named {:?}; see --ctl-name)?",
+            path.display(),
+            path.parent()
+                .and_then(|p| p.file_name())
+                .unwrap_or_default()
+        ),
+        _ => format!(
+            "cannot open {}: {e} ({errno}; is {mnt} a migsafe mount?)",
+            path.display()
+        ),
+    }
+}
+
 /// `1536` -> `1.5 KiB`: binary units, one decimal from KiB on.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -220,19 +266,25 @@ fn run_command(
     let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!(
-                "migsafe ctl: cannot open {}: {e} (is {} a migsafe mount?)",
-                path.display(),
-                mountpoint.display()
-            );
+            eprintln!("migsafe ctl: {}", explain(mountpoint, &path, &e));
             return EXIT_USAGE;
         }
     };
     let mut body = images.join("\n");
     body.push('\n');
     let write_result = file.write_all(body.as_bytes());
+    if let Err(e) = &write_result
+        && daemon_gone(e)
+    {
+        eprintln!("migsafe ctl: {cmd}: {}", explain(mountpoint, &path, e));
+        return EXIT_USAGE;
+    }
     let mut text = String::new();
     if let Err(e) = file.read_to_string(&mut text) {
+        if daemon_gone(&e) {
+            eprintln!("migsafe ctl: {cmd}: {}", explain(mountpoint, &path, &e));
+            return EXIT_USAGE;
+        }
         eprintln!(
             "migsafe ctl: {cmd}: cannot read the result from {}: {e}",
             path.display()
@@ -339,11 +391,7 @@ fn run_command(
 fn read_status(mountpoint: &Path, ctl_name: &str) -> Result<String, i32> {
     let path = ctl_dir(mountpoint, ctl_name).join("status");
     std::fs::read_to_string(&path).map_err(|e| {
-        eprintln!(
-            "migsafe ctl: cannot read {}: {e} (is {} a migsafe mount?)",
-            path.display(),
-            mountpoint.display()
-        );
+        eprintln!("migsafe ctl: {}", explain(mountpoint, &path, &e));
         EXIT_USAGE
     })
 }
@@ -465,7 +513,7 @@ pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
     let mut file = match OpenOptions::new().write(true).open(&path) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("migsafe ctl: cannot open {}: {e}", path.display());
+            eprintln!("migsafe ctl: {}", explain(mountpoint, &path, &e));
             return EXIT_USAGE;
         }
     };
@@ -474,6 +522,10 @@ pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
             let mut out = Out::new();
             out.line(&format!("{key} = {value}"));
             out.finish(EXIT_OK)
+        }
+        Err(e) if daemon_gone(&e) || e.raw_os_error() == Some(libc::EACCES) => {
+            eprintln!("migsafe ctl: set {key}: {}", explain(mountpoint, &path, &e));
+            EXIT_USAGE
         }
         Err(e) => {
             let words = Key::from_name(key)

@@ -306,3 +306,107 @@ fn json_numbers_are_numbers_and_status_is_readable() {
     assert_eq!(two[3], "full", "relay handles are fenced: {out}");
     assert_eq!(two[4], "1.0", "{out}");
 }
+
+/// Runs `migsafe ctl MNT args` as uid/gid 65534 without groups.
+fn ctl_as_nobody(m: &Mount, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(common::BIN)
+        .arg("ctl")
+        .arg(&m.mountpoint)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn eacces_says_who_may_write_control_files() {
+    use std::os::unix::fs::PermissionsExt;
+    if !common::require_root() || !common::have_tool("setpriv") {
+        return;
+    }
+    let dir = scratch();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let back = backing(dir.path(), &[b"a.img"]);
+    let m = Mount::start(dir.path(), &back, &["-o", "allow_other"]);
+    fs::set_permissions(&m.mountpoint, fs::Permissions::from_mode(0o755)).unwrap();
+    common::read_at(&m.path("a.img"), 0, 4096);
+
+    // Control: nobody reaches the mount and may read status.
+    let (code, out, err) = ctl_as_nobody(&m, &["status"]);
+    assert_eq!(code, 0, "nobody reads status: {out}{err}");
+    assert!(out.contains("a.img"), "{out}");
+
+    for args in [&["inactivate", "a.img"][..], &["set", "sync", "fdatasync"]] {
+        let (code, out, err) = ctl_as_nobody(&m, args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("only root or the user who mounted"),
+            "{args:?}: names who may write: {err}"
+        );
+        assert!(
+            !err.contains("a migsafe mount?"),
+            "{args:?}: not the not-a-mount hint: {err}"
+        );
+    }
+    assert_eq!(status_image(&m, "a.img")["state"], "active");
+    assert_eq!(common::read_text(&m.ctl("sync")).trim(), "fsync");
+    // Root may.
+    let (code, out, err) = ctl_cli(&m, &["inactivate", "a.img"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn enotconn_says_the_daemon_is_gone_and_what_to_do() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path(), &[b"a.img"]);
+    let m = Mount::start(dir.path(), &back, &[]);
+    common::read_at(&m.path("a.img"), 0, 4096);
+    // Control: a live daemon answers.
+    let (code, out, err) = ctl_cli(&m, &["flush", "a.img"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let pid = m.pid().expect("daemon pid") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::metadata(&m.mountpoint)
+        .err()
+        .and_then(|e| e.raw_os_error())
+        != Some(libc::ENOTCONN)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mount never became ENOTCONN"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mnt = m.mountpoint.display().to_string();
+    for args in [
+        &["flush", "a.img"][..],
+        &["status"],
+        &["status", "--json"],
+        &["set", "sync", "fsync"],
+    ] {
+        let (code, out, err) = ctl_cli(&m, args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(err.contains("daemon"), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("umount -l {mnt}")),
+            "{args:?}: says how to unmount: {err}"
+        );
+        assert!(
+            err.contains("reopen"),
+            "{args:?}: says VMs must reopen: {err}"
+        );
+    }
+    // The guard unmounts (lazily) and reaps the killed daemon.
+}
