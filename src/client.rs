@@ -500,6 +500,294 @@ fn print_status(out: &mut Out, mountpoint: &Path, doc: &serde_json::Value) {
     }
 }
 
+/// Escapes a label value of the Prometheus text exposition format.
+fn label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// One metric family being written: `# HELP`, `# TYPE`, then its samples,
+/// which the exposition format wants together.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        use std::fmt::Write;
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label_value(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {value}", l.join(","));
+    }
+}
+
+/// The metrics text for a mount, from its `status` document: everything the
+/// daemon already counts, so no daemon of this version needs to change.
+pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
+    let mut s = String::new();
+    let mnt = [("mountpoint", mountpoint)];
+    let images: Vec<&serde_json::Value> = doc["images"].as_array().into_iter().flatten().collect();
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+
+    let version = doc["version"].as_str().unwrap_or("unknown");
+    Family::new(
+        &mut s,
+        "migsafe_info",
+        "gauge",
+        "migsafe daemon serving the mount.",
+    )
+    .sample("migsafe_info", &[mnt[0], ("version", version)], 1);
+    Family::new(
+        &mut s,
+        "migsafe_up",
+        "gauge",
+        "1 if the mount's daemon answered the status request.",
+    )
+    .sample("migsafe_up", &mnt, 1);
+    Family::new(
+        &mut s,
+        "migsafe_passthrough_supported",
+        "gauge",
+        "1 if the kernel offers FUSE passthrough to this mount.",
+    )
+    .sample(
+        "migsafe_passthrough_supported",
+        &mnt,
+        u8::from(doc["passthrough_supported"].as_bool().unwrap_or(false)),
+    );
+
+    // Open handles by data path, over all images of the mount.
+    let mut by_path: std::collections::BTreeMap<(String, bool), u64> = Default::default();
+    for dp in ["passthrough", "relay"] {
+        for w in [false, true] {
+            by_path.insert((dp.to_string(), w), 0);
+        }
+    }
+    for img in &images {
+        for h in img["open_handles"].as_array().into_iter().flatten() {
+            let dp = h["data_path"].as_str().unwrap_or("unknown").to_string();
+            let w = h["writable"].as_bool().unwrap_or(false);
+            *by_path.entry((dp, w)).or_default() += 1;
+        }
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_open_handles",
+        "gauge",
+        "Open handles of images on the mount, by data path and writability.",
+    );
+    for ((dp, w), n) in &by_path {
+        let w = if *w { "true" } else { "false" };
+        f.sample(
+            "migsafe_open_handles",
+            &[mnt[0], ("data_path", dp), ("writable", w)],
+            n,
+        );
+    }
+    Family::new(
+        &mut s,
+        "migsafe_images",
+        "gauge",
+        "Images this mount has seen and can still reach.",
+    )
+    .sample("migsafe_images", &mnt, images.len());
+
+    // Counters as the daemon keeps them in `counters` (since the mount started).
+    let counters = [
+        (
+            "activations",
+            "Successful activate commands (handovers in).",
+        ),
+        (
+            "inactivations",
+            "Successful inactivate commands (handovers out).",
+        ),
+        (
+            "invalidations",
+            "Successful invalidations of this host's page cache.",
+        ),
+        ("sync_errors", "Failed syncs of the image's backing."),
+        ("reads", "Read requests served by the daemon (relay)."),
+        ("writes", "Write requests served by the daemon (relay)."),
+        ("fsyncs", "Fsync requests of the image."),
+    ];
+    for (name, help) in counters {
+        let family = format!("migsafe_image_{name}");
+        let sample = format!("{family}_total");
+        let mut f = Family::new(&mut s, &family, "counter", help);
+        for img in &images {
+            let path = img["path"].as_str().unwrap_or("?");
+            f.sample(
+                &sample,
+                &[mnt[0], ("path", path)],
+                num(&img["counters"][name]),
+            );
+        }
+    }
+    type Get = fn(&serde_json::Value) -> u64;
+    let gauges: [(&str, &str, Get); 6] = [
+        ("size_bytes", "Size of the image.", |i| {
+            i["size"].as_u64().unwrap_or(0)
+        }),
+        (
+            "cached_pages",
+            "Pages of the image resident in this host's page cache.",
+            |i| i["cached_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "dirty_pages",
+            "Dirty pages of the image on this host.",
+            |i| i["dirty_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "writeback_pages",
+            "Pages of the image under writeback on this host.",
+            |i| i["writeback_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "open_handles",
+            "Open handles of the image on this mount.",
+            |i| i["open_handles"].as_array().map_or(0, |a| a.len() as u64),
+        ),
+        (
+            "active",
+            "1 if the image is active on this host, 0 if inactive.",
+            |i| u64::from(i["state"] == "active"),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let family = format!("migsafe_image_{name}");
+        let mut f = Family::new(&mut s, &family, "gauge", help);
+        for img in &images {
+            let path = img["path"].as_str().unwrap_or("?");
+            f.sample(&family, &[mnt[0], ("path", path)], get(img));
+        }
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_fencing_partial",
+        "gauge",
+        "1 while a writable passthrough handle is open: writes the daemon cannot fence.",
+    );
+    for img in &images {
+        let path = img["path"].as_str().unwrap_or("?");
+        f.sample(
+            "migsafe_image_fencing_partial",
+            &[mnt[0], ("path", path)],
+            u8::from(img["fencing"] == "partial"),
+        );
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_sticky_error",
+        "gauge",
+        "1 while a failed sync's errno is kept until a successful activate.",
+    );
+    for img in &images {
+        let path = img["path"].as_str().unwrap_or("?");
+        match img["sticky_error"].as_str() {
+            Some(e) => f.sample(
+                "migsafe_image_sticky_error",
+                &[mnt[0], ("path", path), ("errno", e)],
+                1,
+            ),
+            None => f.sample("migsafe_image_sticky_error", &[mnt[0], ("path", path)], 0),
+        }
+    }
+    // The daemon keeps only the last command per image: its duration,
+    // time, and result (ok or the errno), with the command as a label.
+    let last: Vec<(&str, &serde_json::Value)> = images
+        .iter()
+        .filter(|i| !i["last_command"].is_null())
+        .map(|i| (i["path"].as_str().unwrap_or("?"), &i["last_command"]))
+        .collect();
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_last_command_seconds",
+        "gauge",
+        "Duration of the last control command on the image (result: ok or its errno).",
+    );
+    for (path, l) in &last {
+        f.sample(
+            "migsafe_image_last_command_seconds",
+            &[
+                mnt[0],
+                ("path", path),
+                ("command", l["command"].as_str().unwrap_or("?")),
+                ("result", l["result"].as_str().unwrap_or("?")),
+            ],
+            num(&l["ms"]) as f64 / 1000.0,
+        );
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_last_command_timestamp_seconds",
+        "gauge",
+        "When the last control command on the image ran (Unix time).",
+    );
+    for (path, l) in &last {
+        f.sample(
+            "migsafe_image_last_command_timestamp_seconds",
+            &[
+                mnt[0],
+                ("path", path),
+                ("command", l["command"].as_str().unwrap_or("?")),
+                ("result", l["result"].as_str().unwrap_or("?")),
+            ],
+            num(&l["at"]),
+        );
+    }
+    s
+}
+
+/// `migsafe ctl MNT metrics`: the Prometheus text exposition format, for
+/// node_exporter's textfile collector (`migsafe ctl MNT metrics >
+/// DIR/migsafe.prom.$$ && mv DIR/migsafe.prom.$$ DIR/migsafe.prom`). When
+/// the daemon does not answer, `migsafe_up 0` is still printed (so a
+/// scrape shows the mount is down) and the exit status is 2.
+pub fn metrics(mountpoint: &Path, ctl_name: &str) -> i32 {
+    let mnt = std::fs::canonicalize(mountpoint)
+        .unwrap_or_else(|_| mountpoint.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    let mut out = Out::new();
+    match status_doc(mountpoint, ctl_name) {
+        Ok(doc) => {
+            out.text(&render_metrics(&mnt, &doc));
+            out.finish(EXIT_OK)
+        }
+        Err(code) => {
+            let mut s = String::new();
+            Family::new(
+                &mut s,
+                "migsafe_up",
+                "gauge",
+                "1 if the mount's daemon answered the status request.",
+            )
+            .sample("migsafe_up", &[("mountpoint", &mnt)], 0);
+            out.text(&s);
+            out.finish(code)
+        }
+    }
+}
+
 pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
     if Key::from_name(key).is_none() {
         let keys: Vec<&str> = Key::ALL.iter().map(|k| k.name()).collect();
@@ -548,6 +836,20 @@ mod tests {
         assert_eq!(shown(Some(b"a\nb")), "\"a\\nb\"");
         assert_eq!(shown(None), "?");
         assert_eq!(shown_detail(Some(b"x \"y\"\nz")), "x \"y\"\\nz");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        let doc =
+            serde_json::json!({"images": [{"path": "x\"y\nz", "counters": {"activations": 3}}]});
+        let text = render_metrics("/m", &doc);
+        assert!(
+            text.contains(
+                "migsafe_image_activations_total{mountpoint=\"/m\",path=\"x\\\"y\\nz\"} 3\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

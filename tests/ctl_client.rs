@@ -198,6 +198,7 @@ fn broken_pipe_exits_quietly_and_full_disk_does_not() {
     for args in [
         &["status"][..],
         &["status", "--json"],
+        &["metrics"],
         &["flush", "a.img"],
         &["flush", "a.img", "--json"],
     ] {
@@ -394,6 +395,7 @@ fn enotconn_says_the_daemon_is_gone_and_what_to_do() {
         &["flush", "a.img"][..],
         &["status"],
         &["status", "--json"],
+        &["metrics"],
         &["set", "sync", "fsync"],
     ] {
         let (code, out, err) = ctl_cli(&m, args);
@@ -409,4 +411,165 @@ fn enotconn_says_the_daemon_is_gone_and_what_to_do() {
         );
     }
     // The guard unmounts (lazily) and reaps the killed daemon.
+}
+
+/// Parses Prometheus text with the reference parser (python3-prometheus-client)
+/// into (sample name, labels, value).
+fn parse_metrics(text: &str) -> Vec<(String, serde_json::Map<String, serde_json::Value>, f64)> {
+    const PY: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", PY])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser rejects the metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<(String, serde_json::Map<String, serde_json::Value>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    v
+}
+
+/// The value of the one sample `name` whose labels include `labels`.
+fn value(
+    samples: &[(String, serde_json::Map<String, serde_json::Value>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let hits: Vec<f64> = samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).and_then(|x| x.as_str()) == Some(*v))
+        })
+        .map(|(_, _, v)| *v)
+        .collect();
+    assert!(hits.len() <= 1, "{name} {labels:?}: {} samples", hits.len());
+    hits.first().copied()
+}
+
+fn have_prometheus_parser() -> bool {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client.parser"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("python3-prometheus-client is not installed but CI must provide it");
+        }
+        eprintln!("SKIPPED: python3-prometheus-client is not installed");
+    }
+    ok
+}
+
+#[test]
+fn metrics_parse_and_match_the_mount() {
+    if !common::require_root() || !have_prometheus_parser() {
+        return;
+    }
+    let dir = scratch();
+    let hostile: &[u8] = b"q\"uo\\te\nl.img";
+    let back = backing(dir.path(), &[b"a.img", hostile]);
+    let m = Mount::start(dir.path(), &back, &["--io", "relay"]);
+    let _h = common::hold_open_rw(&m.path("a.img"));
+    let _h2 = hold_open(&m.mountpoint.join(OsStr::from_bytes(hostile)));
+    let hostile = std::str::from_utf8(hostile).unwrap();
+    let mnt = fs::canonicalize(&m.mountpoint).unwrap();
+    let mnt = mnt.to_str().unwrap();
+    let metrics = || {
+        let (code, out, err) = ctl_cli(&m, &["metrics"]);
+        assert_eq!(code, 0, "{out}{err}");
+        parse_metrics(&out)
+    };
+
+    let s = metrics();
+    assert_eq!(value(&s, "migsafe_up", &[("mountpoint", mnt)]), Some(1.0));
+    for path in ["a.img", hostile] {
+        let l = [("mountpoint", mnt), ("path", path)];
+        assert_eq!(
+            value(&s, "migsafe_image_activations_total", &l),
+            Some(0.0),
+            "{path:?}"
+        );
+        assert_eq!(
+            value(&s, "migsafe_image_inactivations_total", &l),
+            Some(0.0)
+        );
+        assert_eq!(value(&s, "migsafe_image_size_bytes", &l), Some(MIB as f64));
+        assert_eq!(value(&s, "migsafe_image_active", &l), Some(1.0));
+        assert_eq!(value(&s, "migsafe_image_sticky_error", &l), Some(0.0));
+        assert_eq!(value(&s, "migsafe_image_sync_errors_total", &l), Some(0.0));
+        assert!(value(&s, "migsafe_image_dirty_pages", &l).is_some());
+        assert!(value(&s, "migsafe_image_writeback_pages", &l).is_some());
+        assert!(value(&s, "migsafe_image_cached_pages", &l).is_some());
+    }
+    let handles = |s: &[_], dp: &str, w: &str| {
+        value(
+            s,
+            "migsafe_open_handles",
+            &[("data_path", dp), ("writable", w)],
+        )
+    };
+    assert_eq!(handles(&s, "relay", "true"), Some(1.0), "the rw holder");
+    assert_eq!(handles(&s, "relay", "false"), Some(1.0), "the ro holder");
+    assert_eq!(handles(&s, "passthrough", "true"), Some(0.0));
+
+    // One handover out and in of a.img.
+    let (code, out, err) = ctl_cli(&m, &["inactivate", "a.img"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let s = metrics();
+    let a = [("path", "a.img")];
+    assert_eq!(
+        value(&s, "migsafe_image_inactivations_total", &a),
+        Some(1.0)
+    );
+    assert_eq!(value(&s, "migsafe_image_active", &a), Some(0.0));
+    let (code, out, err) = ctl_cli(&m, &["activate", "a.img"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let s = metrics();
+    assert_eq!(value(&s, "migsafe_image_activations_total", &a), Some(1.0));
+    assert_eq!(value(&s, "migsafe_image_active", &a), Some(1.0));
+    let last = value(
+        &s,
+        "migsafe_image_last_command_seconds",
+        &[("path", "a.img"), ("command", "activate"), ("result", "ok")],
+    );
+    assert!(last.is_some_and(|v| v >= 0.0), "last handover duration");
+    assert_eq!(
+        value(&s, "migsafe_image_activations_total", &[("path", hostile)]),
+        Some(0.0),
+        "the other image did not move"
+    );
+    // Reached by '*', the hostile name's label comes back exact.
+    let (code, out, err) = ctl_cli(&m, &["activate", "*"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let s = metrics();
+    assert_eq!(value(&s, "migsafe_image_activations_total", &a), Some(2.0));
+    assert_eq!(
+        value(&s, "migsafe_image_activations_total", &[("path", hostile)]),
+        Some(1.0)
+    );
 }
