@@ -751,3 +751,67 @@ fn qemu_migrate_rolls_back_on_timeout_qmp_error_refusal_and_ctrl_c() {
     assert_ne!(o.vm[1], "running", "{}", o.describe());
     drop(bed);
 }
+
+/// libvirt shows a failing hook's stderr in its error: the hook must put
+/// the reason there (the image, the command, the errno), not bash's
+/// `printf: write error`.
+#[test]
+fn libvirt_hook_failure_says_why_on_stderr() {
+    if !require_root() || !have_tool("mountpoint") {
+        return;
+    }
+    let tmp = scratch();
+    let back = tmp.path().join("back");
+    std::fs::create_dir_all(&back).unwrap();
+    make_file(&back.join("vm1.img"), 1 << 20, 0);
+    let m = Mount::start(tmp.path(), &back, &[]);
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/libvirt-hook.sh");
+    let run = |domain: &str, image: &str| {
+        let xml = format!(
+            "<domain><name>{domain}</name><devices><disk type='file' device='disk'>\
+             <source file='{}/{image}'/></disk></devices></domain>",
+            m.mountpoint.display()
+        );
+        let mut child = Command::new("bash")
+            .arg(&hook)
+            .args([domain, "prepare", "begin", "-"])
+            .env("MNT", &m.mountpoint)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(xml.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let domain = format!("migsafe-test-{}", std::process::id());
+    // Control: a start on an image that is there activates it, silently.
+    ctl_write(&m.ctl("inactivate"), "vm1.img\n").unwrap();
+    let (code, out, err) = run(&domain, "vm1.img");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        (out.as_str(), err.as_str()),
+        ("", ""),
+        "nothing on stdout or stderr"
+    );
+    assert_eq!(status_image(&m, "vm1.img")["state"], "active");
+
+    let (code, out, err) = run(&domain, "missing.img");
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(out, "", "stdout stays empty (libvirt may read it as XML)");
+    assert!(!err.contains("write error"), "{err}");
+    for needle in ["activate", "missing.img", "ENOENT", "refusing"] {
+        assert!(err.contains(needle), "stderr names {needle:?}: {err}");
+    }
+}
