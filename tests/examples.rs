@@ -815,3 +815,70 @@ fn libvirt_hook_failure_says_why_on_stderr() {
         assert!(err.contains(needle), "stderr names {needle:?}: {err}");
     }
 }
+
+/// virsh-migrate.sh explains libvirt's refusal of a FUSE mount as
+/// non-shared storage, and only that refusal. libvirt's side is injected:
+/// a `virsh` on PATH that fails with libvirt's own message (or another);
+/// ssh to the destination runs the command on this host, on a real mount.
+#[test]
+fn virsh_migrate_explains_the_shared_storage_refusal() {
+    if !require_root() {
+        return;
+    }
+    let tmp = scratch();
+    let back = tmp.path().join("back");
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&back).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    make_file(&back.join("vm1.img"), 1 << 20, 0);
+    let m = Mount::start(tmp.path(), &back, &[]);
+    use std::os::unix::fs::PermissionsExt;
+    let tool = |name: &str, body: &str| {
+        let p = bin.join(name);
+        std::fs::write(&p, format!("#!/bin/bash\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    tool(
+        "ssh",
+        r#"while [[ $1 == -o ]]; do shift 2; done; shift; exec bash -c "$*""#,
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/virsh-migrate.sh");
+    let run = |virsh_error: &str| {
+        tool("virsh", &format!("echo {virsh_error:?} >&2; exit 1"));
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["vm1", "dst-host", "vm1.img"])
+            .env("MNT", &m.mountpoint)
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("error: Unsafe migration: Migration without shared storage is unsafe");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Migration without shared storage is unsafe"),
+        "virsh's error shown: {err}"
+    );
+    assert!(err.contains("still runs here"), "{err}");
+    for needle in [
+        "shared_filesystems",
+        "--unsafe",
+        &m.mountpoint.display().to_string(),
+    ] {
+        assert!(err.contains(needle), "the hint names {needle:?}: {err}");
+    }
+    // Another failure: no such hint.
+    let (code, err) = run("error: Requested operation is not valid: domain is not running");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("domain is not running") && !err.contains("shared_filesystems"),
+        "{err}"
+    );
+}
