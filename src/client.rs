@@ -291,8 +291,18 @@ fn run_command(
         );
         return EXIT_USAGE;
     }
+    if !text.is_empty() && !text.ends_with('\n') {
+        eprintln!(
+            "migsafe ctl: {cmd}: the daemon's result {text:?} does not end with a newline; \
+             is {} served by a migsafe of this version?",
+            mountpoint.display()
+        );
+        return EXIT_USAGE;
+    }
     let mut lines = Vec::new();
-    for line in text.lines() {
+    // Split on '\n' only: a stray '\r' (which the daemon escapes) must fail
+    // to parse, not be dropped as `str::lines` would.
+    for line in text.split_terminator('\n') {
         match protocol::parse_line(line)
             .map_err(|e| e.to_string())
             .and_then(|f| {

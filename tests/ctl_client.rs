@@ -138,6 +138,10 @@ fn a_result_that_does_not_parse_is_never_exit_0() {
         "image=my disk.img result=ok resident_pages=0 ms=0\n",
         "image=x.img result=error errno=EIO resident_pages=0 ms=0\n",
         "image=\"x.img result=ok\n",
+        "image=x.img result=ok resident_pages=0 ms=0\r\n",
+        "image=x.img result=ok resident_pages=0 ms=0",
+        "image=x.img result=maybe resident_pages=0 ms=0\n",
+        "image=x.img result=ok resident_pages=zero ms=0\n",
     ] {
         let mnt = fake_mount(dir.path(), &["x.img"], garbage);
         let (code, out, err) = ctl_at(&mnt, &["activate", "x.img"]);
