@@ -90,9 +90,10 @@ on() {
 # host or QEMU cannot be reached or QEMU answers with an error.
 qmp() {
     local host=$1 cmd=$2 reply
-    # The second reply (after qmp_capabilities') is the command's.
+    # Lines without events: QEMU's greeting, qmp_capabilities' reply, then
+    # the command's.
     reply=$(on "$host" "set -o pipefail; printf '%s\n%s\n' '{\"execute\":\"qmp_capabilities\"}' '$cmd' |
-        socat -t 30 - 'UNIX-CONNECT:$QMP' | grep -v -e '\"event\"' -e '\"QMP\"' | sed -n 2p") || {
+        socat -t 30 - 'UNIX-CONNECT:$QMP' | grep -v '\"event\"' | sed -n 3p") || {
         warn "   QMP $cmd on $host: no answer"
         return 1
     }
