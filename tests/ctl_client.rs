@@ -577,3 +577,37 @@ fn metrics_parse_and_match_the_mount() {
         Some(1.0)
     );
 }
+
+#[test]
+fn status_fencing_column_shows_partial_for_writable_passthrough() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path(), &[b"a.img"]);
+    let m = Mount::start(dir.path(), &back, &["--io", "passthrough"]);
+    if common::status(&m)["passthrough_supported"] != true {
+        eprintln!("SKIPPED: this kernel offers no FUSE passthrough");
+        return;
+    }
+    let row = || {
+        let (code, out, err) = ctl_cli(&m, &["status"]);
+        assert_eq!(code, 0, "{out}{err}");
+        out.lines()
+            .find(|l| l.starts_with("a.img "))
+            .unwrap_or_else(|| panic!("no row: {out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let h = common::hold_open(&m.path("a.img"));
+    assert_eq!(row()[2], "full", "a read-only handle is fenced");
+    drop(h);
+    let _h = common::hold_open_rw(&m.path("a.img"));
+    assert_eq!(
+        common::status_image(&m, "a.img")["fencing"],
+        "partial",
+        "control: the daemon reports it"
+    );
+    assert_eq!(row()[2], "partial", "a writable passthrough handle is not");
+}
