@@ -20,6 +20,8 @@
 # (`virsh migrate --suspend`, handover, `virsh resume`).
 # The hook never calls virsh (that would deadlock libvirt), prints nothing on
 # stdout (for `migrate` libvirt would read it as new XML) and logs to syslog.
+# When it refuses, the reason also goes to stderr: libvirt puts a failing
+# hook's stderr into the error it reports (`virsh start` shows it).
 set -euo pipefail
 
 DOMAIN=${1:-}
@@ -30,6 +32,11 @@ STATE=/run/migsafe-hook
 MARK=$STATE/$DOMAIN.incoming
 
 log() { logger -t migsafe-hook -- "$DOMAIN $OP $SUBOP: $*" 2>/dev/null || true; }
+# fail MSG: log MSG and put it where libvirt shows it.
+fail() {
+    log "$*"
+    printf 'migsafe-hook: %s %s %s: %s\n' "$DOMAIN" "$OP" "$SUBOP" "$*" >&2
+}
 
 # The domain's file disks on the migsafe mount, relative to it, one per line.
 images() {
@@ -41,14 +48,23 @@ images() {
 }
 
 # ctl COMMAND LIST: one write of the image list to the control file; returns
-# the write's status, logs the per-image result lines.
+# the write's status, logs the per-image result lines, and on failure says
+# on stderr which images failed and why.
 ctl() {
     local fd rc=0 out
-    exec {fd}<>"$MNT/.ctl/$1"
-    printf '%s\n' "$2" >&"$fd" || rc=$?
-    out=$(cat <&"$fd" || true)
+    if ! { exec {fd}<>"$MNT/.ctl/$1"; } 2>/dev/null; then
+        fail "$1: cannot open $MNT/.ctl/$1 (not a migsafe mount, or not root?)"
+        return 1
+    fi
+    # bash's own "printf: write error" says nothing useful: the result lines do.
+    { printf '%s\n' "$2" >&"$fd"; } 2>/dev/null || rc=$?
+    out=$(cat <&"$fd" 2>/dev/null || true)
     exec {fd}>&-
     log "$1: status $rc: ${out//$'\n'/; }"
+    if ((rc)); then
+        # The lines of the images that failed (`image=... result=error ...`).
+        fail "$1 failed: $(grep -v ' result=ok ' <<<"$out" | tr '\n' ' ')"
+    fi
     return "$rc"
 }
 
@@ -70,13 +86,13 @@ case "$OP/$SUBOP" in
 migrate/begin)
     mkdir -p "$STATE"
     : >"$MARK"
-    ctl inactivate "$LIST" || { log "inactivate failed: refusing the incoming migration"; exit 1; }
+    ctl inactivate "$LIST" || { fail "refusing the incoming migration"; exit 1; }
     ;;
 prepare/begin)
     if [[ -e $MARK ]]; then
         log "incoming migration: images stay inactive until the handover"
     else
-        ctl activate "$LIST" || { log "activate failed: refusing to start on possibly stale data"; exit 1; }
+        ctl activate "$LIST" || { fail "refusing to start on possibly stale data"; exit 1; }
     fi
     ;;
 stopped/end)

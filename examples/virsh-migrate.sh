@@ -70,8 +70,24 @@ echo "== $DST: inactivate ${IMAGES[*]} (drop what others cached there)"
 ctl_remote inactivate || { echo "inactivate on $DST failed; nothing was migrated" >&2; exit 1; }
 
 echo "== migrate $DOMAIN to $DST_URI, paused on arrival"
-if ! virsh migrate --live --suspend --verbose "${EXTRA[@]}" "$DOMAIN" "$DST_URI"; then
+# virsh's stderr is shown as it comes and kept, to explain known refusals.
+if ! { err=$(virsh migrate --live --suspend --verbose "${EXTRA[@]}" "$DOMAIN" "$DST_URI" 2>&1 1>&3 |
+    tee /dev/stderr); } 3>&1; then
     echo "migration failed; $DOMAIN still runs here, its images stay active here" >&2
+    if [[ $err == *"without shared storage is unsafe"* ]]; then
+        cat >&2 <<EOF
+libvirt does not know that $MNT (a fuse.migsafe mount) is shared storage, so
+it refuses a live migration without --copy-storage. migsafe's handover (this
+script's inactivate/activate) is what makes the page cache safe. Either:
+  - where the libvirt version has it (see the qemu.conf it ships), declare the
+    mount shared in /etc/libvirt/qemu.conf on both hosts, restart libvirtd
+    (or virtqemud) and run this script again:
+        shared_filesystems = [ "$MNT" ]
+  - otherwise add --unsafe: VIRSH_MIGRATE_OPTS="--unsafe" $0 $DOMAIN $DST ...
+    It skips only libvirt's storage safety check (shared storage, disk cache
+    mode), not the migration itself; the handover here still runs.
+EOF
+    fi
     exit 1
 fi
 

@@ -5,6 +5,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::Path;
 
+use crate::protocol::{self, key};
 use crate::settings::Key;
 
 /// Exit status: 0 ok, 1 the command failed, 2 usage or I/O error.
@@ -12,165 +13,475 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 
-pub const COMMANDS: [&str; 5] = ["activate", "inactivate", "invalidate", "flush", "check"];
+pub use crate::protocol::COMMANDS;
 
 fn ctl_dir(mountpoint: &Path, ctl_name: &str) -> std::path::PathBuf {
     mountpoint.join(ctl_name)
 }
 
-/// Parses one result line (`key=value key="quoted value" ...`) into pairs.
-pub fn parse_result_line(line: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = line.trim();
-    while !rest.is_empty() {
-        let Some(eq) = rest.find('=') else { break };
-        let key = rest[..eq].trim().to_string();
-        rest = &rest[eq + 1..];
-        let value;
-        if let Some(stripped) = rest.strip_prefix('"') {
-            // Debug-quoted string: find the closing quote not preceded by '\'.
-            let mut end = None;
-            let mut escaped = false;
-            for (i, c) in stripped.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '"' if !escaped => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            let end = end.unwrap_or(stripped.len());
-            value = stripped[..end].replace("\\\"", "\"").replace("\\\\", "\\");
-            rest = stripped.get(end + 1..).unwrap_or("").trim_start();
-        } else {
-            let end = rest.find(' ').unwrap_or(rest.len());
-            value = rest[..end].to_string();
-            rest = rest[end..].trim_start();
-        }
-        out.push((key, value));
-    }
-    out
+/// Standard output of the client. Rust ignores SIGPIPE, so `println!`
+/// panics once the reader is gone (`migsafe ctl MNT status | head -1`):
+/// here a closed pipe just ends the output quietly (the command's own
+/// result still decides the exit status), and any other write error
+/// (a full disk) is reported once and makes the exit status 2.
+pub struct Out {
+    w: std::io::StdoutLock<'static>,
+    closed: bool,
+    error: Option<std::io::Error>,
 }
 
-/// Runs a command on images; prints results; returns the exit status.
+impl Out {
+    pub fn new() -> Out {
+        Out {
+            w: std::io::stdout().lock(),
+            closed: false,
+            error: None,
+        }
+    }
+
+    fn record(&mut self, r: std::io::Result<()>) {
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => self.closed = true,
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Writes `text` (which carries its own newlines) unless output ended.
+    pub fn text(&mut self, text: &str) {
+        if self.closed || self.error.is_some() {
+            return;
+        }
+        let r = self.w.write_all(text.as_bytes());
+        self.record(r);
+    }
+
+    /// Writes one line.
+    pub fn line(&mut self, line: &str) {
+        self.text(line);
+        self.text("\n");
+    }
+
+    /// Flushes and turns `code` into the exit status: 2 if the output
+    /// failed for another reason than a closed pipe.
+    pub fn finish(mut self, code: i32) -> i32 {
+        if !self.closed && self.error.is_none() {
+            let r = self.w.flush();
+            self.record(r);
+        }
+        match self.error {
+            Some(e) => {
+                eprintln!("migsafe ctl: cannot write the output: {e}");
+                EXIT_USAGE
+            }
+            None => code,
+        }
+    }
+}
+
+impl Default for Out {
+    fn default() -> Self {
+        Out::new()
+    }
+}
+
+/// True for the errnos of a FUSE mount whose daemon has gone (killed,
+/// crashed, or the connection aborted through fusectl).
+fn daemon_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+    )
+}
+
+/// The message for an error on control file `path`, saying what it means
+/// for an operator and what to do next.
+fn explain(mountpoint: &Path, path: &Path, e: &std::io::Error) -> String {
+    let mnt = mountpoint.display();
+    let errno = e
+        .raw_os_error()
+        .map(crate::sys::errno_name)
+        .unwrap_or_else(|| "?".into());
+    if daemon_gone(e) {
+        return format!(
+            "the migsafe daemon of {mnt} is gone ({errno}: {e}): nothing reaches storage \
+             through this mount any more. Unmount it with `umount -l {mnt}` and mount it \
+             again; then every VM using images there must reopen them (restart it or \
+             re-attach its disks), its open files still point at the dead mount"
+        );
+    }
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "cannot write {}: permission denied ({errno}): only root or the user who mounted \
+             {mnt} may write control files (any user may read status); run this as root",
+            path.display()
+        ),
+        Some(libc::ENOENT) => format!(
+            "cannot open {}: no such file ({errno}): is {mnt} a migsafe mount (and is its \
+             control directory named {:?}; see --ctl-name)?",
+            path.display(),
+            path.parent()
+                .and_then(|p| p.file_name())
+                .unwrap_or_default()
+        ),
+        _ => format!(
+            "cannot open {}: {e} ({errno}; is {mnt} a migsafe mount?)",
+            path.display()
+        ),
+    }
+}
+
+/// `1536` -> `1.5 KiB`: binary units, one decimal from KiB on.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Result keys whose values are counts: JSON numbers, and a line where
+/// they are not numbers is not a valid result.
+const NUMERIC_KEYS: [&str; 2] = [key::RESIDENT_PAGES, key::MS];
+
+/// Checks what a result line must say beyond its syntax.
+fn check_fields(f: &protocol::Fields) -> Result<(), String> {
+    match f.get_str(key::RESULT) {
+        Some(protocol::RESULT_OK) | Some(protocol::RESULT_ERROR) => {}
+        Some(other) => return Err(format!("result={other} is neither ok nor error")),
+        None => return Err("no result= field".into()),
+    }
+    for k in NUMERIC_KEYS {
+        if let Some(v) = f.get(k)
+            && std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_none()
+        {
+            return Err(format!("{k}= is not a number"));
+        }
+    }
+    Ok(())
+}
+
+/// The mount's source as `/proc/self/mountinfo` shows it (`migsafe:BACKING`
+/// unless `-o fsname=` changed it), for the backing path in `status`.
+fn mount_source(mountpoint: &Path) -> Option<String> {
+    let want = std::fs::canonicalize(mountpoint).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last entry for a path is the one on top.
+    info.lines().rev().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mp = unescape_mountinfo(pre.split(' ').nth(4)?);
+        if Path::new(&mp) != want {
+            return None;
+        }
+        let mut post = post.split(' ');
+        let (_fstype, source) = (post.next()?, post.next()?);
+        Some(unescape_mountinfo(source))
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> String {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(oct) = s.get(i + 1..i + 4)
+            && let Ok(v) = u8::from_str_radix(oct, 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    std::ffi::OsString::from_vec(out)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// How a value of a result line is shown to a person: as the protocol
+/// writes it (bare, or quoted with escapes), so one result stays one line
+/// whatever bytes a file name holds.
+fn shown(v: Option<&[u8]>) -> String {
+    v.map(protocol::quote).unwrap_or_else(|| "?".into())
+}
+
+/// A detail message for a person: its text without the protocol's quotes,
+/// control bytes still escaped.
+fn shown_detail(v: Option<&[u8]>) -> String {
+    let q = shown(v);
+    match q.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) => inner.replace("\\\"", "\""),
+        None => q,
+    }
+}
+
+/// A result value as JSON: text when it is UTF-8; otherwise the protocol's
+/// escaped form (and the caller marks the key as escaped), never a lossy
+/// string that could stand for another name.
+fn json_value(v: &[u8]) -> (serde_json::Value, bool) {
+    match std::str::from_utf8(v) {
+        Ok(s) => (serde_json::Value::String(s.to_string()), false),
+        Err(_) => (serde_json::Value::String(protocol::quote(v)), true),
+    }
+}
+
+/// Runs a command on images; prints results; returns the exit status:
+/// 0 only if the write succeeded and every result line parsed and says ok.
 pub fn command(mountpoint: &Path, ctl_name: &str, cmd: &str, images: &[String], json: bool) -> i32 {
+    let mut out = Out::new();
+    let code = run_command(&mut out, mountpoint, ctl_name, cmd, images, json);
+    out.finish(code)
+}
+
+fn run_command(
+    out: &mut Out,
+    mountpoint: &Path,
+    ctl_name: &str,
+    cmd: &str,
+    images: &[String],
+    json: bool,
+) -> i32 {
+    if let Some(bad) = images.iter().find(|i| i.contains('\n') || i.is_empty()) {
+        eprintln!(
+            "migsafe ctl: {cmd}: cannot name {} in a request: requests are one path per line, \
+             so a path can be neither empty nor hold a newline; use '*' to reach such an image",
+            protocol::quote(bad.as_bytes())
+        );
+        return EXIT_USAGE;
+    }
     let path = ctl_dir(mountpoint, ctl_name).join(cmd);
     let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!(
-                "migsafe ctl: cannot open {}: {e} (is {} a migsafe mount?)",
-                path.display(),
-                mountpoint.display()
-            );
+            eprintln!("migsafe ctl: {}", explain(mountpoint, &path, &e));
             return EXIT_USAGE;
         }
     };
     let mut body = images.join("\n");
     body.push('\n');
     let write_result = file.write_all(body.as_bytes());
+    if let Err(e) = &write_result
+        && daemon_gone(e)
+    {
+        eprintln!("migsafe ctl: {cmd}: {}", explain(mountpoint, &path, e));
+        return EXIT_USAGE;
+    }
     let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    let failed = match &write_result {
-        Ok(_) => false,
-        Err(e) => {
-            if text.is_empty() {
-                eprintln!("migsafe ctl: {cmd} failed: {e}");
-            }
-            true
+    if let Err(e) = file.read_to_string(&mut text) {
+        if daemon_gone(&e) {
+            eprintln!("migsafe ctl: {cmd}: {}", explain(mountpoint, &path, &e));
+            return EXIT_USAGE;
         }
-    };
+        eprintln!(
+            "migsafe ctl: {cmd}: cannot read the result from {}: {e}",
+            path.display()
+        );
+        return EXIT_USAGE;
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        eprintln!(
+            "migsafe ctl: {cmd}: the daemon's result {text:?} does not end with a newline; \
+             is {} served by a migsafe of this version?",
+            mountpoint.display()
+        );
+        return EXIT_USAGE;
+    }
+    let mut lines = Vec::new();
+    // Split on '\n' only: a stray '\r' (which the daemon escapes) must fail
+    // to parse, not be dropped as `str::lines` would.
+    for line in text.split_terminator('\n') {
+        match protocol::parse_line(line)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                check_fields(&f)?;
+                Ok(f)
+            }) {
+            Ok(f) => lines.push(f),
+            Err(e) => {
+                eprintln!(
+                    "migsafe ctl: {cmd}: the daemon's result line {line:?} does not parse ({e}); \
+                     is {} served by a migsafe of this version?",
+                    mountpoint.display()
+                );
+                return EXIT_USAGE;
+            }
+        }
+    }
+    let all_ok = !lines.is_empty()
+        && lines
+            .iter()
+            .all(|f| f.get_str(key::RESULT) == Some(protocol::RESULT_OK));
+    let failed = write_result.is_err();
+    let star = images.iter().any(|i| i == "*");
+    if let Err(e) = &write_result
+        && text.is_empty()
+    {
+        eprintln!("migsafe ctl: {cmd} failed: {e}");
+    }
     if json {
-        let results: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| {
-                serde_json::Value::Object(
-                    parse_result_line(l)
-                        .into_iter()
-                        .map(|(k, v)| (k, serde_json::Value::String(v)))
-                        .collect(),
-                )
+        let results: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|f| {
+                let mut obj = serde_json::Map::new();
+                for (k, v) in &f.0 {
+                    if NUMERIC_KEYS.contains(&k.as_str())
+                        && let Some(n) = std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        obj.insert(k.clone(), n.into());
+                        continue;
+                    }
+                    let (value, escaped) = json_value(v);
+                    obj.insert(k.clone(), value);
+                    if escaped {
+                        obj.insert(format!("{k}_escaped"), serde_json::Value::Bool(true));
+                    }
+                }
+                serde_json::Value::Object(obj)
             })
             .collect();
         let doc = serde_json::json!({
             "command": cmd,
-            "ok": !failed,
+            "ok": !failed && all_ok,
             "errno": write_result.as_ref().err().and_then(|e| e.raw_os_error()).map(crate::sys::errno_name),
             "results": results,
         });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        out.line(&serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        for line in text.lines() {
-            let fields = parse_result_line(line);
-            let get = |k: &str| {
-                fields
-                    .iter()
-                    .find(|(key, _)| key == k)
-                    .map(|(_, v)| v.as_str())
-            };
-            match get("result") {
-                Some("ok") => println!(
+        for f in &lines {
+            let name = f.get(key::IMAGE);
+            match f.get_str(key::RESULT) {
+                Some(protocol::RESULT_OK) if f.get(key::FENCING).is_some() => out.line(&format!(
+                    "{cmd} {}: ok ({} ms), fencing {}: {}",
+                    shown(name),
+                    shown(f.get(key::MS)),
+                    shown(f.get(key::FENCING)),
+                    shown_detail(f.get(key::DETAIL))
+                )),
+                Some(protocol::RESULT_OK) => out.line(&format!(
                     "{cmd} {}: ok ({} ms)",
-                    get("image").unwrap_or("?"),
-                    get("ms").unwrap_or("?")
-                ),
-                _ => println!(
+                    shown(name),
+                    shown(f.get(key::MS))
+                )),
+                _ => out.line(&format!(
                     "{cmd} {}: FAILED {}: {}",
-                    get("image").unwrap_or("(request)"),
-                    get("errno").unwrap_or("?"),
-                    get("detail").unwrap_or("")
-                ),
+                    name.map(protocol::quote)
+                        .unwrap_or_else(|| "(request)".into()),
+                    shown(f.get(key::ERRNO)),
+                    shown_detail(f.get(key::DETAIL))
+                )),
             }
         }
     }
-    if failed { EXIT_FAILED } else { EXIT_OK }
+    if failed {
+        return EXIT_FAILED;
+    }
+    // The write said ok: the lines must agree, one per named image.
+    if !all_ok || (!star && lines.len() != images.len()) {
+        eprintln!(
+            "migsafe ctl: {cmd}: the write succeeded but the result does not match it \
+             ({} result lines for {} images{}); treat the command as not done",
+            lines.len(),
+            images.len(),
+            if all_ok { "" } else { ", not all ok" }
+        );
+        return EXIT_USAGE;
+    }
+    EXIT_OK
+}
+
+/// Reads `.ctl/status` as text (the daemon's JSON document).
+fn read_status(mountpoint: &Path, ctl_name: &str) -> Result<String, i32> {
+    let path = ctl_dir(mountpoint, ctl_name).join("status");
+    std::fs::read_to_string(&path).map_err(|e| {
+        eprintln!("migsafe ctl: {}", explain(mountpoint, &path, &e));
+        EXIT_USAGE
+    })
+}
+
+/// Reads and parses `.ctl/status`.
+pub fn status_doc(mountpoint: &Path, ctl_name: &str) -> Result<serde_json::Value, i32> {
+    let text = read_status(mountpoint, ctl_name)?;
+    serde_json::from_str(&text).map_err(|e| {
+        eprintln!(
+            "migsafe ctl: {}/{ctl_name}/status is not JSON ({e})",
+            mountpoint.display()
+        );
+        EXIT_USAGE
+    })
 }
 
 pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
-    let path = ctl_dir(mountpoint, ctl_name).join("status");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!(
-                "migsafe ctl: cannot read {}: {e} (is {} a migsafe mount?)",
-                path.display(),
-                mountpoint.display()
-            );
-            return EXIT_USAGE;
-        }
-    };
+    let mut out = Out::new();
     if json {
-        print!("{text}");
-        return EXIT_OK;
+        let text = match read_status(mountpoint, ctl_name) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
+        out.text(&text);
+        return out.finish(EXIT_OK);
     }
-    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
-        eprintln!("migsafe ctl: status is not JSON");
-        return EXIT_USAGE;
+    let doc = match status_doc(mountpoint, ctl_name) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
-    println!(
+    print_status(&mut out, mountpoint, &doc);
+    out.finish(EXIT_OK)
+}
+
+/// The human form of `status`: one header block, then one row per image
+/// with sizes in binary units and names quoted like result lines.
+fn print_status(out: &mut Out, mountpoint: &Path, doc: &serde_json::Value) {
+    let page = crate::sys::page_size() as u64;
+    let pages = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|p| human_bytes(p * page))
+            .unwrap_or_else(|| "?".into())
+    };
+    out.line(&format!(
         "migsafe {} on {}",
         doc["version"].as_str().unwrap_or("?"),
         mountpoint.display()
-    );
-    println!(
+    ));
+    let source = mount_source(mountpoint);
+    match source
+        .as_deref()
+        .map(|s| s.strip_prefix("migsafe:").unwrap_or(s))
+    {
+        Some(b) => out.line(&format!("backing: {b}")),
+        None => out.line("backing: ? (not found in /proc/self/mountinfo)"),
+    }
+    out.line(&format!(
         "data paths: io={} passthrough supported={} in use={}",
         doc["data_paths"]["io"].as_str().unwrap_or("?"),
         doc["passthrough_supported"],
         doc["data_paths"]["passthrough_active"]
-    );
+    ));
     if let Some(settings) = doc["settings"].as_object() {
         let s: Vec<String> = settings
             .iter()
             .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
             .collect();
-        println!("settings: {}", s.join(" "));
+        out.line(&format!("settings: {}", s.join(" ")));
     }
-    println!(
-        "{:<32} {:<8} {:>12} {:>8} {:>6} {:>5} {:<8} last",
-        "IMAGE", "STATE", "SIZE", "CACHED", "DIRTY", "OPEN", "ERROR"
-    );
+    out.line(&format!(
+        "{:<32} {:<8} {:<7} {:>10} {:>10} {:>10} {:>4} {:<7} LAST",
+        "IMAGE", "STATE", "FENCING", "SIZE", "CACHED", "DIRTY", "OPEN", "ERROR"
+    ));
     for img in doc["images"].as_array().into_iter().flatten() {
         let last = &img["last_command"];
         let last = if last.is_null() {
@@ -183,19 +494,315 @@ pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
                 last["ms"]
             )
         };
-        println!(
-            "{:<32} {:<8} {:>12} {:>8} {:>6} {:>5} {:<8} {}",
-            img["path"].as_str().unwrap_or("?"),
+        let name = img["path"]
+            .as_str()
+            .map(|p| protocol::quote(p.as_bytes()))
+            .unwrap_or_else(|| "?".into());
+        let size = img["size"]
+            .as_u64()
+            .map(human_bytes)
+            .unwrap_or_else(|| "?".into());
+        out.line(&format!(
+            "{:<32} {:<8} {:<7} {:>10} {:>10} {:>10} {:>4} {:<7} {}",
+            name,
             img["state"].as_str().unwrap_or("?"),
-            img["size"].to_string(),
-            img["cached_pages"].to_string(),
-            img["dirty_pages"].to_string(),
+            img["fencing"].as_str().unwrap_or("?"),
+            size,
+            pages(&img["cached_pages"]),
+            pages(&img["dirty_pages"]),
             img["open_handles"].as_array().map(|a| a.len()).unwrap_or(0),
             img["sticky_error"].as_str().unwrap_or("-"),
             last
+        ));
+    }
+}
+
+/// Escapes a label value of the Prometheus text exposition format.
+fn label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// One metric family being written: `# HELP`, `# TYPE`, then its samples,
+/// which the exposition format wants together.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        use std::fmt::Write;
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label_value(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {value}", l.join(","));
+    }
+}
+
+/// The metrics text for a mount, from its `status` document: everything the
+/// daemon already counts, so no daemon of this version needs to change.
+pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
+    let mut s = String::new();
+    let mnt = [("mountpoint", mountpoint)];
+    let images: Vec<&serde_json::Value> = doc["images"].as_array().into_iter().flatten().collect();
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+
+    let version = doc["version"].as_str().unwrap_or("unknown");
+    Family::new(
+        &mut s,
+        "migsafe_info",
+        "gauge",
+        "migsafe daemon serving the mount.",
+    )
+    .sample("migsafe_info", &[mnt[0], ("version", version)], 1);
+    Family::new(
+        &mut s,
+        "migsafe_up",
+        "gauge",
+        "1 if the mount's daemon answered the status request.",
+    )
+    .sample("migsafe_up", &mnt, 1);
+    Family::new(
+        &mut s,
+        "migsafe_passthrough_supported",
+        "gauge",
+        "1 if the kernel offers FUSE passthrough to this mount.",
+    )
+    .sample(
+        "migsafe_passthrough_supported",
+        &mnt,
+        u8::from(doc["passthrough_supported"].as_bool().unwrap_or(false)),
+    );
+
+    // Open handles by data path, over all images of the mount.
+    let mut by_path: std::collections::BTreeMap<(String, bool), u64> = Default::default();
+    for dp in ["passthrough", "relay"] {
+        for w in [false, true] {
+            by_path.insert((dp.to_string(), w), 0);
+        }
+    }
+    for img in &images {
+        for h in img["open_handles"].as_array().into_iter().flatten() {
+            let dp = h["data_path"].as_str().unwrap_or("unknown").to_string();
+            let w = h["writable"].as_bool().unwrap_or(false);
+            *by_path.entry((dp, w)).or_default() += 1;
+        }
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_open_handles",
+        "gauge",
+        "Open handles of images on the mount, by data path and writability.",
+    );
+    for ((dp, w), n) in &by_path {
+        let w = if *w { "true" } else { "false" };
+        f.sample(
+            "migsafe_open_handles",
+            &[mnt[0], ("data_path", dp), ("writable", w)],
+            n,
         );
     }
-    EXIT_OK
+    Family::new(
+        &mut s,
+        "migsafe_images",
+        "gauge",
+        "Images this mount has seen and can still reach.",
+    )
+    .sample("migsafe_images", &mnt, images.len());
+
+    // Counters as the daemon keeps them in `counters` (since the mount started).
+    let counters = [
+        (
+            "activations",
+            "Successful activate commands (handovers in).",
+        ),
+        (
+            "inactivations",
+            "Successful inactivate commands (handovers out).",
+        ),
+        (
+            "invalidations",
+            "Successful invalidations of this host's page cache.",
+        ),
+        ("sync_errors", "Failed syncs of the image's backing."),
+        ("reads", "Read requests served by the daemon (relay)."),
+        ("writes", "Write requests served by the daemon (relay)."),
+        ("fsyncs", "Fsync requests of the image."),
+    ];
+    for (name, help) in counters {
+        let family = format!("migsafe_image_{name}");
+        let sample = format!("{family}_total");
+        let mut f = Family::new(&mut s, &family, "counter", help);
+        for img in &images {
+            let path = img["path"].as_str().unwrap_or("?");
+            f.sample(
+                &sample,
+                &[mnt[0], ("path", path)],
+                num(&img["counters"][name]),
+            );
+        }
+    }
+    type Get = fn(&serde_json::Value) -> u64;
+    let gauges: [(&str, &str, Get); 6] = [
+        ("size_bytes", "Size of the image.", |i| {
+            i["size"].as_u64().unwrap_or(0)
+        }),
+        (
+            "cached_pages",
+            "Pages of the image resident in this host's page cache.",
+            |i| i["cached_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "dirty_pages",
+            "Dirty pages of the image on this host.",
+            |i| i["dirty_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "writeback_pages",
+            "Pages of the image under writeback on this host.",
+            |i| i["writeback_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "open_handles",
+            "Open handles of the image on this mount.",
+            |i| i["open_handles"].as_array().map_or(0, |a| a.len() as u64),
+        ),
+        (
+            "active",
+            "1 if the image is active on this host, 0 if inactive.",
+            |i| u64::from(i["state"] == "active"),
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let family = format!("migsafe_image_{name}");
+        let mut f = Family::new(&mut s, &family, "gauge", help);
+        for img in &images {
+            let path = img["path"].as_str().unwrap_or("?");
+            f.sample(&family, &[mnt[0], ("path", path)], get(img));
+        }
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_fencing_partial",
+        "gauge",
+        "1 while a writable passthrough handle is open: writes the daemon cannot fence.",
+    );
+    for img in &images {
+        let path = img["path"].as_str().unwrap_or("?");
+        f.sample(
+            "migsafe_image_fencing_partial",
+            &[mnt[0], ("path", path)],
+            u8::from(img["fencing"] == "partial"),
+        );
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_sticky_error",
+        "gauge",
+        "1 while a failed sync's errno is kept until a successful activate.",
+    );
+    for img in &images {
+        let path = img["path"].as_str().unwrap_or("?");
+        match img["sticky_error"].as_str() {
+            Some(e) => f.sample(
+                "migsafe_image_sticky_error",
+                &[mnt[0], ("path", path), ("errno", e)],
+                1,
+            ),
+            None => f.sample("migsafe_image_sticky_error", &[mnt[0], ("path", path)], 0),
+        }
+    }
+    // The daemon keeps only the last command per image: its duration,
+    // time, and result (ok or the errno), with the command as a label.
+    let last: Vec<(&str, &serde_json::Value)> = images
+        .iter()
+        .filter(|i| !i["last_command"].is_null())
+        .map(|i| (i["path"].as_str().unwrap_or("?"), &i["last_command"]))
+        .collect();
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_last_command_seconds",
+        "gauge",
+        "Duration of the last control command on the image (result: ok or its errno).",
+    );
+    for (path, l) in &last {
+        f.sample(
+            "migsafe_image_last_command_seconds",
+            &[
+                mnt[0],
+                ("path", path),
+                ("command", l["command"].as_str().unwrap_or("?")),
+                ("result", l["result"].as_str().unwrap_or("?")),
+            ],
+            num(&l["ms"]) as f64 / 1000.0,
+        );
+    }
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_last_command_timestamp_seconds",
+        "gauge",
+        "When the last control command on the image ran (Unix time).",
+    );
+    for (path, l) in &last {
+        f.sample(
+            "migsafe_image_last_command_timestamp_seconds",
+            &[
+                mnt[0],
+                ("path", path),
+                ("command", l["command"].as_str().unwrap_or("?")),
+                ("result", l["result"].as_str().unwrap_or("?")),
+            ],
+            num(&l["at"]),
+        );
+    }
+    s
+}
+
+/// `migsafe ctl MNT metrics`: the Prometheus text exposition format, for
+/// node_exporter's textfile collector (`migsafe ctl MNT metrics >
+/// DIR/migsafe.prom.$$ && mv DIR/migsafe.prom.$$ DIR/migsafe.prom`). When
+/// the daemon does not answer, `migsafe_up 0` is still printed (so a
+/// scrape shows the mount is down) and the exit status is 2.
+pub fn metrics(mountpoint: &Path, ctl_name: &str) -> i32 {
+    let mnt = std::fs::canonicalize(mountpoint)
+        .unwrap_or_else(|_| mountpoint.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    let mut out = Out::new();
+    match status_doc(mountpoint, ctl_name) {
+        Ok(doc) => {
+            out.text(&render_metrics(&mnt, &doc));
+            out.finish(EXIT_OK)
+        }
+        Err(code) => {
+            let mut s = String::new();
+            Family::new(
+                &mut s,
+                "migsafe_up",
+                "gauge",
+                "1 if the mount's daemon answered the status request.",
+            )
+            .sample("migsafe_up", &[("mountpoint", &mnt)], 0);
+            out.text(&s);
+            out.finish(code)
+        }
+    }
 }
 
 pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
@@ -211,14 +818,19 @@ pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
     let mut file = match OpenOptions::new().write(true).open(&path) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("migsafe ctl: cannot open {}: {e}", path.display());
+            eprintln!("migsafe ctl: {}", explain(mountpoint, &path, &e));
             return EXIT_USAGE;
         }
     };
     match file.write_all(format!("{value}\n").as_bytes()) {
         Ok(_) => {
-            println!("{key} = {value}");
-            EXIT_OK
+            let mut out = Out::new();
+            out.line(&format!("{key} = {value}"));
+            out.finish(EXIT_OK)
+        }
+        Err(e) if daemon_gone(&e) || e.raw_os_error() == Some(libc::EACCES) => {
+            eprintln!("migsafe ctl: set {key}: {}", explain(mountpoint, &path, &e));
+            EXIT_USAGE
         }
         Err(e) => {
             let words = Key::from_name(key)
@@ -232,12 +844,54 @@ pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_result_line;
+    use super::*;
 
     #[test]
-    fn parses_quoted_detail() {
-        let f = parse_result_line(r#"image=a b result=error errno=EBUSY detail="x \"y\" z""#);
-        assert_eq!(f[0], ("image".into(), "a".into()));
-        assert_eq!(f.last().unwrap(), &("detail".into(), "x \"y\" z".into()));
+    fn shows_names_and_details_on_one_line() {
+        assert_eq!(shown(Some(b"disk.img")), "disk.img");
+        assert_eq!(shown(Some(b"my disk.img")), "\"my disk.img\"");
+        assert_eq!(shown(Some(b"a\nb")), "\"a\\nb\"");
+        assert_eq!(shown(None), "?");
+        assert_eq!(shown_detail(Some(b"x \"y\"\nz")), "x \"y\"\\nz");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        let doc =
+            serde_json::json!({"images": [{"path": "x\"y\nz", "counters": {"activations": 3}}]});
+        let text = render_metrics("/m", &doc);
+        assert!(
+            text.contains(
+                "migsafe_image_activations_total{mountpoint=\"/m\",path=\"x\\\"y\\nz\"} 3\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 20), "1.0 MiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\011c\\134"), "/a b\tc\\");
+        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
+    }
+
+    #[test]
+    fn json_values_never_lossy() {
+        assert_eq!(json_value(b"a b"), (serde_json::json!("a b"), false));
+        assert_eq!(
+            json_value(b"a\xff"),
+            (serde_json::json!("\"a\\xff\""), true)
+        );
     }
 }

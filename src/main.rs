@@ -121,7 +121,7 @@ enum Cmd {
     /// Mount BACKING_DIR on MOUNTPOINT and serve it (foreground unless --daemon).
     Mount(Box<MountCmd>),
     /// Drive migration control of a mount: activate|inactivate|invalidate|flush|check IMAGE...,
-    /// status, set KEY VALUE.
+    /// status, metrics (Prometheus text, for node_exporter's textfile collector), set KEY VALUE.
     Ctl {
         /// Control directory name used by the mount.
         #[arg(long, default_value = ".ctl")]
@@ -130,7 +130,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
         mountpoint: PathBuf,
-        /// activate|inactivate|invalidate|flush|check IMAGE... | status | set KEY VALUE
+        /// activate|inactivate|invalidate|flush|check IMAGE... | status | metrics | set KEY VALUE
         #[arg(required = true, num_args = 1..)]
         args: Vec<String>,
     },
@@ -225,7 +225,15 @@ fn run_ctl(mountpoint: PathBuf, ctl_name: &str, json: bool, args: &[String]) -> 
             }
             client::command(&mountpoint, ctl_name, v, rest, json)
         }
-        "status" => client::status(&mountpoint, ctl_name, json),
+        "status" if rest.is_empty() => client::status(&mountpoint, ctl_name, json),
+        "metrics" if rest.is_empty() && !json => client::metrics(&mountpoint, ctl_name),
+        "status" | "metrics" => {
+            eprintln!(
+                "migsafe ctl: usage: migsafe ctl MOUNTPOINT status [--json] | metrics \
+                 (metrics has one format: the Prometheus text format)"
+            );
+            client::EXIT_USAGE
+        }
         "set" => match rest {
             [key, value] => client::set(&mountpoint, ctl_name, key, value),
             _ => {
@@ -235,7 +243,7 @@ fn run_ctl(mountpoint: PathBuf, ctl_name: &str, json: bool, args: &[String]) -> 
         },
         other => {
             eprintln!(
-                "migsafe ctl: unknown command {other:?}; expected one of {}, status, set",
+                "migsafe ctl: unknown command {other:?}; expected one of {}, status, metrics, set",
                 client::COMMANDS.join(", ")
             );
             client::EXIT_USAGE

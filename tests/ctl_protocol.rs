@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    Mount, as_nobody, cstr, ctl_cli, ctl_write, ctl_write_read, dir_names, errno_result,
+    Mount, as_nobody, cstr, ctl_cli, ctl_write, ctl_write_read, dir_names, errno_result, hold_open,
     hold_open_rw, last_errno, make_file, open_rw, parse_line, read_at, read_text, residency,
     results, scratch, status, status_image,
 };
@@ -933,4 +933,97 @@ fn ctl_client_exit_codes_and_json() {
         Some(2),
         "status on a non-mount is an I/O error"
     );
+}
+
+/// Every result line of `out` parsed with the protocol's strict parser.
+fn strict_lines(out: &str) -> Vec<migsafe::protocol::Fields> {
+    out.lines()
+        .map(|l| {
+            migsafe::protocol::parse_line(l)
+                .unwrap_or_else(|e| panic!("read-back line {l:?} is malformed ({e}): {out:?}"))
+        })
+        .collect()
+}
+
+#[test]
+fn hostile_file_names_cannot_forge_result_lines() {
+    use std::os::unix::ffi::OsStrExt;
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing_with(dir.path(), &[]);
+    let ghost = "zz\nimage=vm1.img result=ok resident_pages=0 ms=0";
+    let names: Vec<&[u8]> = vec![
+        ghost.as_bytes(),
+        b"my disk.img",
+        b"quo\"te",
+        b"a=b",
+        b"back\\slash",
+        b"plain.img",
+    ];
+    for n in &names {
+        make_file(&back.join(OsStr::from_bytes(n)), 4096, b'A');
+    }
+    // Bytes that are not UTF-8: the daemon's name of it is lossy today.
+    let raw = OsStr::from_bytes(b"raw\xff.img");
+    make_file(&back.join(raw), 4096, b'A');
+    let m = Mount::start(dir.path(), &back, &[]);
+    let mut holders = Vec::new();
+    for n in &names {
+        holders.push(hold_open(&m.mountpoint.join(OsStr::from_bytes(n))));
+    }
+    holders.push(hold_open(&m.mountpoint.join(raw)));
+
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "*\n");
+    assert_eq!(res, Ok(()), "inactivate *: {out}\nlog:\n{}", m.log_text());
+    let lines = strict_lines(&out);
+    assert_eq!(lines.len(), names.len() + 1, "one line per image: {out:?}");
+    let mut seen: Vec<Vec<u8>> = lines
+        .iter()
+        .map(|f| f.get("image").expect("image=").to_vec())
+        .collect();
+    seen.sort();
+    assert!(
+        !seen.iter().any(|n| n == b"vm1.img"),
+        "a ghost line for vm1.img: {out:?}"
+    );
+    for n in &names {
+        assert!(seen.iter().any(|s| s == n), "no line for {n:?}: {out:?}");
+    }
+    assert!(
+        out.contains("image=plain.img result=ok "),
+        "safe names stay bare: {out:?}"
+    );
+    assert!(
+        out.contains("image=\"my disk.img\" result=ok "),
+        "a name with a space is quoted: {out:?}"
+    );
+    let lossy: Vec<_> = lines
+        .iter()
+        .filter(|f| f.get("image_lossy") == Some(b"yes"))
+        .collect();
+    assert_eq!(
+        lossy.len(),
+        1,
+        "the non-UTF-8 name is flagged lossy: {out:?}"
+    );
+    for f in &lines {
+        assert_eq!(f.get_str("result"), Some("ok"), "{out:?}");
+    }
+
+    // Named in a request, with its detail quoted the same way.
+    let (res, out) = ctl_write_read(&m.ctl("check"), "my disk.img\nno such\n");
+    assert_eq!(res, Err(libc::ENOENT), "{out}");
+    let lines = strict_lines(&out);
+    assert_eq!(lines.len(), 2, "{out:?}");
+    assert_eq!(lines[1].get("image"), Some(&b"no such"[..]), "{out:?}");
+    assert_eq!(lines[1].get_str("errno"), Some("ENOENT"), "{out:?}");
+    assert!(
+        lines[1]
+            .get_str("detail")
+            .is_some_and(|d| d.contains("no such image")),
+        "{out:?}"
+    );
+    drop(holders);
 }

@@ -12,6 +12,7 @@ use super::request::{self, Target};
 use crate::cache::Identity;
 use crate::cache::invalidator::AttrInvalidator;
 use crate::image::{CommandContext, Image, Outcome, Registry, Source};
+use crate::protocol::{self, key};
 use crate::settings::Settings;
 use crate::sys;
 
@@ -27,11 +28,11 @@ pub enum Command {
 impl Command {
     pub fn name(self) -> &'static str {
         match self {
-            Command::Activate => "activate",
-            Command::Inactivate => "inactivate",
-            Command::Invalidate => "invalidate",
-            Command::Flush => "flush",
-            Command::Check => "check",
+            Command::Activate => protocol::ACTIVATE,
+            Command::Inactivate => protocol::INACTIVATE,
+            Command::Invalidate => protocol::INVALIDATE,
+            Command::Flush => protocol::FLUSH,
+            Command::Check => protocol::CHECK,
         }
     }
 }
@@ -75,11 +76,11 @@ impl Job {
                 log::warn!("{}: rejected request: {}", self.command.name(), bad.message);
                 return (
                     Some(bad.errno),
-                    format!(
-                        "result=error errno={} detail={:?}\n",
-                        sys::errno_name(bad.errno),
-                        bad.message
-                    ),
+                    protocol::format_line(&[
+                        (key::RESULT, protocol::RESULT_ERROR.as_bytes()),
+                        (key::ERRNO, sys::errno_name(bad.errno).as_bytes()),
+                        (key::DETAIL, bad.message.as_bytes()),
+                    ]),
                 );
             }
         };
@@ -220,24 +221,36 @@ impl Job {
     }
 }
 
-/// One read-back line: `image=disk.img result=ok resident_pages=0 ms=3`.
+/// One read-back line: `image=disk.img result=ok resident_pages=0 ms=3`,
+/// in the protocol's quoting (see `crate::protocol`), so no file name can
+/// break the line or forge a field. A name holding U+FFFD may be the lossy
+/// form of bytes that are not UTF-8: it is flagged so that two such names
+/// are not taken for one exact name.
 fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
-    match o.errno {
-        None if o.unfenced => format!(
-            "image={name} result=ok resident_pages={} ms={ms} fencing=partial detail={:?}\n",
-            o.resident_pages, o.detail
-        ),
-        None => format!(
-            "image={name} result=ok resident_pages={} ms={ms}\n",
-            o.resident_pages
-        ),
-        Some(e) => format!(
-            "image={name} result=error errno={} resident_pages={} ms={ms} detail={:?}\n",
-            sys::errno_name(e),
-            o.resident_pages,
-            o.detail
-        ),
+    let pages = o.resident_pages.to_string();
+    let ms = ms.to_string();
+    let errno = o.errno.map(sys::errno_name);
+    let mut fields: Vec<(&str, &[u8])> = vec![(key::IMAGE, name.as_bytes())];
+    if name.contains(char::REPLACEMENT_CHARACTER) {
+        fields.push((key::IMAGE_LOSSY, b"yes"));
     }
+    match &errno {
+        None => fields.push((key::RESULT, protocol::RESULT_OK.as_bytes())),
+        Some(e) => {
+            fields.push((key::RESULT, protocol::RESULT_ERROR.as_bytes()));
+            fields.push((key::ERRNO, e.as_bytes()));
+        }
+    }
+    fields.push((key::RESIDENT_PAGES, pages.as_bytes()));
+    fields.push((key::MS, ms.as_bytes()));
+    if errno.is_none() && o.unfenced {
+        // ok, but writers the daemon cannot fence are named in detail.
+        fields.push((key::FENCING, protocol::FENCING_PARTIAL.as_bytes()));
+    }
+    if errno.is_some() || o.unfenced {
+        fields.push((key::DETAIL, o.detail.as_bytes()));
+    }
+    protocol::format_line(&fields)
 }
 
 /// The `status` document.
@@ -269,4 +282,49 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         "settings": plane.settings.to_json(),
         "images": images,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(errno: Option<i32>, detail: &str) -> Outcome {
+        Outcome {
+            errno,
+            resident_pages: 2,
+            detail: detail.into(),
+            unfenced: false,
+        }
+    }
+
+    #[test]
+    fn result_lines_keep_the_documented_form() {
+        assert_eq!(
+            result_line("disk.img", &outcome(None, ""), 3),
+            "image=disk.img result=ok resident_pages=2 ms=3\n"
+        );
+        assert_eq!(
+            result_line(
+                "d/x.img",
+                &outcome(Some(libc::EBUSY), "2 pages \"left\""),
+                1
+            ),
+            "image=d/x.img result=error errno=EBUSY resident_pages=2 ms=1 detail=\"2 pages \\\"left\\\"\"\n"
+        );
+    }
+
+    #[test]
+    fn hostile_names_stay_one_line() {
+        let name = "zz\nimage=vm1.img result=ok";
+        let line = result_line(name, &outcome(Some(libc::ENOENT), "a\nb"), 0);
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        let f = protocol::parse_line(line.trim_end()).unwrap();
+        assert_eq!(f.get_str(key::IMAGE), Some(name));
+        assert_eq!(f.get_str(key::RESULT), Some("error"));
+        assert_eq!(f.get_str(key::DETAIL), Some("a\nb"));
+        assert_eq!(f.get(key::IMAGE_LOSSY), None);
+        let lossy = result_line("raw\u{fffd}.img", &outcome(None, ""), 0);
+        let f = protocol::parse_line(lossy.trim_end()).unwrap();
+        assert_eq!(f.get_str(key::IMAGE_LOSSY), Some("yes"), "{lossy:?}");
+    }
 }
