@@ -50,19 +50,19 @@ fi
 LIST=$(printf '%s\n' "${IMAGES[@]}")
 
 # ctl_local COMMAND / ctl_remote COMMAND: write the image list to the control
-# file in one write; the write (and so the function) fails if any image failed;
+# file in one write, ending in a newline as every request must; the write (and so the function) fails if any image failed;
 # the per-image result lines are printed.
 ctl_local() {
     local fd rc=0
     exec {fd}<>"$MNT/.ctl/$1"
-    printf '%s' "$LIST" >&"$fd" || rc=$?
+    printf '%s\n' "$LIST" >&"$fd" || rc=$?
     cat <&"$fd"
     exec {fd}>&-
     return "$rc"
 }
 ctl_remote() {
     # shellcheck disable=SC2029 # expanded here on purpose
-    printf '%s' "$LIST" | ssh -o BatchMode=yes "root@$DST" \
+    printf '%s\n' "$LIST" | ssh -o BatchMode=yes "root@$DST" \
         "exec 3<>'$MNT/.ctl/$1' && cat >&3; rc=\$?; cat <&3; exit \$rc"
 }
 

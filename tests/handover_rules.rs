@@ -702,3 +702,60 @@ fn mapped_writes_and_reads_across_handovers_relay() {
     }
     mapped_handover("relay");
 }
+
+/// After a daemon crash, a process that opened the image through the dead
+/// mount keeps writing the backing (passthrough): a new instance cannot
+/// fence it, and must say so instead of claiming full fencing. Likewise a
+/// process writing the backing file directly. Negative control: once those
+/// writers are gone, fencing is full again.
+#[test]
+fn writers_outside_this_mount_are_named_after_a_crash() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    make_file(&back.join("vm.img"), MIB, b'A');
+    let old = Mount::start(dir.path(), &back, &[]);
+    let through_dead_mount = common::hold_open_rw(&old.path("vm.img"));
+    assert!(old.log_text().contains("data path=passthrough"));
+    let pid = old.pid().expect("daemon pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&old.mountpoint)
+        .status();
+
+    let m = Mount::start(dir.path(), &back, &[]);
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm.img\n");
+    assert_eq!(res, Ok(()), "inactivate: {out}");
+    assert!(
+        out.contains("fencing=partial")
+            && out.contains(&format!("{}(", through_dead_mount.0.id()))
+            && out.contains("writer-through-another-mount"),
+        "inactivate must name the writer that holds the image through the crashed mount: {out:?}"
+    );
+    assert_eq!(status_image(&m, "vm.img")["fencing"], "partial");
+
+    drop(through_dead_mount);
+    let direct = common::hold_open_rw(&back.join("vm.img"));
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert!(
+        out.contains("backing-writer") && out.contains(&format!("{}(", direct.0.id())),
+        "a process writing the backing directly is named: {out:?}"
+    );
+    drop(direct);
+
+    // Negative control: nobody writes outside the mount any more.
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert!(!out.contains("fencing=partial"), "{out:?}");
+    assert_eq!(status_image(&m, "vm.img")["fencing"], "full");
+    drop(old);
+}

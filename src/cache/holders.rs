@@ -140,6 +140,139 @@ fn has_fd(pid: u32, id: Identity, mounts: &HashMap<u64, u64>) -> bool {
     })
 }
 
+/// Processes that hold the image open for writing where this daemon cannot
+/// fence them: directly on the backing (not through any migsafe mount), or
+/// through another FUSE mount of it, a crashed instance's included (after
+/// a crash the kernel still passes a passthrough fd's writes to the backing,
+/// and such a mount may be detached, so it is no longer in mountinfo).
+/// `rel_path` is the image's path below the mount root, `own_mounts` the
+/// mount ids of this daemon's own mount, whose users it does fence.
+/// Reads only /proc (fdinfo, the fd's link text), never the fd's target: a
+/// scan must not wait on a FUSE mount, this one or a dead one.
+pub fn find_unfenced_writers(id: Identity, rel_path: &str, own_mounts: &[u64]) -> Vec<Holder> {
+    let me = std::process::id();
+    let mounts = mount_devices();
+    let fuse_mounts = fuse_mount_ids();
+    let suffix = format!("/{rel_path}");
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+            continue;
+        };
+        let how = fds.flatten().find_map(|fd| {
+            let info = fs::read_to_string(fd.path()).ok()?;
+            let field = |name: &str, radix: u32| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
+            };
+            let (mnt, ino, flags) = (
+                field("mnt_id:", 10)?,
+                field("ino:", 10)?,
+                field("flags:", 8)?,
+            );
+            if ino != id.ino
+                || flags as i32 & libc::O_ACCMODE == libc::O_RDONLY
+                || own_mounts.contains(&mnt)
+            {
+                return None;
+            }
+            if mounts.get(&mnt) == Some(&id.dev) {
+                return Some("backing-writer");
+            }
+            if mounts.contains_key(&mnt) && !fuse_mounts.contains(&mnt) {
+                return None;
+            }
+            // Another FUSE mount, or a detached one: the same image if the
+            // fd's path ends with the image's path.
+            let link = fs::read_link(format!(
+                "/proc/{pid}/fd/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .ok()?;
+            let link = link.to_string_lossy();
+            (link.ends_with(&suffix) || link == rel_path).then_some("writer-through-another-mount")
+        });
+        if let Some(how) = how {
+            out.push(Holder {
+                pid,
+                comm: fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default(),
+                how,
+            });
+        }
+    }
+    out
+}
+
+/// Mount ids of the migsafe mounts in this process's mountinfo (type
+/// `fuse.migsafe`, or plain `fuse` as older versions mounted): other FUSE
+/// filesystems are backings, not other instances.
+fn fuse_mount_ids() -> Vec<u64> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let id = l.split_whitespace().next()?.parse::<u64>().ok()?;
+            let (_, after) = l.split_once(" - ")?;
+            after
+                .split_whitespace()
+                .next()
+                .filter(|t| *t == "fuse" || *t == "fuse.migsafe")
+                .map(|_| id)
+        })
+        .collect()
+}
+
+/// Mount ids of the mounts at `mountpoint` (this daemon's own mount).
+pub fn mount_ids_at(mountpoint: &std::path::Path) -> Vec<u64> {
+    let want = mountpoint.to_string_lossy();
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let id = f.next()?.parse::<u64>().ok()?;
+            let point = f.nth(3)?;
+            // mountinfo escapes space, tab, newline and backslash as \ooo.
+            (unescape_octal(point) == want).then_some(id)
+        })
+        .collect()
+}
+
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// mount id -> device number, from this process's mountinfo.
 fn mount_devices() -> HashMap<u64, u64> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -86,6 +86,7 @@ impl Job {
         };
         let invalidator = self.invalidator.clone();
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
+        let own_mounts = crate::cache::mount_ids_at(&self.mountpoint);
         let fuse = super::fuse_cache::MountCache {
             mountpoint: &self.mountpoint,
             invalidator: &self.invalidator,
@@ -94,6 +95,7 @@ impl Job {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
             fuse: Some(&fuse),
+            own_mounts: &own_mounts,
         };
         let mut first_errno = None;
         let mut text = String::new();
@@ -255,6 +257,7 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
 
 /// The `status` document.
 pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
+    let own = crate::cache::mount_ids_at(&plane.mountpoint);
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()
@@ -262,11 +265,11 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         .filter(|img| !plane.registry.forget_if_deleted(img))
         .map(|img| {
             if img.is_device() {
-                return img.status_json(Some(img.device_size.load(Ordering::Relaxed)), None);
+                return img.status_json(Some(img.device_size.load(Ordering::Relaxed)), None, &own);
             }
             match img.open_backing(libc::O_RDONLY) {
-                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None),
-                Err(e) => img.status_json(None, Some(e)),
+                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None, &own),
+                Err(e) => img.status_json(None, Some(e), &own),
             }
         })
         .collect();

@@ -83,6 +83,7 @@ impl MigsafeFs {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
             fuse: None,
+            own_mounts: &[],
         };
         let outcome = image.invalidate_on_open(&ctx);
         match outcome.errno {

@@ -98,6 +98,10 @@ pub struct CommandContext<'a> {
     /// The FUSE inode's own page cache (cached data path, relay mappings);
     /// None inside a request handler, where it must not be touched.
     pub fuse: Option<&'a dyn FuseCache>,
+    /// Mount ids of this daemon's own mount: writers through it are fenced,
+    /// writers elsewhere (the backing itself, another or a crashed
+    /// instance's mount) are named as unfenced.
+    pub own_mounts: &'a [u64],
 }
 
 /// The page cache of an image's FUSE inode, as control commands (on worker
@@ -340,25 +344,34 @@ impl Image {
         !self.unfenced_writers().is_empty()
     }
 
-    /// `unfenced: 4711(qemu-system-x86) writable passthrough, opened before
-    /// inactivate` for result lines and logs; empty when fencing is full.
-    fn unfenced_report(&self) -> String {
-        let writers = self.unfenced_writers();
-        if writers.is_empty() {
-            return String::new();
-        }
-        let list: Vec<String> = writers
+    /// `fencing partial: ...` naming every writer the daemon cannot fence:
+    /// its own writable passthrough handles (opened before or after
+    /// inactivate) and, with `own_mounts`, processes writing the backing
+    /// outside this mount. Empty when fencing is full.
+    fn unfenced_report(&self, own_mounts: Option<&[u64]>) -> String {
+        let mut list: Vec<String> = self
+            .unfenced_writers()
             .iter()
             .map(|h| {
                 format!(
-                    "{} opened {} inactivate",
+                    "{} writable passthrough, opened {} inactivate",
                     h.who(),
                     if h.opened_inactive { "after" } else { "before" }
                 )
             })
             .collect();
+        if let Some(own) = own_mounts {
+            list.extend(
+                cache::find_unfenced_writers(self.identity, &self.path(), own)
+                    .iter()
+                    .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
+            );
+        }
+        if list.is_empty() {
+            return String::new();
+        }
         format!(
-            "fencing partial: writable passthrough handles the daemon cannot fence: {}",
+            "fencing partial: writers the daemon cannot fence: {}",
             list.join(", ")
         )
     }
@@ -428,7 +441,7 @@ impl Image {
             }
             self.drain_writes();
             self.sync_everything(ctx.settings)?;
-            Ok(self.fencing_outcome())
+            Ok(self.fencing_outcome(ctx))
         })
     }
 
@@ -474,7 +487,7 @@ impl Image {
                     Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
                 })?;
             }
-            return Ok(self.fencing_outcome());
+            return Ok(self.fencing_outcome(ctx));
         }
         let mut left = sys::PageCounts::default();
         for _ in 0..3 {
@@ -498,10 +511,10 @@ impl Image {
                 left.cached += f.cached;
             }
             if left.dirty + left.writeback == 0 {
-                return Ok(self.fencing_outcome());
+                return Ok(self.fencing_outcome(ctx));
             }
         }
-        let writers = self.unfenced_report();
+        let writers = self.unfenced_report(Some(ctx.own_mounts));
         Err(Outcome {
             errno: Some(libc::EBUSY),
             resident_pages: left.cached,
@@ -521,8 +534,8 @@ impl Image {
     }
 
     /// Ok, naming the writers that fencing cannot stop, if any.
-    fn fencing_outcome(&self) -> Outcome {
-        let report = self.unfenced_report();
+    fn fencing_outcome(&self, ctx: &CommandContext<'_>) -> Outcome {
+        let report = self.unfenced_report(Some(ctx.own_mounts));
         Outcome {
             unfenced: !report.is_empty(),
             detail: report,
@@ -544,7 +557,7 @@ impl Image {
     pub fn invalidate(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("invalidate", || {
             self.invalidate_steps(ctx, false)?;
-            Ok(self.fencing_outcome())
+            Ok(self.fencing_outcome(ctx))
         })
     }
 
@@ -555,7 +568,7 @@ impl Image {
             self.inactive.store(false, Ordering::SeqCst);
             self.clear_sticky_error();
             self.counters.activations.fetch_add(1, Ordering::Relaxed);
-            Ok(self.fencing_outcome())
+            Ok(self.fencing_outcome(ctx))
         })
     }
 
@@ -864,6 +877,7 @@ impl Image {
         &self,
         size: Option<u64>,
         missing: Option<std::io::Error>,
+        own_mounts: &[u64],
     ) -> serde_json::Value {
         let (state, sticky, last) = {
             let st = self.state.lock().expect("state lock");
@@ -898,6 +912,7 @@ impl Image {
             .collect();
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let unfenced = self.unfenced_report(Some(own_mounts));
         json!({
             "path": self.path(),
             "error": missing.map(|e| format!(
@@ -911,7 +926,8 @@ impl Image {
             "dirty_pages": counts.dirty,
             "writeback_pages": counts.writeback,
             "sticky_error": sticky,
-            "fencing": if self.fencing_partial() { "partial" } else { "full" },
+            "fencing": if unfenced.is_empty() { "full" } else { "partial" },
+            "unfenced": if unfenced.is_empty() { None } else { Some(unfenced) },
             "open_handles": handles,
             "last_command": last.map(|l| json!({
                 "command": l.command,
