@@ -248,6 +248,11 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             }
         }
     });
+    // Requests are served with each caller's groups (sys::FsCreds): the
+    // daemon's own (root's 0 from a login shell) must never count.
+    if let Err(e) = sys::drop_supplementary_groups() {
+        log::debug!("dropping supplementary groups: {e}");
+    }
     session.run().map_err(|e| {
         StartError(format!(
             "session on {} ended: {e}",

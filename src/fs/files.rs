@@ -17,7 +17,7 @@ use super::{IoMode, MigsafeFs, Open, attr};
 use crate::datapath::{self, PassthroughBacking};
 use crate::image::{CommandContext, DataPath, HandleInfo, Image};
 use crate::settings::OnOpen;
-use crate::sys::{self, FsCreds};
+use crate::sys;
 
 /// One open handle of an image.
 pub(crate) struct FileHandleState {
@@ -123,7 +123,7 @@ impl MigsafeFs {
         let bflags = backing_flags(flags);
         match &inode.fd {
             Some(fd) => {
-                let _creds = FsCreds::switch(req.uid(), req.gid());
+                let _creds = self.as_caller(req)?;
                 sys::reopen(fd.as_fd(), bflags).map_err(errno)
             }
             None => image.open_backing(bflags).map_err(|e| {
@@ -286,7 +286,7 @@ impl MigsafeFs {
             }
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
             let opath = {
-                let _creds = FsCreds::switch(req.uid(), req.gid());
+                let _creds = self.as_caller(req)?;
                 // Create as the caller, then pin the new entry with O_PATH.
                 let created = sys::openat(
                     dirfd.as_fd(),
@@ -458,7 +458,7 @@ impl MigsafeFs {
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
         let path = sys::proc_fd_path(fd.as_fd());
         let is_link = matches!(inode.kind, Kind::Symlink);
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         if let Some(mode) = ch.mode {
             if is_link {
                 return Err(Errno::from_i32(libc::EOPNOTSUPP));

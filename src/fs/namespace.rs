@@ -16,7 +16,7 @@ use super::{MigsafeFs, Open, attr};
 use crate::cache::Identity;
 use crate::ctl;
 use crate::image::{Image, Source};
-use crate::sys::{self, FsCreds};
+use crate::sys::{self, Caller, FsCreds};
 
 /// A directory's entries, read once at opendir: offsets stay stable for the
 /// life of the handle however the backing directory changes meanwhile.
@@ -46,7 +46,27 @@ fn component(name: &OsStr) -> Result<CString, Errno> {
     sys::cstring(name).map_err(|_| Errno::EINVAL)
 }
 
+/// The identity `req` is served with (uid, gid and supplementary groups).
+pub(crate) fn caller_of(req: &Request) -> Caller {
+    Caller::of_request(req.uid(), req.gid(), req.pid())
+}
+
 impl MigsafeFs {
+    /// Switches this thread to the caller of `req` until the guard drops.
+    /// A switch that fails refuses the request: serving it as root instead
+    /// would grant what the caller may not have.
+    pub(crate) fn as_caller(&self, req: &Request) -> Result<FsCreds, Errno> {
+        FsCreds::switch(&caller_of(req)).map_err(|e| {
+            log::error!(
+                "cannot switch to the identity of uid {} gid {} (pid {}): {e}",
+                req.uid(),
+                req.gid(),
+                req.pid()
+            );
+            errno(e)
+        })
+    }
+
     pub(crate) fn parent_dir(&self, parent: INodeNo) -> Result<Arc<Inode>, Errno> {
         let inode = self.inode(parent)?;
         if !inode.is_dir() {
@@ -78,7 +98,7 @@ impl MigsafeFs {
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
         let fd = {
-            let _creds = FsCreds::switch(req.uid(), req.gid());
+            let _creds = self.as_caller(req)?;
             sys::openat(
                 dir.fd.as_ref().ok_or(Errno::EIO)?.as_fd(),
                 &cname,
@@ -171,7 +191,7 @@ impl MigsafeFs {
             // Device nodes on shared image storage are never wanted.
             return Err(Errno::EPERM);
         }
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
         check(unsafe {
@@ -193,7 +213,7 @@ impl MigsafeFs {
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
         check(unsafe { libc::mkdirat(dirfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) })?;
@@ -212,7 +232,7 @@ impl MigsafeFs {
         let cname = component(name)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         let before = sys::fstatat(dirfd.as_fd(), &cname).ok();
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
         check(unsafe { libc::unlinkat(dirfd.as_raw_fd(), cname.as_ptr(), flags) })?;
@@ -238,7 +258,7 @@ impl MigsafeFs {
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
         let ctarget = sys::cstring(target.as_os_str()).map_err(errno)?;
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: both strings are NUL-terminated; dirfd is valid.
         check(unsafe { libc::symlinkat(ctarget.as_ptr(), dirfd.as_raw_fd(), cname.as_ptr()) })?;
@@ -259,7 +279,7 @@ impl MigsafeFs {
         let dir = self.parent_dir(parent)?;
         let newdir = self.parent_dir(newparent)?;
         let (cname, cnew) = (component(name)?, component(newname)?);
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let (d1, d2) = (
             dir.fd.as_ref().ok_or(Errno::EIO)?,
             newdir.fd.as_ref().ok_or(Errno::EIO)?,
@@ -290,7 +310,7 @@ impl MigsafeFs {
         let newdir = self.parent_dir(newparent)?;
         let cnew = component(newname)?;
         let src = inode.fd.as_ref().ok_or(Errno::EIO)?;
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let proc_path = sys::proc_fd_path(src.as_fd());
         let dirfd = newdir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: strings are NUL-terminated; following the /proc magic link
@@ -337,7 +357,7 @@ impl MigsafeFs {
         let inode = self.inode(ino)?;
         let fd = inode.fd.as_ref().ok_or(Errno::ENOTDIR)?;
         let dirfd = {
-            let _creds = FsCreds::switch(req.uid(), req.gid());
+            let _creds = self.as_caller(req)?;
             sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(errno)?
         };
         let mut dir = nix::dir::Dir::from_fd(dirfd).map_err(|e| Errno::from_i32(e as i32))?;
@@ -394,7 +414,7 @@ impl MigsafeFs {
         let Some(fd) = inode.fd.as_ref() else {
             return Ok(());
         };
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let path = sys::proc_fd_path(fd.as_fd());
         // SAFETY: path is NUL-terminated. faccessat checks with the fs ids
         // switched above only when AT_EACCESS is given.

@@ -1,0 +1,437 @@
+//! Every request is served with the caller's identity (uid, gid and
+//! supplementary groups), never with the daemon's root powers: with
+//! `-o allow_other` (the README's fstab line) anyone may use the mount, and
+//! whatever the backing would refuse them must be refused through it too.
+//!
+//! Each test runs the same operations, as the same user, on a plain local
+//! directory (ext4 under the temp dir) and through the mount, and requires
+//! the same results; the local results are also checked against what POSIX
+//! says, so the comparison cannot pass with both sides wrong. Every test runs
+//! on passthrough (`--io auto` as root) and relay, with and without
+//! `-o default_permissions`, as root, as nobody without groups, and as nobody
+//! with a supplementary group. The daemon starts with root's groups (0 and
+//! disk), as from a root login shell, so a daemon that leaks its own groups
+//! to callers is caught.
+
+mod common;
+
+use common::*;
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Runs file operations given on its command line (`op args -- op args`) in
+/// one process, and prints one line per operation: `op args: ok [result]` or
+/// `op args: ERRNO`. Paths are relative, so the output is the same for the
+/// local directory and the mount when the behaviour is.
+const PROBE: &str = r#"
+import errno, os, stat, struct, sys
+
+def run(op, a):
+    if op == "umask":
+        os.umask(int(a[0], 8)); return ""
+    if op == "read":
+        fd = os.open(a[0], os.O_RDONLY)
+        try: os.read(fd, 1)
+        finally: os.close(fd)
+        return ""
+    if op == "write":
+        fd = os.open(a[0], os.O_WRONLY)
+        try: os.write(fd, b"w")
+        finally: os.close(fd)
+        return ""
+    if op == "append":
+        fd = os.open(a[0], os.O_WRONLY | os.O_APPEND)
+        try: os.write(fd, b"a")
+        finally: os.close(fd)
+        return ""
+    if op == "trunc":
+        os.close(os.open(a[0], os.O_WRONLY | os.O_TRUNC)); return ""
+    if op == "create":
+        flags = os.O_CREAT | os.O_RDWR | (os.O_EXCL if "excl" in a[2:] else 0)
+        fd = os.open(a[0], flags, int(a[1], 8))
+        try: os.write(fd, b"c")
+        finally: os.close(fd)
+        return ""
+    if op == "mkdir":
+        os.mkdir(a[0], int(a[1], 8)); return ""
+    if op == "chgrp":
+        os.chown(a[0], -1, int(a[1])); return ""
+    if op == "chmod":
+        os.chmod(a[0], int(a[1], 8)); return ""
+    if op == "stat":
+        st = os.lstat(a[0]); return "%o %d:%d" % (st.st_mode, st.st_uid, st.st_gid)
+    if op == "access":
+        m = (os.R_OK if "r" in a[1] else 0) | (os.W_OK if "w" in a[1] else 0)
+        if not os.access(a[0], m): raise OSError(errno.EACCES, "access")
+        return ""
+    if op == "setx":
+        os.setxattr(a[0], a[1], a[2].encode()); return ""
+    if op == "getx":
+        return os.getxattr(a[0], a[1]).decode()
+    if op == "rmx":
+        os.removexattr(a[0], a[1]); return ""
+    if op == "listx":
+        return ",".join(sorted(os.listxattr(a[0])))
+    if op == "mknod":
+        kinds = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO, "s": stat.S_IFSOCK}
+        dev = os.makedev(1, 3) if a[1] in "cb" else 0
+        os.mknod(a[0], kinds[a[1]] | 0o644, dev); return ""
+    if op == "rdev":
+        st = os.lstat(a[0]); return "%d,%d" % (os.major(st.st_rdev), os.minor(st.st_rdev))
+    if op == "utime-nofollow":
+        s = int(a[1]); os.utime(a[0], (s, s), follow_symlinks=False); return ""
+    if op == "times":
+        st = os.lstat(a[0]); return "%d %d" % (st.st_atime, st.st_mtime)
+    if op == "ls":
+        return ",".join(sorted(os.listdir(a[0])))
+    raise SystemExit("probe: unknown op " + op)
+
+ops, cur = [], []
+for x in sys.argv[1:]:
+    if x == "--":
+        ops.append(cur); cur = []
+    else:
+        cur.append(x)
+ops.append(cur)
+for o in ops:
+    if not o:
+        continue
+    try:
+        r = run(o[0], o[1:])
+        print(" ".join(o) + ": ok" + (" " + r if r else ""))
+    except OSError as e:
+        print(" ".join(o) + ": " + errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+
+/// Who runs a script.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Who {
+    Root,
+    /// uid/gid 65534, no supplementary groups.
+    Nobody,
+    /// uid/gid 65534 with supplementary group 65533.
+    NobodyG,
+    /// uid/gid 65534 with supplementary group 6 (disk).
+    NobodyDisk,
+}
+
+const USERS: [Who; 4] = [Who::Root, Who::Nobody, Who::NobodyG, Who::NobodyDisk];
+
+impl Who {
+    fn name(self) -> &'static str {
+        match self {
+            Who::Root => "root",
+            Who::Nobody => "nobody",
+            Who::NobodyG => "nobodyg",
+            Who::NobodyDisk => "nobodydisk",
+        }
+    }
+
+    fn command(self) -> Command {
+        let groups = match self {
+            Who::Root => return Command::new("sh"),
+            Who::Nobody => "--clear-groups".to_string(),
+            Who::NobodyG => "--groups=65533".to_string(),
+            Who::NobodyDisk => "--groups=6".to_string(),
+        };
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", &groups, "sh"]);
+        c
+    }
+}
+
+/// One mount configuration of the matrix.
+#[derive(Clone, Copy, Debug)]
+struct Cfg {
+    io: &'static str,
+    default_permissions: bool,
+}
+
+const MATRIX: [Cfg; 4] = [
+    Cfg {
+        io: "auto",
+        default_permissions: false,
+    },
+    Cfg {
+        io: "auto",
+        default_permissions: true,
+    },
+    Cfg {
+        io: "relay",
+        default_permissions: false,
+    },
+    Cfg {
+        io: "relay",
+        default_permissions: true,
+    },
+];
+
+/// A `migsafe mount` started with root's supplementary groups (0 and disk),
+/// as from a root login shell; unmounted and stopped on drop.
+struct Daemon {
+    mountpoint: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, backing: &Path, args: &[String]) -> Daemon {
+        let mountpoint = dir.join("mnt");
+        fs::create_dir(&mountpoint).unwrap();
+        let log = dir.join("mnt.log");
+        let log_file = File::create(&log).unwrap();
+        let child = Command::new("setpriv")
+            .arg("--groups=0,6")
+            .arg(BIN)
+            .arg("mount")
+            .args(args)
+            .arg(backing)
+            .arg(&mountpoint)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn migsafe");
+        let mut d = Daemon {
+            mountpoint,
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !is_mounted(&d.mountpoint) {
+            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                d.child = None;
+                panic!("migsafe exited ({st}) before mounting:\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount not live after 15 s:\n{}",
+                d.log_text()
+            );
+            sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// The `Groups:` line of every thread of the daemon.
+    fn thread_groups(&self) -> Vec<String> {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        let mut out = Vec::new();
+        for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let status = fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+            if let Some(l) = status.lines().find(|l| l.starts_with("Groups:")) {
+                out.push(l.to_string());
+            }
+        }
+        out
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg(&self.mountpoint).status();
+            if is_mounted(&self.mountpoint) {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A local directory and a mounted backing directory prepared by the same
+/// setup script. Field order: the daemon goes before the directory it is in.
+#[allow(dead_code)] // `backing` is for tests that look at it directly.
+struct Bed {
+    d: Daemon,
+    local: PathBuf,
+    backing: PathBuf,
+    probe: PathBuf,
+    cfg: Cfg,
+    _dir: tempfile::TempDir,
+}
+
+/// `setup` runs as root with `sh -e` in both directories (and `$P` names the
+/// probe); then the backing is mounted with `-o allow_other` and `cfg`.
+fn bed(cfg: Cfg, setup: &str, extra: &[&str]) -> Bed {
+    let dir = scratch();
+    // Unprivileged callers must reach the mountpoint and the probe.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let probe = dir.path().join("probe.py");
+    fs::write(&probe, PROBE).unwrap();
+    fs::set_permissions(&probe, fs::Permissions::from_mode(0o644)).unwrap();
+    let local = dir.path().join("local");
+    let backing = dir.path().join("backing");
+    for d in [&local, &backing] {
+        fs::create_dir(d).unwrap();
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+        let out = Command::new("sh")
+            .args(["-ec", setup])
+            .current_dir(d)
+            .env("P", format!("/usr/bin/python3 {}", probe.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut opts = "allow_other".to_string();
+    if cfg.default_permissions {
+        opts.push_str(",default_permissions");
+    }
+    let mut args = vec!["--io".to_string(), cfg.io.to_string(), "-o".into(), opts];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let d = Daemon::start(dir.path(), &backing, &args);
+    Bed {
+        d,
+        local,
+        backing,
+        probe,
+        cfg,
+        _dir: dir,
+    }
+}
+
+impl Bed {
+    /// Runs `script` with `sh -c` as `who` in `cwd`; `$P` is the probe and
+    /// `$W` the user's name (for per-user file names). Returns stdout and
+    /// stderr.
+    fn run_in(&self, who: Who, cwd: &Path, script: &str) -> String {
+        let out = who
+            .command()
+            .arg("-c")
+            .arg(script)
+            .current_dir(cwd)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("LC_ALL", "C")
+            .env("P", format!("/usr/bin/python3 {}", self.probe.display()))
+            .env("W", who.name())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Runs `script` as `who` in the local directory and in the mount,
+    /// requires the same output, and returns the local one.
+    fn same(&self, who: Who, script: &str) -> String {
+        let local = self.run_in(who, &self.local, script);
+        let mounted = self.run_in(who, &self.d.mountpoint, script);
+        assert_eq!(
+            mounted,
+            local,
+            "{:?} as {who:?}: through the mount (left) differs from the local directory (right)\nscript: {script}\nlog:\n{}",
+            self.cfg,
+            self.d.log_text()
+        );
+        local
+    }
+
+    fn passthrough(&self) -> bool {
+        self.d.log_text().contains("data path=passthrough")
+    }
+}
+
+fn expect(out: &str, lines: &[&str], what: &str) {
+    for l in lines {
+        assert!(
+            out.lines().any(|o| o == *l),
+            "{what}: expected the line {l:?} in:\n{out}"
+        );
+    }
+}
+
+/// Item 7: the caller's supplementary groups apply, the daemon's never do.
+#[test]
+fn supplementary_groups_are_the_callers() {
+    if !require_root() {
+        return;
+    }
+    let setup = "
+        echo secret > s640; chmod 640 s640
+        echo disk > disk660; chgrp 6 disk660; chmod 660 disk660
+        mkdir g775; chgrp 65533 g775; chmod 775 g775
+        for w in root nobody nobodyg nobodydisk; do
+            echo x > own-$w; chown 65534:65534 own-$w
+        done";
+    let script = "$P read s640 -- write disk660 -- create g775/new-$W 644 excl -- stat g775/new-$W \
+         -- chgrp own-$W 65533 -- stat own-$W -- create mine-$W 755 excl -- chgrp mine-$W 0 \
+         -- chmod mine-$W 2755 -- stat mine-$W";
+    for cfg in MATRIX {
+        let b = bed(cfg, setup, &[]);
+        for who in USERS {
+            let out = b.same(who, script);
+            match who {
+                Who::Root => expect(&out, &["read s640: ok", "chgrp mine-root 0: ok"], "root"),
+                Who::Nobody => expect(
+                    &out,
+                    &[
+                        "read s640: EACCES",
+                        "write disk660: EACCES",
+                        "create g775/new-nobody 644 excl: EACCES",
+                        "chgrp own-nobody 65533: EPERM",
+                        "chgrp mine-nobody 0: EPERM",
+                        "stat mine-nobody: ok 102755 65534:65534",
+                    ],
+                    "nobody without groups",
+                ),
+                Who::NobodyG => expect(
+                    &out,
+                    &[
+                        "read s640: EACCES",
+                        "create g775/new-nobodyg 644 excl: ok",
+                        "stat g775/new-nobodyg: ok 100644 65534:65534",
+                        "chgrp own-nobodyg 65533: ok",
+                        "stat own-nobodyg: ok 100644 65534:65533",
+                    ],
+                    "nobody in group 65533",
+                ),
+                Who::NobodyDisk => expect(
+                    &out,
+                    &["write disk660: ok", "read s640: EACCES"],
+                    "nobody in group disk",
+                ),
+            }
+        }
+        if cfg.io == "auto" {
+            assert!(b.passthrough(), "--io auto as root must use passthrough");
+        }
+        // Between requests every thread is back to the daemon's identity,
+        // which has no groups at all (it was started with 0 and 6).
+        for g in b.d.thread_groups() {
+            assert_eq!(
+                g.trim_end(),
+                "Groups:",
+                "{cfg:?}: a daemon thread keeps groups"
+            );
+        }
+    }
+}
