@@ -17,7 +17,7 @@ mod common;
 
 use common::*;
 use std::fs::{self, File};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -50,6 +50,8 @@ def run(op, a):
         return ""
     if op == "trunc":
         os.close(os.open(a[0], os.O_WRONLY | os.O_TRUNC)); return ""
+    if op == "truncate":
+        os.truncate(a[0], int(a[1])); return ""
     if op == "create":
         flags = os.O_CREAT | os.O_RDWR | (os.O_EXCL if "excl" in a[2:] else 0)
         fd = os.open(a[0], flags, int(a[1], 8))
@@ -263,7 +265,6 @@ impl Drop for Daemon {
 
 /// A local directory and a mounted backing directory prepared by the same
 /// setup script. Field order: the daemon goes before the directory it is in.
-#[allow(dead_code)] // `backing` is for tests that look at it directly.
 struct Bed {
     d: Daemon,
     local: PathBuf,
@@ -304,7 +305,11 @@ fn bed(cfg: Cfg, setup: &str, extra: &[&str]) -> Bed {
         opts.push_str(",default_permissions");
     }
     let mut args = vec!["--io".to_string(), cfg.io.to_string(), "-o".into(), opts];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(
+        extra
+            .iter()
+            .map(|s| s.replace("{local}", &local.display().to_string())),
+    );
     let d = Daemon::start(dir.path(), &backing, &args);
     Bed {
         d,
@@ -434,4 +439,131 @@ fn supplementary_groups_are_the_callers() {
             );
         }
     }
+}
+/// Item 8: xattrs are read and changed as the caller.
+#[test]
+fn xattrs_are_served_as_the_caller() {
+    if !require_root() {
+        return;
+    }
+    let setup = "
+        echo z > x600; chmod 600 x600; $P setx x600 user.a root
+        echo z > pub644; chmod 644 pub644; $P setx pub644 user.a root
+        for w in root nobody nobodyg nobodydisk; do
+            echo x > own-$w; chown 65534:65534 own-$w
+        done";
+    let script = "$P getx x600 user.a -- setx x600 user.b $W -- rmx x600 user.a -- listx x600 \
+         -- getx pub644 user.a -- setx pub644 user.b $W -- rmx pub644 user.a \
+         -- setx own-$W user.b $W -- getx own-$W user.b -- listx own-$W -- rmx own-$W user.b \
+         -- setx own-$W trusted.t $W";
+    for cfg in MATRIX {
+        let b = bed(cfg, setup, &["--xattr"]);
+        // Nobody first: root's run would remove the attributes they probe.
+        for who in [Who::Nobody, Who::NobodyG, Who::Root] {
+            let out = b.same(who, script);
+            if who == Who::Nobody {
+                expect(
+                    &out,
+                    &[
+                        "getx x600 user.a: EACCES",
+                        "setx x600 user.b nobody: EACCES",
+                        "rmx x600 user.a: EACCES",
+                        "getx pub644 user.a: ok root",
+                        "setx pub644 user.b nobody: EACCES",
+                        "rmx pub644 user.a: EACCES",
+                        "setx own-nobody user.b nobody: ok",
+                        "getx own-nobody user.b: ok nobody",
+                        "setx own-nobody trusted.t nobody: EPERM",
+                    ],
+                    "nobody",
+                );
+            }
+        }
+        for f in ["x600", "pub644"] {
+            assert_eq!(
+                b.run_in(Who::Root, &b.backing, &format!("$P listx {f}")),
+                b.run_in(Who::Root, &b.local, &format!("$P listx {f}")),
+                "{cfg:?}: xattrs of {f} in the backing differ from the local directory's"
+            );
+        }
+    }
+}
+
+/// Item 8: a `--device` entry is opened only by whom its node's owner and
+/// mode let open the node itself (owner bits, group bits for the node's group
+/// as gid or supplementary group, else other bits; root passes).
+#[test]
+fn device_entries_check_the_nodes_owner_and_mode() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("lun.img");
+    make_file(&img, 1 << 20, 0x5a);
+    let lo = LoopDev::attach(&img);
+    let rdev = fs::metadata(&lo.path).unwrap().rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    // The node lives in the local directory, so the same probe on the node
+    // itself is the reference.
+    let setup = format!(r#"if [ "${{PWD##*/}}" = local ]; then mknod lun b {major} {minor}; fi"#);
+    let script = "$P read lun -- write lun -- access lun r -- access lun w -- access lun rw";
+    let cases = [
+        ("0:0", "600"),
+        ("0:6", "660"),
+        ("65534:65534", "600"),
+        ("0:65533", "640"),
+        ("0:0", "606"),
+    ];
+    for cfg in MATRIX {
+        let b = bed(cfg, &setup, &["--device", "lun={local}/lun"]);
+        for (owner, mode) in cases {
+            let node = b.local.join("lun");
+            sh(&format!(
+                "chown {owner} {0} && chmod {mode} {0}",
+                node.display()
+            ));
+            if cfg.default_permissions {
+                // The kernel checks its cached attributes (1 s TTL).
+                sleep(Duration::from_millis(1100));
+            }
+            if (owner, mode) == ("0:0", "600") {
+                // A node cannot be truncated, so there is no local reference:
+                // truncate(2) needs write permission, and to the device's
+                // size it is a no-op.
+                let t = "$P truncate lun 1048576";
+                let m = &b.d.mountpoint;
+                expect(
+                    &b.run_in(Who::Root, m, t),
+                    &["truncate lun 1048576: ok"],
+                    "root",
+                );
+                let out = b.run_in(Who::Nobody, m, t);
+                expect(&out, &["truncate lun 1048576: EACCES"], "nobody");
+            }
+            for who in USERS {
+                let out = b.same(who, script);
+                let (read, write) = match (owner, mode, who) {
+                    (_, _, Who::Root) => (true, true),
+                    ("0:0", "600", _) => (false, false),
+                    ("0:6", "660", Who::NobodyDisk) => (true, true),
+                    ("0:6", "660", _) => (false, false),
+                    ("65534:65534", "600", _) => (true, true),
+                    ("0:65533", "640", Who::NobodyG) => (true, false),
+                    ("0:65533", "640", _) => (false, false),
+                    ("0:0", "606", _) => (true, true),
+                    _ => unreachable!(),
+                };
+                let res = |ok: bool| if ok { "ok" } else { "EACCES" };
+                expect(
+                    &out,
+                    &[
+                        &format!("read lun: {}", res(read)),
+                        &format!("write lun: {}", res(write)),
+                    ],
+                    &format!("{who:?} on a {owner} {mode} node"),
+                );
+            }
+        }
+    }
+    drop(lo);
 }

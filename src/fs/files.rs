@@ -126,10 +126,18 @@ impl MigsafeFs {
                 let _creds = self.as_caller(req)?;
                 sys::reopen(fd.as_fd(), bflags).map_err(errno)
             }
-            None => image.open_backing(bflags).map_err(|e| {
-                log::warn!("device {}: open: {e}", image.path());
-                errno(e)
-            }),
+            None => {
+                let mask = match flags & libc::O_ACCMODE {
+                    libc::O_RDONLY => libc::R_OK,
+                    libc::O_WRONLY => libc::W_OK,
+                    _ => libc::R_OK | libc::W_OK,
+                };
+                self.check_device_access(req, inode, mask)?;
+                image.open_backing(bflags).map_err(|e| {
+                    log::warn!("device {}: open: {e}", image.path());
+                    errno(e)
+                })
+            }
         }
     }
 
@@ -453,7 +461,7 @@ impl MigsafeFs {
         }
         let inode = self.inode(ino)?;
         if inode.device_name.is_some() {
-            return self.setattr_device(&inode, &ch);
+            return self.setattr_device(req, &inode, &ch, fh);
         }
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
         let path = sys::proc_fd_path(fd.as_fd());
@@ -536,10 +544,22 @@ impl MigsafeFs {
 
     /// A device entry's size is the device's: truncating to it is a no-op,
     /// to anything else EINVAL; ownership and mode belong to the device node.
-    fn setattr_device(&self, inode: &Inode, ch: &AttrChanges) -> Result<FileAttr, Errno> {
+    /// A truncate by path needs write permission on the node, as any
+    /// truncate(2) does.
+    fn setattr_device(
+        &self,
+        req: &Request,
+        inode: &Inode,
+        ch: &AttrChanges,
+        fh: Option<FileHandle>,
+    ) -> Result<FileAttr, Errno> {
         let image = inode.image().ok_or(Errno::EIO)?;
         if ch.mode.is_some() || ch.uid.is_some() || ch.gid.is_some() {
             return Err(Errno::EPERM);
+        }
+        let by_handle = fh.is_some_and(|fh| self.file_handle(fh).is_ok_and(|h| h.writable));
+        if ch.size.is_some() && !by_handle {
+            self.check_device_access(req, inode, libc::W_OK)?;
         }
         if let Some(size) = ch.size
             && size != image.device_size.load(Ordering::Relaxed)

@@ -411,6 +411,9 @@ impl MigsafeFs {
             return Ok(());
         }
         let inode = self.inode(ino)?;
+        if inode.device_name.is_some() {
+            return self.check_device_access(req, &inode, mask);
+        }
         let Some(fd) = inode.fd.as_ref() else {
             return Ok(());
         };
@@ -420,6 +423,36 @@ impl MigsafeFs {
         // switched above only when AT_EACCESS is given.
         check(unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mask, libc::AT_EACCESS) })?;
         Ok(())
+    }
+
+    /// The `stat` of a `--device` entry's node (following symlinks, as the
+    /// daemon opens it): its owner and mode are the entry's.
+    pub(crate) fn device_node_stat(&self, inode: &Inode) -> Result<libc::stat, Errno> {
+        let image = inode.image().ok_or(Errno::EIO)?;
+        let Source::Device(path) = &image.source else {
+            return Err(Errno::EIO);
+        };
+        sys::stat_path(&sys::cstring(path.as_os_str()).map_err(errno)?).map_err(|e| {
+            log::warn!("device {}: stat {}: {e}", image.path(), path.display());
+            errno(e)
+        })
+    }
+
+    /// The daemon opens devices with its own rights, so it checks the
+    /// caller against the node's owner and mode itself, as the kernel would
+    /// for an open of the node (`mask`: R_OK/W_OK/X_OK bits).
+    pub(crate) fn check_device_access(
+        &self,
+        req: &Request,
+        inode: &Inode,
+        mask: i32,
+    ) -> Result<(), Errno> {
+        let st = self.device_node_stat(inode)?;
+        if caller_of(req).may(&st, mask) {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
     }
 
     fn xattr_path(&self, ino: INodeNo) -> Result<CString, Errno> {
@@ -437,6 +470,7 @@ impl MigsafeFs {
 
     pub(crate) fn do_getxattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         name: Option<&OsStr>,
         size: u32,
@@ -444,6 +478,10 @@ impl MigsafeFs {
     ) {
         let path = match self.xattr_path(ino) {
             Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let _creds = match self.as_caller(req) {
+            Ok(c) => c,
             Err(e) => return reply.error(e),
         };
         let mut buf = vec![0u8; size as usize];
@@ -477,6 +515,7 @@ impl MigsafeFs {
 
     pub(crate) fn do_setxattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -484,6 +523,7 @@ impl MigsafeFs {
     ) -> Result<(), Errno> {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+        let _creds = self.as_caller(req)?;
         // SAFETY: strings are NUL-terminated; value is readable for its length.
         check(unsafe {
             libc::setxattr(
@@ -497,9 +537,15 @@ impl MigsafeFs {
         Ok(())
     }
 
-    pub(crate) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<(), Errno> {
+    pub(crate) fn do_removexattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+    ) -> Result<(), Errno> {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+        let _creds = self.as_caller(req)?;
         // SAFETY: strings are NUL-terminated.
         check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) })?;
         Ok(())
