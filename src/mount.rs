@@ -253,6 +253,10 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     if let Err(e) = sys::drop_supplementary_groups() {
         log::debug!("dropping supplementary groups: {e}");
     }
+    // The kernel has applied each caller's umask to the modes it sends;
+    // the daemon's own must not mask them again. Set after the pid and log
+    // files exist, which keep the daemon's umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     session.run().map_err(|e| {
         StartError(format!(
             "session on {} ended: {e}",

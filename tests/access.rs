@@ -567,3 +567,49 @@ fn device_entries_check_the_nodes_owner_and_mode() {
     }
     drop(lo);
 }
+
+/// Item 9: the kernel applies the caller's umask before the request; the
+/// daemon must not apply its own again. And a create whose mode excludes
+/// the access it opens with succeeds, as on any local filesystem (git does
+/// this for its object files).
+#[test]
+fn umask_once_and_create_with_a_mode_excluding_the_open() {
+    if !require_root() {
+        return;
+    }
+    let script = "$P umask 0 -- create f666-$W 666 -- mkdir d777-$W 777 -- mknod p-$W p \
+         -- stat f666-$W -- stat d777-$W -- stat p-$W \
+         -- umask 027 -- create f640-$W 666 -- mkdir d750-$W 777 -- stat f640-$W -- stat d750-$W \
+         -- umask 022 -- create ro-$W 444 excl -- stat ro-$W -- read ro-$W -- create ro-$W 444 excl
+         umask 0; touch t-$W; mkdir td-$W; stat -c '%a %n' t-$W td-$W";
+    for cfg in MATRIX {
+        let b = bed(cfg, "", &[]);
+        for who in USERS {
+            let out = b.same(who, script);
+            let w = who.name();
+            expect(
+                &out,
+                &[
+                    &format!("stat d777-{w}: ok 40777 {}", ids(who)),
+                    &format!("stat f666-{w}: ok 100666 {}", ids(who)),
+                    &format!("stat p-{w}: ok 10644 {}", ids(who)),
+                    &format!("stat f640-{w}: ok 100640 {}", ids(who)),
+                    &format!("stat d750-{w}: ok 40750 {}", ids(who)),
+                    &format!("create ro-{w} 444 excl: ok"),
+                    &format!("stat ro-{w}: ok 100444 {}", ids(who)),
+                    &format!("666 t-{w}"),
+                    &format!("777 td-{w}"),
+                ],
+                &format!("{who:?}"),
+            );
+        }
+    }
+}
+
+/// `uid:gid` of the files `who` creates in a plain directory.
+fn ids(who: Who) -> &'static str {
+    match who {
+        Who::Root => "0:0",
+        _ => "65534:65534",
+    }
+}

@@ -285,7 +285,7 @@ impl MigsafeFs {
                     return Err(Errno::EEXIST);
                 }
                 let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
-                return self.open_created(req, inode, flags, &reply);
+                return self.open_created(req, inode, None, flags, &reply);
             }
             let dir = self.parent_dir(parent)?;
             let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
@@ -293,23 +293,38 @@ impl MigsafeFs {
                 return Err(Errno::EINVAL);
             }
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-            let opath = {
+            let (file, opath) = {
                 let _creds = self.as_caller(req)?;
-                // Create as the caller, then pin the new entry with O_PATH.
-                let created = sys::openat(
+                // Create as the caller and keep this very fd for the handle:
+                // a mode that excludes the access being opened (0444 with
+                // O_RDWR) is allowed for the creating open only. O_NONBLOCK
+                // keeps an existing FIFO of that name from blocking the
+                // thread; it is cleared below.
+                let fd = sys::openat(
                     dirfd.as_fd(),
                     &cname,
-                    (flags & (libc::O_EXCL | libc::O_ACCMODE)) | libc::O_CREAT | libc::O_NOFOLLOW,
+                    backing_flags(flags)
+                        | (flags & libc::O_EXCL)
+                        | libc::O_CREAT
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK,
                     mode,
                 )
                 .map_err(errno)?;
-                drop(created);
-                sys::openat(dirfd.as_fd(), &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)
-                    .map_err(errno)?
+                let st = sys::fstat_fd(fd.as_fd()).map_err(errno)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    // Only regular files are served as images (as by open).
+                    return Err(Errno::EINVAL);
+                }
+                sys::clear_nonblock(fd.as_fd()).map_err(errno)?;
+                // Pin the inode this fd created, not whatever the name
+                // may point to by now.
+                let opath = sys::reopen(fd.as_fd(), libc::O_PATH).map_err(errno)?;
+                (File::from(fd), std::os::fd::OwnedFd::from(opath))
             };
             let attr = self.enter(&dir, name, opath)?;
             let inode = self.inodes.get(attr.ino.0).ok_or(Errno::EIO)?;
-            self.open_created(req, inode, flags, &reply)
+            self.open_created(req, inode, Some(file), flags, &reply)
         })();
         match result {
             Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
@@ -327,11 +342,13 @@ impl MigsafeFs {
         }
     }
 
-    /// The open half of create, for a new file or an existing device entry.
+    /// The open half of create, for a file the create opened (`file`, the
+    /// fd it made) or an existing device entry (`None`: opened here).
     fn open_created(
         &self,
         req: &Request,
         inode: Arc<Inode>,
+        file: Option<File>,
         flags: i32,
         reply: &ReplyCreate,
     ) -> Result<Created, Errno> {
@@ -342,8 +359,13 @@ impl MigsafeFs {
                 .check_writable(&self.settings)
                 .map_err(Errno::from_i32)?;
         }
-        let file = self.open_image_backing(req, &inode, &image, flags)?;
+        let file = match file {
+            Some(f) => f,
+            None => self.open_image_backing(req, &inode, &image, flags)?,
+        };
         if truncate && inode.device_name.is_none() {
+            // As the caller, so the kernel clears set-id bits as it would.
+            let _creds = self.as_caller(req)?;
             file.set_len(0).map_err(errno)?;
         }
         let attr = self.attr_of(&inode)?;
