@@ -468,57 +468,94 @@ fn daemon_is_root() -> bool {
 /// broadcast setgroups to every thread), and dropping the guard restores
 /// root. A daemon that is not root cannot switch and serves as itself.
 pub struct FsCreds {
+    caller: Caller,
     switched: bool,
     /// The capability sets to restore, when they were emptied.
     caps: Option<[CapData; 2]>,
 }
 
+thread_local! {
+    /// Set while this thread serves as a caller: a second switch would
+    /// save the caller's (empty) capabilities as the ones to restore.
+    static SWITCHED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl FsCreds {
-    pub fn switch(caller: &Caller) -> io::Result<FsCreds> {
+    pub fn switch(caller: Caller) -> io::Result<FsCreds> {
         let mut guard = FsCreds {
+            caller,
             switched: false,
             caps: None,
         };
-        if !daemon_is_root() || (caller.uid == 0 && caller.gid == 0) {
-            return Ok(guard);
+        guard.enter()?;
+        Ok(guard)
+    }
+
+    /// Runs `f` with the daemon's own identity, then serves as the caller
+    /// again: for the few steps the kernel itself performs with more rights
+    /// than the caller's (clearing set-id bits for a writer).
+    pub fn as_daemon<T>(&mut self, f: impl FnOnce() -> T) -> io::Result<T> {
+        self.leave();
+        let out = f();
+        self.enter()?;
+        Ok(out)
+    }
+
+    fn enter(&mut self) -> io::Result<()> {
+        let c = &self.caller;
+        if !daemon_is_root() || (c.uid == 0 && c.gid == 0) {
+            return Ok(());
+        }
+        if SWITCHED.get() {
+            log::error!("nested credential switch refused");
+            return Err(io::Error::from_raw_os_error(libc::EDEADLK));
         }
         let saved = thread_caps()?;
-        // From here on, dropping the guard restores whatever was changed.
-        guard.switched = true;
-        set_thread_groups(&caller.groups)?;
-        set_thread_fsid(libc::SYS_setfsgid, caller.gid)?;
-        set_thread_fsid(libc::SYS_setfsuid, caller.uid)?;
-        if caller.uid != 0 {
+        // From here on, leave() restores whatever was changed.
+        self.switched = true;
+        SWITCHED.set(true);
+        set_thread_groups(&c.groups)?;
+        set_thread_fsid(libc::SYS_setfsgid, c.gid)?;
+        set_thread_fsid(libc::SYS_setfsuid, c.uid)?;
+        if c.uid != 0 {
             // Leaving fsuid 0 already cleared the file capabilities; the
             // others (CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_SETFCAP...) go too.
             let mut none = saved;
             for d in &mut none {
                 d.effective = 0;
             }
-            guard.caps = Some(saved);
+            self.caps = Some(saved);
             set_thread_caps(&none)?;
         }
-        Ok(guard)
+        Ok(())
     }
-}
 
-impl Drop for FsCreds {
-    fn drop(&mut self) {
+    fn leave(&mut self) {
         if !self.switched {
             return;
         }
         // Capabilities first: setfsuid and setgroups need CAP_SETUID/SETGID.
         let restored = self
             .caps
+            .take()
             .map_or(Ok(()), |c| set_thread_caps(&c))
             .and_then(|()| set_thread_fsid(libc::SYS_setfsuid, 0))
             .and_then(|()| set_thread_fsid(libc::SYS_setfsgid, 0))
             .and_then(|()| set_thread_groups(&[]));
-        if let Err(e) = restored {
-            // Cannot happen while the daemon keeps its permitted set; the
-            // thread is then left with less than root's rights, not more.
-            log::error!("restoring the daemon's credentials after a request: {e}");
+        match restored {
+            Ok(()) => SWITCHED.set(false),
+            // Cannot happen while the daemon keeps its permitted set. The
+            // thread then has less than root's rights, never more, and
+            // refuses further switches (SWITCHED stays set).
+            Err(e) => log::error!("restoring the daemon's credentials after a request: {e}"),
         }
+        self.switched = false;
+    }
+}
+
+impl Drop for FsCreds {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 

@@ -488,14 +488,27 @@ impl MigsafeFs {
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
         let path = sys::proc_fd_path(fd.as_fd());
         let is_link = matches!(inode.kind, Kind::Symlink);
-        let _creds = self.as_caller(req)?;
+        let mut creds = self.as_caller(req)?;
         if let Some(mode) = ch.mode {
             if is_link {
                 return Err(Errno::from_i32(libc::EOPNOTSUPP));
             }
-            // SAFETY: path is NUL-terminated.
-            if unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) } != 0 {
-                return Err(errno(std::io::Error::last_os_error()));
+            let chmod = || {
+                // SAFETY: path is NUL-terminated.
+                if unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) } != 0 {
+                    return Err(errno(std::io::Error::last_os_error()));
+                }
+                Ok(())
+            };
+            match chmod() {
+                Err(Errno::EPERM) if self.may_clear_set_id(fd, &path, mode) => {
+                    // What the kernel sends when a writer without
+                    // CAP_FSETID writes or truncates a set-id file (it kills
+                    // the bits with ATTR_FORCE, whoever owns the file); only
+                    // the owner could chmod, so the daemon does it.
+                    creds.as_daemon(chmod).map_err(errno)??;
+                }
+                other => other?,
             }
         }
         if ch.uid.is_some() || ch.gid.is_some() {

@@ -489,13 +489,18 @@ impl Filesystem for MigsafeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         if Self::is_virtual(ino.0) {
             return ctl::write(self, req, ino.0, fh, data, reply);
+        }
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.clear_set_id_before_write(req, fh)
+        {
+            return reply.error(e);
         }
         match self.do_write(fh, offset, data) {
             Ok(n) => reply.written(n as u32),

@@ -56,7 +56,7 @@ impl MigsafeFs {
     /// A switch that fails refuses the request: serving it as root instead
     /// would grant what the caller may not have.
     pub(crate) fn as_caller(&self, req: &Request) -> Result<FsCreds, Errno> {
-        FsCreds::switch(&caller_of(req)).map_err(|e| {
+        FsCreds::switch(caller_of(req)).map_err(|e| {
             log::error!(
                 "cannot switch to the identity of uid {} gid {} (pid {}): {e}",
                 req.uid(),
