@@ -681,3 +681,66 @@ fn writes_by_others_clear_set_id_bits() {
         }
     }
 }
+
+/// Item 11: operations ordinary tools need work as on the backing: mknod
+/// of every node type (the mount is nodev, so device nodes are inert
+/// through it; only root may make them), times of a symlink itself
+/// (`touch -h`, `cp -a`), and listing a directory that may be read but not
+/// searched.
+#[test]
+fn mknod_symlink_times_and_unsearchable_directories() {
+    if !require_root() {
+        return;
+    }
+    let setup = "
+        echo t > target; touch -d @1100000000 target; ln -s target rootlnk
+        for w in root nobody nobodyg nobodydisk; do
+            mkdir d600-$w; touch d600-$w/a d600-$w/b; chown -R 65534:65534 d600-$w; chmod 600 d600-$w
+            mkdir d300-$w; touch d300-$w/a; chown -R 65534:65534 d300-$w; chmod 300 d300-$w
+        done";
+    let script = "$P mknod c-$W c -- rdev c-$W -- stat c-$W -- mknod b-$W b -- rdev b-$W \
+         -- mknod p-$W p -- stat p-$W -- mknod s-$W s -- stat s-$W \
+         -- ls d600-$W -- ls d300-$W -- utime-nofollow rootlnk 1000000000
+         ln -s target lnk-$W
+         $P utime-nofollow lnk-$W 1000000000 -- times lnk-$W -- times target
+         touch -h -d @1200000000 lnk-$W && stat -c '%X %Y' lnk-$W
+         cp -a lnk-$W cp-$W && stat -c '%X %Y %N' cp-$W
+         $P times target";
+    for cfg in MATRIX {
+        let b = bed(cfg, setup, &[]);
+        for who in USERS {
+            let out = b.same(who, script);
+            let w = who.name();
+            let mut lines = vec![
+                format!("stat p-{w}: ok 10644 {}", ids(who)),
+                format!("stat s-{w}: ok 140644 {}", ids(who)),
+                format!("ls d600-{w}: ok a,b"),
+                format!("utime-nofollow lnk-{w} 1000000000: ok"),
+                format!("times lnk-{w}: ok 1000000000 1000000000"),
+                "1200000000 1200000000".to_string(),
+                format!("1200000000 1200000000 'cp-{w}' -> 'target'"),
+                "times target: ok 1100000000 1100000000".to_string(),
+            ];
+            if who == Who::Root {
+                lines.extend([
+                    "mknod c-root c: ok".to_string(),
+                    "rdev c-root: ok 1,3".to_string(),
+                    "stat c-root: ok 20644 0:0".to_string(),
+                    "rdev b-root: ok 1,3".to_string(),
+                    "utime-nofollow rootlnk 1000000000: ok".to_string(),
+                    // CAP_DAC_READ_SEARCH.
+                    "ls d300-root: ok a".to_string(),
+                ]);
+            } else {
+                lines.extend([
+                    format!("mknod c-{w} c: EPERM"),
+                    format!("mknod b-{w} b: EPERM"),
+                    "utime-nofollow rootlnk 1000000000: EPERM".to_string(),
+                    format!("ls d300-{w}: EACCES"),
+                ]);
+            }
+            let lines: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+            expect(&out, &lines, &format!("{who:?}"));
+        }
+    }
+}

@@ -548,9 +548,6 @@ impl MigsafeFs {
             }
         }
         if ch.atime.is_some() || ch.mtime.is_some() {
-            if is_link {
-                return Err(Errno::from_i32(libc::EOPNOTSUPP));
-            }
             let ts = |t: Option<TimeOrNow>| match t {
                 None => libc::timespec {
                     tv_sec: 0,
@@ -569,8 +566,24 @@ impl MigsafeFs {
                 }
             };
             let times = [ts(ch.atime), ts(ch.mtime)];
-            // SAFETY: path is NUL-terminated; times has two entries.
-            if unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) } != 0 {
+            // A symlink's own times (`touch -h`, `cp -a`): the /proc magic
+            // link would lead to its target, so act on the O_PATH fd itself
+            // (utimensat takes AT_EMPTY_PATH since Linux 5.8).
+            let ret = if is_link {
+                // SAFETY: empty NUL-terminated path; times has two entries.
+                unsafe {
+                    libc::utimensat(
+                        std::os::fd::AsRawFd::as_raw_fd(&**fd),
+                        c"".as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                }
+            } else {
+                // SAFETY: path is NUL-terminated; times has two entries.
+                unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }
+            };
+            if ret != 0 {
                 return Err(errno(std::io::Error::last_os_error()));
             }
         }
