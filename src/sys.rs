@@ -655,6 +655,64 @@ mod tests {
         );
     }
 
+    fn groups_of(task: &str) -> String {
+        let s = std::fs::read_to_string(format!("/proc/{task}/status")).unwrap();
+        s.lines()
+            .find(|l| l.starts_with("Groups:"))
+            .unwrap()
+            .trim_end()
+            .to_string()
+    }
+
+    /// A switch changes the serving thread only: another thread serving at
+    /// the same time keeps its own groups and ids (glibc's setgroups would
+    /// change every thread), and dropping the guard restores the thread.
+    #[test]
+    fn switch_is_per_thread_and_restored() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let before = groups_of("thread-self");
+        let (switched_tx, switched_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let caller = Caller {
+                uid: 65534,
+                gid: 65534,
+                groups: vec![65533, 65532],
+            };
+            let guard = FsCreds::switch(caller.clone()).unwrap();
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            // A nested switch would save the caller's empty capabilities.
+            assert!(FsCreds::switch(caller).is_err());
+            switched_tx.send((tid, groups_of("thread-self"))).unwrap();
+            done_rx.recv().unwrap();
+            drop(guard);
+            groups_of("thread-self")
+        });
+        let (tid, inside) = switched_rx.recv().unwrap();
+        // The kernel keeps groups sorted.
+        assert_eq!(inside, "Groups:\t65532 65533");
+        assert_eq!(
+            groups_of(&format!("self/task/{tid}")),
+            "Groups:\t65532 65533"
+        );
+        assert_eq!(
+            groups_of("thread-self"),
+            before,
+            "another thread's switch changed this one"
+        );
+        done_tx.send(()).unwrap();
+        assert_eq!(
+            t.join().unwrap(),
+            before,
+            "the guard did not restore the groups"
+        );
+    }
+
     #[test]
     fn generic_permission_check() {
         // SAFETY: stat is plain old data; all-zero is a valid value.
