@@ -655,13 +655,17 @@ mod tests {
         );
     }
 
-    fn groups_of(task: &str) -> String {
+    fn status_line(task: &str, key: &str) -> String {
         let s = std::fs::read_to_string(format!("/proc/{task}/status")).unwrap();
         s.lines()
-            .find(|l| l.starts_with("Groups:"))
+            .find(|l| l.starts_with(key))
             .unwrap()
             .trim_end()
             .to_string()
+    }
+
+    fn groups_of(task: &str) -> String {
+        status_line(task, "Groups:")
     }
 
     /// A switch changes the serving thread only: another thread serving at
@@ -688,12 +692,21 @@ mod tests {
             let tid = unsafe { libc::gettid() };
             // A nested switch would save the caller's empty capabilities.
             assert!(FsCreds::switch(caller).is_err());
-            switched_tx.send((tid, groups_of("thread-self"))).unwrap();
+            let caps = status_line("thread-self", "CapEff:");
+            switched_tx
+                .send((tid, groups_of("thread-self"), caps))
+                .unwrap();
             done_rx.recv().unwrap();
             drop(guard);
-            groups_of("thread-self")
+            (
+                groups_of("thread-self"),
+                status_line("thread-self", "CapEff:"),
+            )
         });
-        let (tid, inside) = switched_rx.recv().unwrap();
+        let caps_before = status_line("thread-self", "CapEff:");
+        let (tid, inside, caps_inside) = switched_rx.recv().unwrap();
+        // A non-root caller is served without any capability.
+        assert_eq!(caps_inside, "CapEff:\t0000000000000000");
         // The kernel keeps groups sorted.
         assert_eq!(inside, "Groups:\t65532 65533");
         assert_eq!(
@@ -708,8 +721,8 @@ mod tests {
         done_tx.send(()).unwrap();
         assert_eq!(
             t.join().unwrap(),
-            before,
-            "the guard did not restore the groups"
+            (before, caps_before),
+            "the guard did not restore the groups and capabilities"
         );
     }
 
