@@ -38,6 +38,16 @@ def run(op, a):
         try: os.read(fd, 1)
         finally: os.close(fd)
         return ""
+    if op == "tread":
+        # A read from a second thread: FUSE names the thread, not the process.
+        import threading
+        err = []
+        def body():
+            try: run("read", a)
+            except OSError as e: err.append(e)
+        t = threading.Thread(target=body); t.start(); t.join()
+        if err: raise err[0]
+        return ""
     if op == "write":
         fd = os.open(a[0], os.O_WRONLY)
         try: os.write(fd, b"w")
@@ -384,10 +394,12 @@ fn supplementary_groups_are_the_callers() {
         echo secret > s640; chmod 640 s640
         echo disk > disk660; chgrp 6 disk660; chmod 660 disk660
         mkdir g775; chgrp 65533 g775; chmod 775 g775
+        echo g > g640; chgrp 65533 g640; chmod 640 g640
         for w in root nobody nobodyg nobodydisk; do
             echo x > own-$w; chown 65534:65534 own-$w
         done";
-    let script = "$P read s640 -- write disk660 -- create g775/new-$W 644 excl -- stat g775/new-$W \
+    let script = "$P read s640 -- write disk660 -- read g640 -- tread g640 \
+         -- create g775/new-$W 644 excl -- stat g775/new-$W \
          -- chgrp own-$W 65533 -- stat own-$W -- create mine-$W 755 excl -- chgrp mine-$W 0 \
          -- chmod mine-$W 2755 -- stat mine-$W";
     for cfg in MATRIX {
@@ -401,6 +413,7 @@ fn supplementary_groups_are_the_callers() {
                     &[
                         "read s640: EACCES",
                         "write disk660: EACCES",
+                        "tread g640: EACCES",
                         "create g775/new-nobody 644 excl: EACCES",
                         "chgrp own-nobody 65533: EPERM",
                         "chgrp mine-nobody 0: EPERM",
@@ -412,6 +425,8 @@ fn supplementary_groups_are_the_callers() {
                     &out,
                     &[
                         "read s640: EACCES",
+                        "read g640: ok",
+                        "tread g640: ok",
                         "create g775/new-nobodyg 644 excl: ok",
                         "stat g775/new-nobodyg: ok 100644 65534:65534",
                         "chgrp own-nobodyg 65533: ok",
