@@ -4,7 +4,8 @@
 //! whatever the backing would refuse them must be refused through it too.
 //!
 //! Each test runs the same operations, as the same user, on a plain local
-//! directory (ext4 under the temp dir) and through the mount, and requires
+//! directory (beside the backing, so on the same filesystem: ext4 on the
+//! test machines) and through the mount, and requires
 //! the same results; the local results are also checked against what POSIX
 //! says, so the comparison cannot pass with both sides wrong. Every test runs
 //! on passthrough (`--io auto` as root) and relay, with and without
@@ -287,6 +288,10 @@ struct Bed {
 /// `setup` runs as root with `sh -e` in both directories (and `$P` names the
 /// probe); then the backing is mounted with `-o allow_other` and `cfg`.
 fn bed(cfg: Cfg, setup: &str, extra: &[&str]) -> Bed {
+    assert!(
+        Path::new("/usr/bin/python3").exists(),
+        "the access tests run their probe with /usr/bin/python3 (scripts/install-deps.sh installs it)"
+    );
     let dir = scratch();
     // Unprivileged callers must reach the mountpoint and the probe.
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
