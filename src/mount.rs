@@ -371,6 +371,20 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             }
         }
     });
+    // Requests are served with each caller's groups (sys::FsCreds): the
+    // daemon's own (root's 0 from a login shell) must never count. Only a
+    // daemon that is not root (which serves as itself) cannot drop them.
+    if let Err(e) = sys::drop_supplementary_groups()
+        && nix::unistd::geteuid().is_root()
+    {
+        log::warn!(
+            "cannot drop the daemon's supplementary groups ({e}); requests of non-root callers will fail with EPERM rather than use them"
+        );
+    }
+    // The kernel has applied each caller's umask to the modes it sends;
+    // the daemon's own must not mask them again. Set after the pid and log
+    // files exist, which keep the daemon's umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     session.run().map_err(|e| {
         StartError(format!(
             "session on {} ended: {e}",

@@ -1,8 +1,14 @@
-//! Backing `stat` → FUSE attributes.
+//! Backing `stat` → FUSE attributes, and the kernel's rules for clearing
+//! set-id bits that the daemon applies itself.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{FileAttr, FileType, INodeNo};
+use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request};
+
+use super::MigsafeFs;
+use crate::image::DataPath;
+use crate::sys;
 
 /// How long the kernel may cache attributes and entries. Short, because the
 /// backing is shared storage that other hosts change; `invalidate` drops them
@@ -92,5 +98,122 @@ pub fn virtual_node(
         rdev: 0,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+const SET_ID: u32 = libc::S_ISUID | libc::S_ISGID;
+
+/// True when `new` is `cur` (permission bits) with some of its set-uid and
+/// set-gid bits removed and nothing else changed.
+pub fn only_clears_set_id(cur: u32, new: u32) -> bool {
+    let (cur, new) = (cur & 0o7777, new & 0o7777);
+    new != cur && new & !SET_ID == cur & !SET_ID && new & SET_ID & !cur == 0
+}
+
+/// The set-id bits a write by `caller`, who lacks CAP_FSETID, clears by the
+/// kernel's rule (`setattr_should_drop_suidgid`): set-uid always, set-gid
+/// when the file is group-executable or the caller is not in its group;
+/// none for anything but a regular file.
+pub fn set_id_bits_killed_by_write(st: &libc::stat, caller: impl FnOnce() -> sys::Caller) -> u32 {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_mode & SET_ID == 0 {
+        return 0;
+    }
+    let caller = caller();
+    let mut kill = st.st_mode & libc::S_ISUID;
+    if st.st_mode & libc::S_ISGID != 0
+        && (st.st_mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid))
+    {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
+impl MigsafeFs {
+    /// A chmod the caller was refused may still be the kernel clearing
+    /// set-id bits for a writer: allowed when it only removes such bits and
+    /// the caller (whose identity is in force) may write the file.
+    pub(crate) fn may_clear_set_id(&self, fd: &OwnedFd, path: &std::ffi::CStr, mode: u32) -> bool {
+        let Ok(st) = sys::fstat_fd(fd.as_fd()) else {
+            return false;
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || !only_clears_set_id(st.st_mode, mode) {
+            return false;
+        }
+        // SAFETY: path is NUL-terminated; AT_EACCESS checks with the fs ids
+        // and groups switched to the caller's.
+        unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+    }
+
+    /// Before a relay write that the kernel flagged FUSE_WRITE_KILL_SUIDGID
+    /// (the writer lacks CAP_FSETID): the kernel does not clear set-id bits
+    /// itself for direct-I/O files, and the daemon writes their data with
+    /// root's rights, which keep them; so the daemon clears them first, by
+    /// the rule the kernel applies to a write on a local filesystem.
+    /// (Passthrough writes do not come here: for them the kernel sends the
+    /// chmod that `do_setattr` accepts.)
+    pub(crate) fn clear_set_id_before_write(
+        &self,
+        req: &Request,
+        fh: FileHandle,
+    ) -> Result<(), Errno> {
+        let Ok(h) = self.file_handle(fh) else {
+            return Ok(());
+        };
+        if h.data_path != DataPath::Relay {
+            return Ok(());
+        }
+        let st = sys::fstat_fd(h.file.as_fd()).map_err(|e| Errno::from_i32(sys::errno_of(&e)))?;
+        let kill = set_id_bits_killed_by_write(&st, || super::namespace::caller_of(req));
+        if kill == 0 {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on the handle's open fd.
+        if unsafe { libc::fchmod(h.file.as_raw_fd(), st.st_mode & 0o7777 & !kill) } != 0 {
+            let e = std::io::Error::last_os_error();
+            log::warn!("write {}: clearing set-id bits: {e}", h.image.path());
+            return Err(Errno::from_i32(sys::errno_of(&e)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clearing_set_id_bits_only() {
+        assert!(only_clears_set_id(0o4777, 0o777));
+        assert!(only_clears_set_id(0o6777, 0o2777));
+        assert!(only_clears_set_id(0o6755, 0o755));
+        assert!(!only_clears_set_id(0o4777, 0o4777));
+        assert!(!only_clears_set_id(0o4777, 0o775));
+        assert!(!only_clears_set_id(0o777, 0o4777));
+        assert!(!only_clears_set_id(0o4755, 0o2755));
+    }
+
+    #[test]
+    fn kernel_rule_for_writes() {
+        // SAFETY: stat is plain old data; all-zero is valid.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_gid = 50;
+        let nobody = || sys::Caller {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![],
+        };
+        let member = || sys::Caller {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![50],
+        };
+        st.st_mode = libc::S_IFREG | 0o6777;
+        assert_eq!(set_id_bits_killed_by_write(&st, nobody), SET_ID);
+        assert_eq!(set_id_bits_killed_by_write(&st, member), SET_ID);
+        st.st_mode = libc::S_IFREG | 0o2767;
+        assert_eq!(set_id_bits_killed_by_write(&st, nobody), libc::S_ISGID);
+        assert_eq!(set_id_bits_killed_by_write(&st, member), 0);
+        st.st_mode = libc::S_IFDIR | 0o2777;
+        assert_eq!(set_id_bits_killed_by_write(&st, nobody), 0);
     }
 }

@@ -18,7 +18,7 @@ use crate::datapath::{self, PassthroughBacking};
 use crate::image::handle::is_internal_opener;
 use crate::image::{CommandContext, DataPath, Handle, Image};
 use crate::settings::OnOpen;
-use crate::sys::{self, FsCreds};
+use crate::sys;
 
 pub(crate) struct AttrChanges {
     pub mode: Option<u32>,
@@ -112,13 +112,21 @@ impl MigsafeFs {
         let bflags = backing_flags(flags);
         match &inode.fd {
             Some(fd) => {
-                let _creds = FsCreds::switch(req.uid(), req.gid());
+                let _creds = self.as_caller(req)?;
                 sys::reopen(fd.as_fd(), bflags).map_err(errno)
             }
-            None => image.open_backing(bflags).map_err(|e| {
-                log::warn!("device {}: open: {e}", image.path());
-                errno(e)
-            }),
+            None => {
+                let mask = match flags & libc::O_ACCMODE {
+                    libc::O_RDONLY => libc::R_OK,
+                    libc::O_WRONLY => libc::W_OK,
+                    _ => libc::R_OK | libc::W_OK,
+                };
+                self.check_device_access(req, inode, mask)?;
+                image.open_backing(bflags).map_err(|e| {
+                    log::warn!("device {}: open: {e}", image.path());
+                    errno(e)
+                })
+            }
         }
     }
 
@@ -339,7 +347,7 @@ impl MigsafeFs {
                     return Err(Errno::EEXIST);
                 }
                 let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
-                return self.open_created(req, inode, flags, &reply);
+                return self.open_created(req, inode, None, flags, &reply);
             }
             let dir = self.parent_dir(parent)?;
             let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
@@ -347,23 +355,38 @@ impl MigsafeFs {
                 return Err(Errno::EINVAL);
             }
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-            let opath = {
-                let _creds = FsCreds::switch(req.uid(), req.gid());
-                // Create as the caller, then pin the new entry with O_PATH.
-                let created = sys::openat(
+            let (file, opath) = {
+                let _creds = self.as_caller(req)?;
+                // Create as the caller and keep this very fd for the handle:
+                // a mode that excludes the access being opened (0444 with
+                // O_RDWR) is allowed for the creating open only. O_NONBLOCK
+                // keeps an existing FIFO of that name from blocking the
+                // thread; it is cleared below.
+                let fd = sys::openat(
                     dirfd.as_fd(),
                     &cname,
-                    (flags & (libc::O_EXCL | libc::O_ACCMODE)) | libc::O_CREAT | libc::O_NOFOLLOW,
+                    backing_flags(flags)
+                        | (flags & libc::O_EXCL)
+                        | libc::O_CREAT
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK,
                     mode,
                 )
                 .map_err(errno)?;
-                drop(created);
-                sys::openat(dirfd.as_fd(), &cname, libc::O_PATH | libc::O_NOFOLLOW, 0)
-                    .map_err(errno)?
+                let st = sys::fstat_fd(fd.as_fd()).map_err(errno)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    // Only regular files are served as images (as by open).
+                    return Err(Errno::EINVAL);
+                }
+                sys::clear_nonblock(fd.as_fd()).map_err(errno)?;
+                // Pin the inode this fd created, not whatever the name
+                // may point to by now.
+                let opath = sys::reopen(fd.as_fd(), libc::O_PATH).map_err(errno)?;
+                (File::from(fd), std::os::fd::OwnedFd::from(opath))
             };
             let attr = self.enter(&dir, name, opath)?;
             let inode = self.inodes.get(attr.ino.0).ok_or(Errno::EIO)?;
-            self.open_created(req, inode, flags, &reply)
+            self.open_created(req, inode, Some(file), flags, &reply)
         })();
         match result {
             Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
@@ -381,11 +404,13 @@ impl MigsafeFs {
         }
     }
 
-    /// The open half of create, for a new file or an existing device entry.
+    /// The open half of create, for a file the create opened (`file`, the
+    /// fd it made) or an existing device entry (`None`: opened here).
     fn open_created(
         &self,
         req: &Request,
         inode: Arc<Inode>,
+        file: Option<File>,
         flags: i32,
         reply: &ReplyCreate,
     ) -> Result<Created, Errno> {
@@ -396,8 +421,14 @@ impl MigsafeFs {
                 .check_writable(&self.settings)
                 .map_err(Errno::from_i32)?;
         }
-        let file = self.open_image_backing(req, &inode, &image, flags)?;
+        let file = match file {
+            Some(f) => f,
+            None => self.open_image_backing(req, &inode, &image, flags)?,
+        };
         if truncate && inode.device_name.is_none() {
+            let _admitted = image.admit_write(&self.settings).map_err(Errno::from_i32)?;
+            // As the caller, so the kernel clears set-id bits as it would.
+            let _creds = self.as_caller(req)?;
             file.set_len(0).map_err(errno)?;
         }
         let attr = self.attr_of(&inode)?;
@@ -502,19 +533,32 @@ impl MigsafeFs {
     ) -> Result<FileAttr, Errno> {
         let inode = self.inode(ino)?;
         if inode.device_name.is_some() {
-            return self.setattr_device(&inode, &ch);
+            return self.setattr_device(req, &inode, &ch, fh);
         }
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
         let path = sys::proc_fd_path(fd.as_fd());
         let is_link = matches!(inode.kind, Kind::Symlink);
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let mut creds = self.as_caller(req)?;
         if let Some(mode) = ch.mode {
             if is_link {
                 return Err(Errno::from_i32(libc::EOPNOTSUPP));
             }
-            // SAFETY: path is NUL-terminated.
-            if unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) } != 0 {
-                return Err(errno(std::io::Error::last_os_error()));
+            let chmod = || {
+                // SAFETY: path is NUL-terminated.
+                if unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) } != 0 {
+                    return Err(errno(std::io::Error::last_os_error()));
+                }
+                Ok(())
+            };
+            match chmod() {
+                Err(Errno::EPERM) if self.may_clear_set_id(fd, &path, mode) => {
+                    // What the kernel sends when a writer without
+                    // CAP_FSETID writes or truncates a set-id file (it kills
+                    // the bits with ATTR_FORCE, whoever owns the file); only
+                    // the owner could chmod, so the daemon does it.
+                    creds.as_daemon(chmod).map_err(errno)??;
+                }
+                other => other?,
             }
         }
         if ch.uid.is_some() || ch.gid.is_some() {
@@ -537,14 +581,16 @@ impl MigsafeFs {
         }
         if let Some(size) = ch.size {
             let image = inode.image().ok_or(Errno::EISDIR)?;
-            image
-                .check_writable(&self.settings)
-                .map_err(Errno::from_i32)?;
+            // A truncate is a write: admitted (and so fenced) like one.
+            let _admitted = image.admit_write(&self.settings).map_err(Errno::from_i32)?;
             let handle_file = fh
                 .and_then(|fh| self.file_handle(fh).ok())
                 .filter(|h| h.writable);
             match handle_file {
-                Some(h) => h.file.set_len(size).map_err(errno)?,
+                Some(h) => {
+                    h.file.set_len(size).map_err(errno)?;
+                    h.note_write();
+                }
                 None => {
                     // SAFETY: path is NUL-terminated.
                     if unsafe { libc::truncate(path.as_ptr(), size as libc::off_t) } != 0 {
@@ -554,9 +600,6 @@ impl MigsafeFs {
             }
         }
         if ch.atime.is_some() || ch.mtime.is_some() {
-            if is_link {
-                return Err(Errno::from_i32(libc::EOPNOTSUPP));
-            }
             let ts = |t: Option<TimeOrNow>| match t {
                 None => libc::timespec {
                     tv_sec: 0,
@@ -575,8 +618,24 @@ impl MigsafeFs {
                 }
             };
             let times = [ts(ch.atime), ts(ch.mtime)];
-            // SAFETY: path is NUL-terminated; times has two entries.
-            if unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) } != 0 {
+            // A symlink's own times (`touch -h`, `cp -a`): the /proc magic
+            // link would lead to its target, so act on the O_PATH fd itself
+            // (utimensat takes AT_EMPTY_PATH since Linux 5.8).
+            let ret = if is_link {
+                // SAFETY: empty NUL-terminated path; times has two entries.
+                unsafe {
+                    libc::utimensat(
+                        std::os::fd::AsRawFd::as_raw_fd(&**fd),
+                        c"".as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                }
+            } else {
+                // SAFETY: path is NUL-terminated; times has two entries.
+                unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }
+            };
+            if ret != 0 {
                 return Err(errno(std::io::Error::last_os_error()));
             }
         }
@@ -585,10 +644,22 @@ impl MigsafeFs {
 
     /// A device entry's size is the device's: truncating to it is a no-op,
     /// to anything else EINVAL; ownership and mode belong to the device node.
-    fn setattr_device(&self, inode: &Inode, ch: &AttrChanges) -> Result<FileAttr, Errno> {
+    /// A truncate by path needs write permission on the node, as any
+    /// truncate(2) does.
+    fn setattr_device(
+        &self,
+        req: &Request,
+        inode: &Inode,
+        ch: &AttrChanges,
+        fh: Option<FileHandle>,
+    ) -> Result<FileAttr, Errno> {
         let image = inode.image().ok_or(Errno::EIO)?;
         if ch.mode.is_some() || ch.uid.is_some() || ch.gid.is_some() {
             return Err(Errno::EPERM);
+        }
+        let by_handle = fh.is_some_and(|fh| self.file_handle(fh).is_ok_and(|h| h.writable));
+        if ch.size.is_some() && !by_handle {
+            self.check_device_access(req, inode, libc::W_OK)?;
         }
         if let Some(size) = ch.size
             && size != image.device_size.load(Ordering::Relaxed)

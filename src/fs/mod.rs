@@ -452,13 +452,18 @@ impl Filesystem for MigsafeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         if ctl_node::is_virtual(ino.0) {
             return self.ctl_write(req, fh, data, reply);
+        }
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.clear_set_id_before_write(req, fh)
+        {
+            return reply.error(e);
         }
         match self.do_write(fh, offset, data) {
             Ok(n) => reply.written(n as u32),
@@ -578,7 +583,7 @@ impl Filesystem for MigsafeFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -586,19 +591,19 @@ impl Filesystem for MigsafeFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_setxattr(ino, name, value, flags))
+        reply_empty(reply, self.do_setxattr(req, ino, name, value, flags))
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.do_getxattr(ino, Some(name), size, reply);
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.do_getxattr(req, ino, Some(name), size, reply);
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.do_getxattr(ino, None, size, reply);
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.do_getxattr(req, ino, None, size, reply);
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_removexattr(ino, name))
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.do_removexattr(req, ino, name))
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

@@ -15,7 +15,7 @@ use super::inodes::{self, Inode, Kind};
 use super::{MigsafeFs, Open, attr};
 use crate::cache::Identity;
 use crate::image::{Image, Source};
-use crate::sys::{self, FsCreds};
+use crate::sys::{self, Caller, FsCreds};
 
 /// A directory's entries, read once at opendir: offsets stay stable for the
 /// life of the handle however the backing directory changes meanwhile.
@@ -45,7 +45,27 @@ fn component(name: &OsStr) -> Result<CString, Errno> {
     sys::cstring(name).map_err(|_| Errno::EINVAL)
 }
 
+/// The identity `req` is served with (uid, gid and supplementary groups).
+pub(crate) fn caller_of(req: &Request) -> Caller {
+    Caller::of_request(req.uid(), req.gid(), req.pid())
+}
+
 impl MigsafeFs {
+    /// Switches this thread to the caller of `req` until the guard drops.
+    /// A switch that fails refuses the request: serving it as root instead
+    /// would grant what the caller may not have.
+    pub(crate) fn as_caller(&self, req: &Request) -> Result<FsCreds, Errno> {
+        FsCreds::switch(caller_of(req)).map_err(|e| {
+            log::error!(
+                "cannot switch to the identity of uid {} gid {} (pid {}): {e}",
+                req.uid(),
+                req.gid(),
+                req.pid()
+            );
+            errno(e)
+        })
+    }
+
     pub(crate) fn parent_dir(&self, parent: INodeNo) -> Result<Arc<Inode>, Errno> {
         let inode = self.inode(parent)?;
         if !inode.is_dir() {
@@ -69,7 +89,7 @@ impl MigsafeFs {
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
         let fd = {
-            let _creds = FsCreds::switch(req.uid(), req.gid());
+            let _creds = self.as_caller(req)?;
             sys::openat(
                 dir.fd.as_ref().ok_or(Errno::EIO)?.as_fd(),
                 &cname,
@@ -157,12 +177,11 @@ impl MigsafeFs {
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
-        let fmt = mode & libc::S_IFMT;
-        if fmt != libc::S_IFREG && fmt != libc::S_IFIFO && fmt != libc::S_IFSOCK {
-            // Device nodes on shared image storage are never wanted.
-            return Err(Errno::EPERM);
-        }
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        // Any node type, as on the backing: device nodes are inert through
+        // the mount (nodev unless mounted with -o dev), the kernel lets
+        // only callers with CAP_MKNOD ask for them, and a non-root caller
+        // is served without it, so the backing itself refuses others.
+        let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
         check(unsafe {
@@ -184,7 +203,7 @@ impl MigsafeFs {
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
         check(unsafe { libc::mkdirat(dirfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) })?;
@@ -203,7 +222,7 @@ impl MigsafeFs {
         let cname = component(name)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         let before = sys::fstatat(dirfd.as_fd(), &cname).ok();
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
         // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
         check(unsafe { libc::unlinkat(dirfd.as_raw_fd(), cname.as_ptr(), flags) })?;
@@ -229,7 +248,7 @@ impl MigsafeFs {
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
         let ctarget = sys::cstring(target.as_os_str()).map_err(errno)?;
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: both strings are NUL-terminated; dirfd is valid.
         check(unsafe { libc::symlinkat(ctarget.as_ptr(), dirfd.as_raw_fd(), cname.as_ptr()) })?;
@@ -250,7 +269,7 @@ impl MigsafeFs {
         let dir = self.parent_dir(parent)?;
         let newdir = self.parent_dir(newparent)?;
         let (cname, cnew) = (component(name)?, component(newname)?);
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let (d1, d2) = (
             dir.fd.as_ref().ok_or(Errno::EIO)?,
             newdir.fd.as_ref().ok_or(Errno::EIO)?,
@@ -281,7 +300,7 @@ impl MigsafeFs {
         let newdir = self.parent_dir(newparent)?;
         let cnew = component(newname)?;
         let src = inode.fd.as_ref().ok_or(Errno::EIO)?;
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let proc_path = sys::proc_fd_path(src.as_fd());
         let dirfd = newdir.fd.as_ref().ok_or(Errno::EIO)?;
         // SAFETY: strings are NUL-terminated; following the /proc magic link
@@ -327,9 +346,13 @@ impl MigsafeFs {
         }
         let inode = self.inode(ino)?;
         let fd = inode.fd.as_ref().ok_or(Errno::ENOTDIR)?;
+        // Reopen the O_PATH fd itself: that needs read permission on the
+        // directory only, as opendir on the backing does, where
+        // openat(fd, ".") would also need search permission.
         let dirfd = {
-            let _creds = FsCreds::switch(req.uid(), req.gid());
-            sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(errno)?
+            let _creds = self.as_caller(req)?;
+            let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
+            std::os::fd::OwnedFd::from(dir)
         };
         let mut dir = nix::dir::Dir::from_fd(dirfd).map_err(|e| Errno::from_i32(e as i32))?;
         let mut entries = Vec::new();
@@ -382,15 +405,48 @@ impl MigsafeFs {
             return Ok(());
         }
         let inode = self.inode(ino)?;
+        if inode.device_name.is_some() {
+            return self.check_device_access(req, &inode, mask);
+        }
         let Some(fd) = inode.fd.as_ref() else {
             return Ok(());
         };
-        let _creds = FsCreds::switch(req.uid(), req.gid());
+        let _creds = self.as_caller(req)?;
         let path = sys::proc_fd_path(fd.as_fd());
         // SAFETY: path is NUL-terminated. faccessat checks with the fs ids
         // switched above only when AT_EACCESS is given.
         check(unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mask, libc::AT_EACCESS) })?;
         Ok(())
+    }
+
+    /// The `stat` of a `--device` entry's node (following symlinks, as the
+    /// daemon opens it): its owner and mode are the entry's.
+    pub(crate) fn device_node_stat(&self, inode: &Inode) -> Result<libc::stat, Errno> {
+        let image = inode.image().ok_or(Errno::EIO)?;
+        let Source::Device(path) = &image.source else {
+            return Err(Errno::EIO);
+        };
+        sys::stat_path(&sys::cstring(path.as_os_str()).map_err(errno)?).map_err(|e| {
+            log::warn!("device {}: stat {}: {e}", image.path(), path.display());
+            errno(e)
+        })
+    }
+
+    /// The daemon opens devices with its own rights, so it checks the
+    /// caller against the node's owner and mode itself, as the kernel would
+    /// for an open of the node (`mask`: R_OK/W_OK/X_OK bits).
+    pub(crate) fn check_device_access(
+        &self,
+        req: &Request,
+        inode: &Inode,
+        mask: i32,
+    ) -> Result<(), Errno> {
+        let st = self.device_node_stat(inode)?;
+        if caller_of(req).may(&st, mask) {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
     }
 
     fn xattr_path(&self, ino: INodeNo) -> Result<CString, Errno> {
@@ -408,6 +464,7 @@ impl MigsafeFs {
 
     pub(crate) fn do_getxattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         name: Option<&OsStr>,
         size: u32,
@@ -415,6 +472,10 @@ impl MigsafeFs {
     ) {
         let path = match self.xattr_path(ino) {
             Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let _creds = match self.as_caller(req) {
+            Ok(c) => c,
             Err(e) => return reply.error(e),
         };
         let mut buf = vec![0u8; size as usize];
@@ -448,6 +509,7 @@ impl MigsafeFs {
 
     pub(crate) fn do_setxattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -455,6 +517,7 @@ impl MigsafeFs {
     ) -> Result<(), Errno> {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+        let _creds = self.as_caller(req)?;
         // SAFETY: strings are NUL-terminated; value is readable for its length.
         check(unsafe {
             libc::setxattr(
@@ -468,9 +531,15 @@ impl MigsafeFs {
         Ok(())
     }
 
-    pub(crate) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<(), Errno> {
+    pub(crate) fn do_removexattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+    ) -> Result<(), Errno> {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+        let _creds = self.as_caller(req)?;
         // SAFETY: strings are NUL-terminated.
         check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) })?;
         Ok(())
