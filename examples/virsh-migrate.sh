@@ -8,7 +8,7 @@
 # the same path on both hosts); without them, every file disk of the domain
 # under $MNT is handed over.
 #
-# Steps (DESIGN.md section 3, "Standard flows"):
+# Steps (docs/DESIGN.md §3, "Standard flows"):
 #   1. destination: `inactivate` the images, dropping whatever other processes
 #      there may have cached, before QEMU opens them;
 #   2. `virsh migrate --live --suspend`: the domain arrives paused on the

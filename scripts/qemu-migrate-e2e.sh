@@ -3,9 +3,9 @@
 # qemu-migrate-e2e.sh - live-migrate a real QEMU VM between two QEMU processes
 # on this machine, with its disk image on two migsafe mounts that stand for two
 # hosts sharing one storage, and check that the destination reads what the
-# source wrote (DESIGN.md section 3, "Standard flows").
+# source wrote (docs/DESIGN.md §3, "Standard flows").
 #
-# Two-host beds (DESIGN.md section 1):
+# Two-host beds (docs/DESIGN.md §1):
 #   --backing loop  one image file, two loop devices over it (two "hosts" on one
 #                   SAN LUN, each with its own page cache); host A mounts
 #                   `migsafe mount --device IMG=/dev/loopA`, host B the same

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317 # cleanup functions run from traps
-# soak.sh - handover soak on the two-host loop-device bed (DESIGN.md section 1).
+# soak.sh - handover soak on the two-host loop-device bed (docs/DESIGN.md §1).
 #
 # One image file, two loop devices over it ("host A" and "host B", each with its
 # own page cache), a `migsafe mount --device disk=/dev/loopX` on each, and a

@@ -15,6 +15,7 @@ pub mod fs;
 pub mod image;
 pub mod logging;
 pub mod mount;
+pub mod mountinfo;
 pub mod protocol;
 pub mod residency;
 pub mod settings;

@@ -10,6 +10,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::backing::{self, DeviceSpec};
 use crate::fs::{DataPath, FsConfig, IoMode, MigsafeFs};
+use crate::mountinfo::{MountEntry, mountinfo};
 use crate::settings::{Key, Settings};
 use crate::sys;
 
@@ -615,35 +616,6 @@ fn open_dev_fuse() -> Result<OwnedFd, StartError> {
     }
 }
 
-/// One line of /proc/self/mountinfo, the parts migsafe needs.
-#[derive(Debug, Clone)]
-pub struct MountEntry {
-    /// `major:minor` of the mounted filesystem.
-    pub dev: String,
-    pub mountpoint: PathBuf,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// The mounts of this mount namespace, in mount order (later entries are
-/// mounted over earlier ones on the same path).
-pub fn mountinfo() -> Vec<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let l: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            Some(MountEntry {
-                dev: l.get(2)?.to_string(),
-                mountpoint: PathBuf::from(unescape_octal(l.get(4)?)),
-                fstype: r.first()?.to_string(),
-                source: unescape_octal(r.get(1).unwrap_or(&"")),
-            })
-        })
-        .collect()
-}
-
 /// The mount on top at `path` (canonicalized), if `path` is a mountpoint.
 pub fn top_mount(path: &Path) -> Option<MountEntry> {
     top_mount_at(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
@@ -656,26 +628,6 @@ fn top_mount_at(canonical: &Path) -> Option<MountEntry> {
         .into_iter()
         .rev()
         .find(|m| m.mountpoint == canonical)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// SIGINT/SIGTERM/SIGHUP are blocked in every thread (the mask is inherited

@@ -26,7 +26,7 @@ impl Key {
     ];
 
     /// The control file / command-line name.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Key::CheckCacheDropped => "check-cache-dropped",
             Key::DropCache => "drop-cache",
@@ -71,7 +71,7 @@ pub struct Settings {
 }
 
 impl Default for Settings {
-    /// The defaults of DESIGN §3: every safety step on.
+    /// The defaults of docs/DESIGN.md §3: every safety step on.
     fn default() -> Self {
         Settings {
             values: Default::default(),

@@ -180,6 +180,12 @@ pub fn stat_path(path: &CStr) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
+pub fn cwd() -> BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.
+    unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
+
 /// `openat(dirfd, name, flags, mode)` returning an owned fd.
 pub fn openat(dirfd: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     // SAFETY: name is NUL-terminated; on success the returned fd is new and

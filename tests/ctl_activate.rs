@@ -1,4 +1,4 @@
-//! Destination-side safety of `activate` / `check` (DESIGN §3):
+//! Destination-side safety of `activate` / `check` (docs/DESIGN.md §3):
 //! - dirty pages of the image on this host: `activate` fails with EBUSY and
 //!   drops nothing (DONTNEED would write them back over the source's data);
 //! - another process keeps the image mapped: EBUSY naming that pid;

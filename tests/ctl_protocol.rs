@@ -1,4 +1,4 @@
-//! The control-directory protocol (DESIGN §3 "The control directory" and the
+//! The control-directory protocol (docs/DESIGN.md §3 "The control directory" and the
 //! interface contract): errnos, read-back lines, multi-image writes, `*`,
 //! hiding and protection of `.ctl`, `--ctl-name`, settings, `status`,
 //! invalidate-on-open, EROFS fencing of inactive images, and the `migsafe ctl`

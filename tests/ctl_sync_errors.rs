@@ -1,4 +1,4 @@
-//! Sticky sync errors (DESIGN §3): once a backing sync of an image fails,
+//! Sticky sync errors (docs/DESIGN.md §3): once a backing sync of an image fails,
 //! every later fsync, close-sync and `inactivate` fails with the same errno
 //! until `activate`; a failed `inactivate` leaves the image active.
 //!

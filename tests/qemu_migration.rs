@@ -1,6 +1,6 @@
 //! A real VMM: live migration of a QEMU VM between two QEMU processes over
 //! 127.0.0.1, its image on two migsafe mounts standing for two hosts over one
-//! shared storage (DESIGN.md sections 3 and 5). The flow itself lives in
+//! shared storage (docs/DESIGN.md §3 and §5). The flow itself lives in
 //! `scripts/qemu-migrate-e2e.sh`; these tests run it for raw and qcow2 on the
 //! loop-device bed (SAN-like) and the mergerfs bed (NFS-like), with asserted
 //! negative controls (no `activate` on the destination: stale reads) and a
@@ -295,7 +295,7 @@ fn cancelled_migration_source_takes_over_again_on_nfs_like_directory() {
     }
 }
 
-/// The bed itself, without migsafe (DESIGN.md section 1): QEMU opening the
+/// The bed itself, without migsafe (docs/DESIGN.md §1): QEMU opening the
 /// loop devices directly reads stale data on the destination with its own
 /// `drop-cache=off`, and fresh data with `drop-cache=on`. This is what QEMU
 /// cannot do through a FUSE mount, and what migsafe does instead.

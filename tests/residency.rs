@@ -1,4 +1,4 @@
-//! `migsafe residency [--evict] [--json] FILE...` (DESIGN §4): page-cache
+//! `migsafe residency [--evict] [--json] FILE...` (docs/DESIGN.md §4): page-cache
 //! figures for files and block devices, checked against util-linux `fincore`
 //! for files and against an independent mmap + mincore count for block devices
 //! (fincore 2.38 reports size 0 and 0 pages for any block device).

@@ -1,4 +1,4 @@
-//! The two-host beds of DESIGN §1/§5: the same storage seen by two migsafe
+//! The two-host beds of docs/DESIGN.md §1/§5: the same storage seen by two migsafe
 //! mounts ("host A" = source, "host B" = destination), each with its own page
 //! cache of the image.
 //!

@@ -1,4 +1,4 @@
-//! The backing sources of DESIGN §2: the backing directory (an O_PATH root
+//! The backing sources of docs/DESIGN.md §2: the backing directory (an O_PATH root
 //! that confines every access) and `--device NAME=PATH` entries.
 
 use std::ffi::CString;
@@ -22,7 +22,7 @@ pub struct DeviceSpec {
 pub fn open_root(path: &Path) -> Result<OwnedFd, String> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| format!("bad path {}", path.display()))?;
-    match sys::openat(unsafe_cwd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0) {
+    match sys::openat(sys::cwd(), &c, libc::O_PATH | libc::O_DIRECTORY, 0) {
         Ok(fd) => Ok(fd),
         Err(e) => match e.raw_os_error() {
             Some(libc::ENOENT) => Err(format!(
@@ -79,12 +79,6 @@ pub fn check_mountpoint_outside(
         up = dir.parent();
     }
     Ok(false)
-}
-
-/// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
-fn unsafe_cwd() -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(libc::AT_FDCWD) }
 }
 
 /// Validates a `--device NAME=PATH`: a name that is one free path component

@@ -8,6 +8,8 @@ use std::fs;
 
 use serde_json::json;
 
+use crate::mountinfo;
+
 /// What identifies a file across processes: the (device, inode) of the file
 /// (for a block device, of the device node that was opened or mapped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,26 +54,10 @@ pub fn format_holders(holders: &[Holder]) -> String {
 /// Processes that vanish or deny access mid-scan are skipped: the report is
 /// best-effort, the residency numbers are what decide.
 pub fn find_holders(id: Identity) -> Vec<Holder> {
-    let me = std::process::id();
     let mounts = mount_devices();
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+    for pid in other_pids() {
+        let comm = comm_of(pid);
         if maps_file(pid, id) {
             out.push(Holder {
                 pid,
@@ -87,6 +73,24 @@ pub fn find_holders(id: Identity) -> Vec<Holder> {
         }
     }
     out
+}
+
+/// Every process but this one, by pid (processes that vanish mid-scan
+/// are simply not found later).
+fn other_pids() -> impl Iterator<Item = u32> {
+    let me = std::process::id();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(move |pid| *pid != me)
+}
+
+fn comm_of(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn maps_file(pid: u32, id: Identity) -> bool {
@@ -150,25 +154,11 @@ fn has_fd(pid: u32, id: Identity, mounts: &HashMap<u64, u64>) -> bool {
 /// Reads only /proc (fdinfo, the fd's link text), never the fd's target: a
 /// scan must not wait on a FUSE mount, this one or a dead one.
 pub fn find_unfenced_writers(id: Identity, rel_path: &str, own_mounts: &[u64]) -> Vec<Holder> {
-    let me = std::process::id();
     let mounts = mount_devices();
     let fuse_mounts = fuse_mount_ids();
     let suffix = format!("/{rel_path}");
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
+    for pid in other_pids() {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
             continue;
         };
@@ -209,9 +199,7 @@ pub fn find_unfenced_writers(id: Identity, rel_path: &str, own_mounts: &[u64]) -
         if let Some(how) = how {
             out.push(Holder {
                 pid,
-                comm: fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default(),
+                comm: comm_of(pid),
                 how,
             });
         }
@@ -223,65 +211,17 @@ pub fn find_unfenced_writers(id: Identity, rel_path: &str, own_mounts: &[u64]) -
 /// `fuse.migsafe`, or plain `fuse` as older versions mounted): other FUSE
 /// filesystems are backings, not other instances.
 fn fuse_mount_ids() -> Vec<u64> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let id = l.split_whitespace().next()?.parse::<u64>().ok()?;
-            let (_, after) = l.split_once(" - ")?;
-            after
-                .split_whitespace()
-                .next()
-                .filter(|t| *t == "fuse" || *t == "fuse.migsafe")
-                .map(|_| id)
-        })
+    mountinfo::mountinfo()
+        .into_iter()
+        .filter(|m| m.fstype == "fuse" || m.fstype == "fuse.migsafe")
+        .map(|m| m.id)
         .collect()
-}
-
-/// Mount ids of the mounts at `mountpoint` (this daemon's own mount).
-pub fn mount_ids_at(mountpoint: &std::path::Path) -> Vec<u64> {
-    let want = mountpoint.to_string_lossy();
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let id = f.next()?.parse::<u64>().ok()?;
-            let point = f.nth(3)?;
-            // mountinfo escapes space, tab, newline and backslash as \ooo.
-            (unescape_octal(point) == want).then_some(id)
-        })
-        .collect()
-}
-
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// mount id -> device number, from this process's mountinfo.
 fn mount_devices() -> HashMap<u64, u64> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let id = f.next()?.parse::<u64>().ok()?;
-            let (maj, min) = f.nth(1)?.split_once(':')?;
-            Some((id, libc::makedev(maj.parse().ok()?, min.parse().ok()?)))
-        })
+    mountinfo::mountinfo()
+        .into_iter()
+        .filter_map(|m| Some((m.id, m.dev_number()?)))
         .collect()
 }

@@ -86,7 +86,7 @@ impl Job {
         };
         let invalidator = self.invalidator.clone();
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
-        let own_mounts = crate::cache::mount_ids_at(&self.mountpoint);
+        let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
         let fuse = super::fuse_cache::MountCache {
             mountpoint: &self.mountpoint,
             invalidator: &self.invalidator,
@@ -257,7 +257,7 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
 
 /// The `status` document.
 pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
-    let own = crate::cache::mount_ids_at(&plane.mountpoint);
+    let own = crate::mountinfo::ids_at(&plane.mountpoint);
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()

@@ -1,4 +1,4 @@
-//! The control directory (DESIGN §3): virtual files at `MOUNT/.ctl/` through
+//! The control directory (docs/DESIGN.md §3): virtual files at `MOUNT/.ctl/` through
 //! which scripts drive migrations. A command's write() returns when the
 //! command has finished, with its errno; the result lines can be read back
 //! on the same open file.
@@ -16,6 +16,7 @@ use fuser::Errno;
 use crate::cache::invalidator::AttrInvalidator;
 use crate::datapath::IoMode;
 use crate::image::{Image, Registry};
+use crate::protocol;
 use crate::settings::{Key, Settings};
 use commands::Command;
 
@@ -27,27 +28,26 @@ pub enum CtlFile {
     Status,
 }
 
-/// The files of the control directory, in listing order.
+/// The files of the control directory, in listing order; each name is the
+/// command's or setting's own (one vocabulary: `protocol`, `settings`).
 pub const FILES: [(&str, CtlFile); 12] = [
-    ("activate", CtlFile::Command(Command::Activate)),
-    ("inactivate", CtlFile::Command(Command::Inactivate)),
-    ("invalidate", CtlFile::Command(Command::Invalidate)),
-    ("flush", CtlFile::Command(Command::Flush)),
-    ("check", CtlFile::Command(Command::Check)),
-    (
-        "check-cache-dropped",
-        CtlFile::Setting(Key::CheckCacheDropped),
-    ),
-    ("drop-cache", CtlFile::Setting(Key::DropCache)),
-    ("fsync-on-close", CtlFile::Setting(Key::FsyncOnClose)),
-    (
-        "invalidate-on-open",
-        CtlFile::Setting(Key::InvalidateOnOpen),
-    ),
-    ("sync", CtlFile::Setting(Key::Sync)),
-    ("inactive-writes", CtlFile::Setting(Key::InactiveWrites)),
+    (protocol::ACTIVATE, CtlFile::Command(Command::Activate)),
+    (protocol::INACTIVATE, CtlFile::Command(Command::Inactivate)),
+    (protocol::INVALIDATE, CtlFile::Command(Command::Invalidate)),
+    (protocol::FLUSH, CtlFile::Command(Command::Flush)),
+    (protocol::CHECK, CtlFile::Command(Command::Check)),
+    setting(Key::CheckCacheDropped),
+    setting(Key::DropCache),
+    setting(Key::FsyncOnClose),
+    setting(Key::InvalidateOnOpen),
+    setting(Key::Sync),
+    setting(Key::InactiveWrites),
     ("status", CtlFile::Status),
 ];
+
+const fn setting(key: Key) -> (&'static str, CtlFile) {
+    (key.name(), CtlFile::Setting(key))
+}
 
 /// The index in [`FILES`] of the control file called `name`.
 pub fn file_index(name: &[u8]) -> Option<usize> {

@@ -1,4 +1,4 @@
-//! The two data paths of DESIGN §2.
+//! The data paths of docs/DESIGN.md §2 (the cached one in `cached.rs`).
 //!
 //! passthrough: the kernel reads and writes the backing file itself; the
 //! daemon only registers one backing file per inode (shared by all handles,

@@ -163,7 +163,7 @@ impl MigsafeFs {
             return Ok(());
         }
         let st = sys::fstat_fd(h.file.as_fd()).map_err(|e| Errno::from_i32(sys::errno_of(&e)))?;
-        let kill = set_id_bits_killed_by_write(&st, || super::namespace::caller_of(req));
+        let kill = set_id_bits_killed_by_write(&st, || super::caller::caller_of(req));
         if kill == 0 {
             return Ok(());
         }

@@ -54,7 +54,7 @@ impl MigsafeFs {
         }
     }
 
-    /// Close-to-open (DESIGN §3): on the first open of an image on this
+    /// Close-to-open (docs/DESIGN.md §3): on the first open of an image on this
     /// host, drop whatever this host cached of it before the open completes.
     fn invalidate_on_first_open(&self, image: &Image) -> Result<(), Errno> {
         let mode = self.settings.on_open();
@@ -475,20 +475,11 @@ impl MigsafeFs {
             .image
             .admit_write(&self.settings)
             .map_err(Errno::from_i32)?;
-        let mut data = data;
-        if h.image.is_device() {
-            // A device cannot grow: writes past its end get ENOSPC, as on the
-            // block device itself.
-            let size = h.image.device_size.load(Ordering::Relaxed);
-            if data.is_empty() {
-                return Ok(0);
-            }
-            if offset >= size {
-                return Err(Errno::ENOSPC);
-            }
-            let room = (size - offset).min(usize::MAX as u64) as usize;
-            data = &data[..data.len().min(room)];
-        }
+        let room = h
+            .image
+            .write_room(offset, data.len())
+            .map_err(Errno::from_i32)?;
+        let data = &data[..room];
         h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
         let written = match h.data_path {
             DataPath::Cached => {
@@ -681,14 +672,11 @@ impl MigsafeFs {
             .image
             .admit_write(&self.settings)
             .map_err(Errno::from_i32)?;
-        if h.image.is_device()
-            && mode & libc::FALLOC_FL_KEEP_SIZE == 0
-            && mode & libc::FALLOC_FL_PUNCH_HOLE == 0
-        {
-            let size = h.image.device_size.load(Ordering::Relaxed);
-            if offset.saturating_add(length) > size {
-                return Err(Errno::ENOSPC);
-            }
+        if mode & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) == 0 {
+            // Growing: a device cannot, past its end.
+            h.image
+                .grow_allowed(offset.saturating_add(length))
+                .map_err(Errno::from_i32)?;
         }
         let res = sys::fallocate(h.file.as_fd(), mode, offset, length).map_err(errno);
         h.note_write();
@@ -714,17 +702,10 @@ impl MigsafeFs {
             .image
             .admit_write(&self.settings)
             .map_err(Errno::from_i32)?;
-        let mut len = len.min(u32::MAX as u64 & !0xfff) as usize;
-        if hout.image.is_device() {
-            let size = hout.image.device_size.load(Ordering::Relaxed);
-            if len == 0 {
-                return Ok(0);
-            }
-            if off_out >= size {
-                return Err(Errno::ENOSPC);
-            }
-            len = len.min((size - off_out).min(usize::MAX as u64) as usize);
-        }
+        let len = hout
+            .image
+            .write_room(off_out, len.min(u32::MAX as u64 & !0xfff) as usize)
+            .map_err(Errno::from_i32)?;
         let res = sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len)
             .map_err(errno);
         hout.note_write();

@@ -2,6 +2,7 @@
 //! operations (namespace, files, control directory).
 
 pub mod attr;
+mod caller;
 mod ctl_node;
 mod files;
 pub mod inodes;

@@ -15,7 +15,7 @@ use super::inodes::{self, Inode, Kind};
 use super::{MigsafeFs, Open, attr};
 use crate::cache::Identity;
 use crate::image::{Image, Source};
-use crate::sys::{self, Caller, FsCreds};
+use crate::sys;
 
 /// A directory's entries, read once at opendir: offsets stay stable for the
 /// life of the handle however the backing directory changes meanwhile.
@@ -45,27 +45,7 @@ fn component(name: &OsStr) -> Result<CString, Errno> {
     sys::cstring(name).map_err(|_| Errno::EINVAL)
 }
 
-/// The identity `req` is served with (uid, gid and supplementary groups).
-pub(crate) fn caller_of(req: &Request) -> Caller {
-    Caller::of_request(req.uid(), req.gid(), req.pid())
-}
-
 impl MigsafeFs {
-    /// Switches this thread to the caller of `req` until the guard drops.
-    /// A switch that fails refuses the request: serving it as root instead
-    /// would grant what the caller may not have.
-    pub(crate) fn as_caller(&self, req: &Request) -> Result<FsCreds, Errno> {
-        FsCreds::switch(caller_of(req)).map_err(|e| {
-            log::error!(
-                "cannot switch to the identity of uid {} gid {} (pid {}): {e}",
-                req.uid(),
-                req.gid(),
-                req.pid()
-            );
-            errno(e)
-        })
-    }
-
     pub(crate) fn parent_dir(&self, parent: INodeNo) -> Result<Arc<Inode>, Errno> {
         let inode = self.inode(parent)?;
         if !inode.is_dir() {
@@ -442,7 +422,7 @@ impl MigsafeFs {
         mask: i32,
     ) -> Result<(), Errno> {
         let st = self.device_node_stat(inode)?;
-        if caller_of(req).may(&st, mask) {
+        if super::caller::caller_of(req).may(&st, mask) {
             Ok(())
         } else {
             Err(Errno::EACCES)
@@ -452,7 +432,7 @@ impl MigsafeFs {
     fn xattr_path(&self, ino: INodeNo) -> Result<CString, Errno> {
         if !self.config.xattr {
             // ENOSYS makes the kernel stop asking for the whole mount; else it
-            // asks for security.capability before every write (DESIGN §2).
+            // asks for security.capability before every write (docs/DESIGN.md §2).
             return Err(Errno::ENOSYS);
         }
         let inode = self.inode(ino)?;

@@ -1,5 +1,5 @@
 //! The image registry and each image's migration state machine
-//! (DESIGN §3): active/inactive, the sticky sync error, open handles,
+//! (docs/DESIGN.md §3): active/inactive, the sticky sync error, open handles,
 //! counters and the last control command. Images are keyed by backing
 //! identity (device, inode), so two paths to one file are one image, and an
 //! image's state outlives the kernel forgetting its FUSE inode.
@@ -191,6 +191,28 @@ impl Image {
 
     pub fn is_device(&self) -> bool {
         matches!(self.source, Source::Device(_))
+    }
+
+    /// How much of a `len`-byte write at `offset` fits: all of it for a
+    /// file; for a device, which cannot grow, up to its end, and ENOSPC at or
+    /// past the end, as on the block device itself.
+    pub fn write_room(&self, offset: u64, len: usize) -> Result<usize, i32> {
+        if !self.is_device() || len == 0 {
+            return Ok(len);
+        }
+        let size = self.device_size.load(Ordering::Relaxed);
+        if offset >= size {
+            return Err(libc::ENOSPC);
+        }
+        Ok(len.min((size - offset).min(usize::MAX as u64) as usize))
+    }
+
+    /// ENOSPC when the image would have to grow to `end` bytes and cannot.
+    pub fn grow_allowed(&self, end: u64) -> Result<(), i32> {
+        if self.is_device() && end > self.device_size.load(Ordering::Relaxed) {
+            return Err(libc::ENOSPC);
+        }
+        Ok(())
     }
 
     pub fn is_active(&self) -> bool {
@@ -609,7 +631,7 @@ impl Image {
     /// `on_open`: dirty pages mean this host itself wrote the image and has
     /// not written it back yet, so its cache is ahead of storage, not stale:
     /// the open proceeds without dropping anything (an explicit
-    /// `invalidate`/`activate` still refuses, as DESIGN §3 says).
+    /// `invalidate`/`activate` still refuses, as docs/DESIGN.md §3 says).
     fn invalidate_steps(
         &self,
         ctx: &CommandContext<'_>,
@@ -997,5 +1019,126 @@ impl Registry {
             .collect();
         v.sort_by_key(|i| i.path());
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine on a real file in a temporary directory, without a
+    //! mount: fast and deterministic.
+    use super::*;
+    use crate::settings::Key;
+    use std::io::Write;
+
+    fn image_in(dir: &tempfile::TempDir, name: &str) -> (Image, File) {
+        let path = dir.path().join(name);
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let root = sys::openat(
+            sys::cwd(),
+            &sys::cstring(dir.path().as_os_str()).unwrap(),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .unwrap();
+        let st = sys::fstat_fd(f.as_fd()).unwrap();
+        let image = Image::new(
+            Identity::of_stat(&st),
+            Source::File {
+                root: Arc::new(root),
+                live: Mutex::default(),
+            },
+            name.to_string(),
+        );
+        (image, f)
+    }
+
+    fn ctx(settings: &Settings) -> CommandContext<'_> {
+        CommandContext {
+            settings,
+            invalidate_attrs: &|_| {},
+            fuse: None,
+            own_mounts: &[],
+        }
+    }
+
+    #[test]
+    fn inactivate_fences_and_activate_lifts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, _f) = image_in(&dir, "vm.img");
+        let settings = Settings::default();
+        assert!(image.is_active());
+        assert!(image.admit_write(&settings).is_ok());
+        let o = image.inactivate(&ctx(&settings));
+        assert_eq!(o.errno, None, "{}", o.detail);
+        assert!(!image.is_active());
+        assert_eq!(image.admit_write(&settings).err(), Some(libc::EROFS));
+        // Idempotent: inactivating an inactive image runs the flush again.
+        assert_eq!(image.inactivate(&ctx(&settings)).errno, None);
+        settings.set(Key::InactiveWrites, "allow").unwrap();
+        assert!(image.admit_write(&settings).is_ok());
+        settings.set(Key::InactiveWrites, "deny").unwrap();
+        let o = image.activate(&ctx(&settings));
+        assert_eq!(o.errno, None, "{}", o.detail);
+        assert!(image.is_active());
+        assert!(image.admit_write(&settings).is_ok());
+    }
+
+    #[test]
+    fn inactivate_waits_for_an_admitted_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, _f) = image_in(&dir, "vm.img");
+        let image = Arc::new(image);
+        let settings = Arc::new(Settings::default());
+        let gate = image.admit_write(&settings).unwrap();
+        let (img, st) = (image.clone(), settings.clone());
+        let t = std::thread::spawn(move || img.inactivate(&ctx(&st)).errno);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !t.is_finished(),
+            "inactivate returned while a write was admitted"
+        );
+        assert!(!image.is_active(), "the mark comes before the wait");
+        drop(gate);
+        assert_eq!(t.join().unwrap(), None);
+    }
+
+    #[test]
+    fn invalidate_drops_this_hosts_clean_pages_and_check_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, f) = image_in(&dir, "vm.img");
+        f.sync_all().unwrap();
+        let settings = Settings::default();
+        let o = image.invalidate(&ctx(&settings));
+        assert_eq!(o.errno, None, "{}", o.detail);
+        assert_eq!(sys::cachestat(f.as_fd()).unwrap().cached, 0);
+        assert_eq!(image.check(&ctx(&settings)).errno, None);
+    }
+
+    #[test]
+    fn invalidate_refuses_dirty_pages_and_drops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, f) = image_in(&dir, "vm.img");
+        let before = sys::cachestat(f.as_fd()).unwrap();
+        assert!(before.dirty > 0, "test needs dirty pages");
+        let o = image.invalidate(&ctx(&Settings::default()));
+        assert_eq!(o.errno, Some(libc::EBUSY), "{}", o.detail);
+        assert!(sys::cachestat(f.as_fd()).unwrap().cached >= before.dirty);
+    }
+
+    #[test]
+    fn a_device_cannot_grow() {
+        let image = Image::new(
+            Identity { dev: 1, ino: 2 },
+            Source::Device(PathBuf::from("/nonexistent")),
+            "lun".into(),
+        );
+        image.device_size.store(4096, Ordering::Relaxed);
+        assert_eq!(image.write_room(0, 8192), Ok(4096));
+        assert_eq!(image.write_room(4000, 10), Ok(10));
+        assert_eq!(image.write_room(4096, 1), Err(libc::ENOSPC));
+        assert_eq!(image.write_room(9999, 0), Ok(0));
+        assert_eq!(image.grow_allowed(4096), Ok(()));
+        assert_eq!(image.grow_allowed(4097), Err(libc::ENOSPC));
     }
 }
