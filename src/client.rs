@@ -658,6 +658,25 @@ pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
             );
         }
     }
+    // Failed control commands by errno (the daemon counts them per image).
+    let mut f = Family::new(
+        &mut s,
+        "migsafe_image_command_failures",
+        "counter",
+        "Failed control commands on the image, by errno.",
+    );
+    for img in &images {
+        let path = img["path"].as_str().unwrap_or("?");
+        if let Some(by_errno) = img["counters"]["failures"].as_object() {
+            for (errno, n) in by_errno {
+                f.sample(
+                    "migsafe_image_command_failures_total",
+                    &[mnt[0], ("path", path), ("errno", errno)],
+                    num(n),
+                );
+            }
+        }
+    }
     type Get = fn(&serde_json::Value) -> u64;
     let gauges: [(&str, &str, Get); 6] = [
         ("size_bytes", "Size of the image.", |i| {

@@ -343,6 +343,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         }
     };
     let _ = notifier_slot.set(session.notifier());
+    widen_readahead(&args.mountpoint);
     log::info!(
         "migsafe {} serving {} on {} ({} threads)",
         env!("CARGO_PKG_VERSION"),
@@ -628,6 +629,26 @@ fn top_mount_at(canonical: &Path) -> Option<MountEntry> {
         .into_iter()
         .rev()
         .find(|m| m.mountpoint == canonical)
+}
+
+/// Readahead window of the mount, in KiB. FUSE starts a mount at the
+/// kernel's default (128 KiB) and FUSE_INIT can only lower it; the cached
+/// data path turns every readahead into one O_DIRECT read of the device, so
+/// a sequential reader is served by fewer, larger reads with a wider window.
+const READAHEAD_KB: u32 = 1024;
+
+/// Sets the mount's readahead through its BDI in sysfs (root only; a
+/// failure only costs sequential speed). Found through mountinfo, never by
+/// a stat of the mountpoint: nothing serves this mount's requests yet.
+fn widen_readahead(mountpoint: &Path) {
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let Some(dev) = top_mount_at(&canonical).map(|m| m.dev) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, format!("{READAHEAD_KB}\n")) {
+        log::debug!("readahead of {}: {knob}: {e}", mountpoint.display());
+    }
 }
 
 /// SIGINT/SIGTERM/SIGHUP are blocked in every thread (the mask is inherited

@@ -576,6 +576,21 @@ fn metrics_parse_and_match_the_mount() {
         value(&s, "migsafe_image_activations_total", &[("path", hostile)]),
         Some(1.0)
     );
+
+    // A failed command counts under its errno: `check` after a read through
+    // the relay mount finds the backing's cached pages (EBUSY).
+    let fails = |s: &[_], errno: &str| {
+        value(
+            s,
+            "migsafe_image_command_failures_total",
+            &[("path", "a.img"), ("errno", errno)],
+        )
+    };
+    assert_eq!(fails(&metrics(), "EBUSY"), None, "no failure yet");
+    let _ = fs::read(m.path("a.img")).unwrap();
+    let (code, out, err) = ctl_cli(&m, &["check", "a.img"]);
+    assert_eq!(code, 1, "check must find the cached pages: {out}{err}");
+    assert_eq!(fails(&metrics(), "EBUSY"), Some(1.0));
 }
 
 #[test]

@@ -52,6 +52,8 @@ pub struct Counters {
     pub inactivations: AtomicU64,
     pub invalidations: AtomicU64,
     pub sync_errors: AtomicU64,
+    /// Failed control commands, by errno name.
+    pub failures: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -852,6 +854,15 @@ impl Image {
                 outcome.detail
             ),
         }
+        if let Some(e) = outcome.errno {
+            *self
+                .counters
+                .failures
+                .lock()
+                .expect("failures lock")
+                .entry(sys::errno_name(e))
+                .or_default() += 1;
+        }
         self.state.lock().expect("state lock").last = Some(LastCommand {
             command: name.to_string(),
             at: SystemTime::now(),
@@ -965,6 +976,7 @@ impl Image {
                 "activations": load(&c.activations),
                 "inactivations": load(&c.inactivations),
                 "invalidations": load(&c.invalidations),
+                "failures": c.failures.lock().expect("failures lock").clone(),
             },
         })
     }
