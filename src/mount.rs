@@ -289,6 +289,13 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     // Before any thread exists: every thread inherits the blocked mask, so
     // SIGTERM/SIGINT reach only the waiting thread, which unmounts.
     let signals = block_signals();
+    // The pid file is written before mounting, so a path that cannot be
+    // written fails the start with its error instead of leaving a mount
+    // that a unit or script cannot find; a mount that then fails removes it.
+    let pid_file = match &args.pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
     let config = FsConfig {
         io: args.io,
         ctl_name: args.ctl_name.clone(),
@@ -351,8 +358,8 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         args.mountpoint.display(),
         args.threads
     );
-    if let Some(p) = &args.pid_file {
-        let _ = std::fs::write(p, format!("{}\n", std::process::id()));
+    if let Some(p) = pid_file {
+        p.keep();
     }
     daemon_ready(args.log_file.as_deref());
     sd_notify(&format!(
@@ -651,6 +658,38 @@ fn widen_readahead(mountpoint: &Path) {
     }
 }
 
+/// `--pid-file`, removed again unless the mount went live.
+struct PidFile {
+    path: Option<PathBuf>,
+}
+
+impl PidFile {
+    fn write(path: &Path) -> Result<PidFile, StartError> {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+            StartError(format!(
+                "cannot write --pid-file {}: {e}; pick a writable path",
+                path.display()
+            ))
+        })?;
+        Ok(PidFile {
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// The mount is live: the file stays.
+    fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// SIGINT/SIGTERM/SIGHUP are blocked in every thread (the mask is inherited
 /// by threads spawned later) and taken by one waiting thread, which unmounts.
 fn block_signals() -> nix::sys::signal::SigSet {
@@ -724,7 +763,6 @@ fn daemon_ready(log_file: Option<&Path>) {
         return;
     };
     use std::io::Write;
-    use std::os::fd::AsRawFd;
     let mut stderr_file = log_file.map(Path::to_path_buf);
     if log_file.is_some() {
         crate::logging::stop_tee();
@@ -756,14 +794,18 @@ fn daemon_ready(log_file: Option<&Path>) {
             .open(p)
             .ok()
     });
-    if let Ok(null) = &null {
-        let err_out = log.as_ref().unwrap_or(null);
-        // SAFETY: dup2 onto the standard descriptors; both sources are open.
-        unsafe {
-            libc::dup2(null.as_raw_fd(), 0);
-            libc::dup2(null.as_raw_fd(), 1);
-            libc::dup2(err_out.as_raw_fd(), 2);
+    match &null {
+        Ok(null) => {
+            let err_out = log.as_ref().unwrap_or(null);
+            for (src, target) in [(null, 0), (null, 1), (err_out, 2)] {
+                if let Err(e) = sys::dup2(src.as_fd(), target) {
+                    log::warn!("detaching from the caller's stdio: dup2 onto fd {target}: {e}");
+                }
+            }
         }
+        Err(e) => log::warn!(
+            "detaching from the caller's stdio: /dev/null: {e}; the caller's stdio stays open"
+        ),
     }
     let _ = std::fs::File::from(fd).write_all(b"ok\n");
 }

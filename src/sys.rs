@@ -180,6 +180,14 @@ pub fn stat_path(path: &CStr) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// `dup2(src, target)`: makes `target` (a standard descriptor) refer to
+/// what `src` refers to.
+pub fn dup2(src: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; `target` is replaced atomically
+    // and owned by the process's standard streams, not by a Rust object.
+    check(unsafe { libc::dup2(src.as_raw_fd(), target) } as libc::c_long).map(|_| ())
+}
+
 /// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
 pub fn cwd() -> BorrowedFd<'static> {
     // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.

@@ -444,3 +444,61 @@ fn install_script_puts_migsafe_where_mount8_finds_it() {
 fn script_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install.sh")
 }
+
+/// A `--pid-file` that cannot be written fails the start with a message
+/// naming it (a unit or script would not find the daemon otherwise), in
+/// the foreground and with `--daemon`, and leaves nothing mounted.
+#[test]
+fn unwritable_pid_file_fails_the_start() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let pid_file = dir.path().join("no-such-dir").join("migsafe.pid");
+    for daemon in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount");
+        if daemon {
+            cmd.arg("--daemon");
+        }
+        let mut child = cmd
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(&backing)
+            .arg(&mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A start that ignores the error would serve (foreground) instead
+        // of exiting: give up after 10 s rather than hang the suite.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        use std::io::Read;
+        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "daemon={daemon}: the start did not fail: {stderr}"
+        );
+        assert!(
+            stderr.contains("--pid-file") && stderr.contains("no-such-dir"),
+            "daemon={daemon}: message does not name the pid file: {stderr}"
+        );
+        assert!(!is_mounted(&mnt), "daemon={daemon}: left a mount behind");
+    }
+}
