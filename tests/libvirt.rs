@@ -335,7 +335,8 @@ fn libvirt_root() -> tempfile::TempDir {
 /// A minimal TCG domain: q35, 64 MiB, one virtio disk at `disk` (a path
 /// inside the daemon's namespace) with the page cache on (writeback), no OS:
 /// the firmware finds nothing to boot and keeps the guest running.
-fn domain_xml(name: &str, disk: &str) -> String {
+/// `source_extra` goes inside `<source>` (a `<seclabel>`).
+fn domain_xml(name: &str, disk: &str, source_extra: &str) -> String {
     format!(
         "<domain type='qemu'>
   <name>{name}</name>
@@ -346,7 +347,7 @@ fn domain_xml(name: &str, disk: &str) -> String {
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw' cache='writeback'/>
-      <source file='{disk}'/>
+      <source file='{disk}'>{source_extra}</source>
       <target dev='vda' bus='virtio'/>
     </disk>
   </devices>
@@ -394,8 +395,12 @@ impl Bed {
     }
 
     fn define(&self, name: &str, disk: &str) {
+        self.define_with(name, disk, "");
+    }
+
+    fn define_with(&self, name: &str, disk: &str, source_extra: &str) {
         let xml = self.root.path().join(format!("{name}.xml"));
-        fs::write(&xml, domain_xml(name, disk)).unwrap();
+        fs::write(&xml, domain_xml(name, disk, source_extra)).unwrap();
         self.lv.virsh_ok(&["define", xml.to_str().unwrap()]);
     }
 
@@ -490,6 +495,38 @@ fn libvirtd_runs_a_domain_on_the_mount_with_the_hook() {
     }
     assert_eq!(lv.domstate(vm2), "shut off");
     assert!(lv.qemu_pid(vm2).is_none(), "no QEMU for a refused start");
+
+    // README's way to keep libvirt from giving an image back to root after
+    // a migration: no DAC relabelling for the disk, the image owned by the
+    // qemu user. Control first: root's image stays root's, QEMU cannot open
+    // it, so libvirt really did not chown it.
+    let vm3_img = bed.backing.join("vm3.img");
+    fs::File::create(&vm3_img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let vm3 = "migsafe-test-vm3";
+    bed.define_with(
+        vm3,
+        &format!("{NS_MNT}/vm3.img"),
+        "<seclabel model='dac' relabel='no'/>",
+    );
+    let out = lv.virsh(&["start", vm3]);
+    assert!(
+        !out.status.success() && text(&out).contains("Permission denied"),
+        "a root-owned image with relabel='no' is not QEMU's: {}",
+        text(&out)
+    );
+    assert_eq!(fs::metadata(&vm3_img).unwrap().uid(), 0);
+    std::os::unix::fs::chown(&vm3_img, Some(lv.qemu_uid), Some(lv.qemu_uid)).unwrap();
+    lv.virsh_ok(&["start", vm3]);
+    assert_eq!(lv.domstate(vm3), "running");
+    lv.virsh_ok(&["destroy", vm3]);
+    assert_eq!(
+        fs::metadata(&vm3_img).unwrap().uid(),
+        lv.qemu_uid,
+        "libvirt left the owner alone at stop"
+    );
     bed.finish();
 }
 
