@@ -76,16 +76,22 @@ if ! { err=$(virsh migrate --live --suspend --verbose "${EXTRA[@]}" "$DOMAIN" "$
     echo "migration failed; $DOMAIN still runs here, its images stay active here" >&2
     if [[ $err == *"without shared storage is unsafe"* ]]; then
         cat >&2 <<EOF
-libvirt does not know that $MNT (a fuse.migsafe mount) is shared storage, so
-it refuses a live migration without --copy-storage. migsafe's handover (this
-script's inactivate/activate) is what makes the page cache safe. Either:
-  - where the libvirt version has it (see the qemu.conf it ships), declare the
+libvirt does not know that $MNT (a fuse.migsafe mount) is shared storage:
+it counts no FUSE filesystem but GlusterFS and Quobyte as shared. migsafe's
+handover (this script's inactivate/activate) is what makes the page cache
+safe. Either:
+  - libvirt 9.0 (Debian 12) has no setting for it: add --unsafe,
+        VIRSH_MIGRATE_OPTS="--unsafe" $0 $DOMAIN $DST ...
+    It skips only libvirt's pre-migration disk check (shared storage, cache
+    mode), for every disk of the domain: each must be on $MNT.
+  - a later libvirt whose qemu.conf documents shared_filesystems: declare the
     mount shared in /etc/libvirt/qemu.conf on both hosts, restart libvirtd
     (or virtqemud) and run this script again:
         shared_filesystems = [ "$MNT" ]
-  - otherwise add --unsafe: VIRSH_MIGRATE_OPTS="--unsafe" $0 $DOMAIN $DST ...
-    It skips only libvirt's storage safety check (shared storage, disk cache
-    mode), not the migration itself; the handover here still runs.
+With --unsafe libvirt still treats the images as local storage after the
+migration and gives them back to root on this host while $DST runs the
+domain: keep it from relabelling them (<seclabel model='dac' relabel='no'/>
+in each disk's <source>, images owned by libvirt-qemu; see README).
 EOF
     fi
     exit 1

@@ -30,11 +30,15 @@ fi
 # NFS-like two-client bed; vmtouch + util-linux (fincore, losetup): page-cache
 # tools; e2fsprogs: small failing backing filesystems; shellcheck: scripts;
 # python3-prometheus-client: the text parser that checks `migsafe ctl metrics`;
-# socat: QMP from examples/qemu-migrate.sh.
+# socat: QMP from examples/qemu-migrate.sh; libvirt-daemon +
+# libvirt-daemon-driver-qemu + libvirt-clients: a private libvirtd and virsh
+# for the libvirt hook test (not libvirt-daemon-system: it pulls in systemd
+# upgrades and the default network, and the test runs its own daemon).
 apt-get install -y -q --no-install-recommends --allow-downgrades \
   "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" \
   fuse3 fio mergerfs vmtouch util-linux \
-  e2fsprogs shellcheck python3 python3-prometheus-client socat kmod procps
+  e2fsprogs shellcheck python3 python3-prometheus-client socat kmod procps \
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 # Loop devices are the two-host test bed.
 modprobe loop 2>/dev/null || true
 echo "scripts/install-deps.sh: QEMU $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), qemu-img $(qemu-img --version | head -1 | awk '{print $3}')"
