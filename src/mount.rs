@@ -715,12 +715,13 @@ static READY_FD: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None)
 /// Forks; the parent waits until the child reports the mount live (or its
 /// start-up error) through a pipe, so `--daemon` returns only then.
 fn daemonize(args: &MountArgs) -> Result<(), StartError> {
-    use nix::unistd::{ForkResult, fork, pipe, setsid};
+    use nix::unistd::{pipe, setsid};
     use std::io::Read;
+    use sys::ForkResult;
     let (rd, wr) = pipe().map_err(|e| StartError(format!("pipe: {e}")))?;
-    // SAFETY: called before any thread is started (fuser threads start in
-    // Session::run, later), so the child is a faithful copy.
-    match unsafe { fork() }.map_err(|e| StartError(format!("fork: {e}")))? {
+    // Before any thread is started (fuser threads start in Session::run,
+    // later), so the child is a faithful copy.
+    match sys::fork_single_threaded().map_err(|e| StartError(format!("fork: {e}")))? {
         ForkResult::Parent { .. } => {
             drop(wr);
             let mut buf = String::new();

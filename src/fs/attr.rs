@@ -1,7 +1,7 @@
 //! Backing `stat` → FUSE attributes, and the kernel's rules for clearing
 //! set-id bits that the daemon applies itself.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request};
@@ -139,9 +139,8 @@ impl MigsafeFs {
         if st.st_mode & libc::S_IFMT != libc::S_IFREG || !only_clears_set_id(st.st_mode, mode) {
             return false;
         }
-        // SAFETY: path is NUL-terminated; AT_EACCESS checks with the fs ids
-        // and groups switched to the caller's.
-        unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::W_OK, libc::AT_EACCESS) == 0 }
+        // With the fs ids and groups switched to the caller's (AT_EACCESS).
+        sys::access_effective(path, libc::W_OK).is_ok()
     }
 
     /// Before a relay write that the kernel flagged FUSE_WRITE_KILL_SUIDGID
@@ -167,9 +166,7 @@ impl MigsafeFs {
         if kill == 0 {
             return Ok(());
         }
-        // SAFETY: plain syscall on the handle's open fd.
-        if unsafe { libc::fchmod(h.file.as_raw_fd(), st.st_mode & 0o7777 & !kill) } != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = sys::fchmod(h.file.as_fd(), st.st_mode & 0o7777 & !kill) {
             log::warn!("write {}: clearing set-id bits: {e}", h.image.path());
             return Err(Errno::from_i32(sys::errno_of(&e)));
         }
@@ -194,8 +191,7 @@ mod tests {
 
     #[test]
     fn kernel_rule_for_writes() {
-        // SAFETY: stat is plain old data; all-zero is valid.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let mut st = sys::zeroed_stat();
         st.st_gid = 50;
         let nobody = || sys::Caller {
             uid: 65534,

@@ -534,13 +534,7 @@ impl MigsafeFs {
             if is_link {
                 return Err(Errno::from_i32(libc::EOPNOTSUPP));
             }
-            let chmod = || {
-                // SAFETY: path is NUL-terminated.
-                if unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) } != 0 {
-                    return Err(errno(std::io::Error::last_os_error()));
-                }
-                Ok(())
-            };
+            let chmod = || sys::chmod(&path, mode & 0o7777).map_err(errno);
             match chmod() {
                 Err(Errno::EPERM) if self.may_clear_set_id(fd, &path, mode) => {
                     // What the kernel sends when a writer without
@@ -555,20 +549,8 @@ impl MigsafeFs {
         if ch.uid.is_some() || ch.gid.is_some() {
             let uid = ch.uid.unwrap_or(u32::MAX);
             let gid = ch.gid.unwrap_or(u32::MAX);
-            // SAFETY: empty path + AT_EMPTY_PATH acts on the O_PATH fd itself
-            // (also for symlinks).
-            let ret = unsafe {
-                libc::fchownat(
-                    std::os::fd::AsRawFd::as_raw_fd(&**fd),
-                    c"".as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_EMPTY_PATH,
-                )
-            };
-            if ret != 0 {
-                return Err(errno(std::io::Error::last_os_error()));
-            }
+            // On the O_PATH fd itself (also for symlinks).
+            sys::chown_fd(fd.as_fd(), uid, gid).map_err(errno)?;
         }
         if let Some(size) = ch.size {
             let image = inode.image().ok_or(Errno::EISDIR)?;
@@ -582,12 +564,7 @@ impl MigsafeFs {
                     h.file.set_len(size).map_err(errno)?;
                     h.note_write();
                 }
-                None => {
-                    // SAFETY: path is NUL-terminated.
-                    if unsafe { libc::truncate(path.as_ptr(), size as libc::off_t) } != 0 {
-                        return Err(errno(std::io::Error::last_os_error()));
-                    }
-                }
+                None => sys::truncate(&path, size).map_err(errno)?,
             }
         }
         if ch.atime.is_some() || ch.mtime.is_some() {
@@ -612,23 +589,12 @@ impl MigsafeFs {
             // A symlink's own times (`touch -h`, `cp -a`): the /proc magic
             // link would lead to its target, so act on the O_PATH fd itself
             // (utimensat takes AT_EMPTY_PATH since Linux 5.8).
-            let ret = if is_link {
-                // SAFETY: empty NUL-terminated path; times has two entries.
-                unsafe {
-                    libc::utimensat(
-                        std::os::fd::AsRawFd::as_raw_fd(&**fd),
-                        c"".as_ptr(),
-                        times.as_ptr(),
-                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                }
+            if is_link {
+                sys::utimens_fd(fd.as_fd(), &times)
             } else {
-                // SAFETY: path is NUL-terminated; times has two entries.
-                unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }
-            };
-            if ret != 0 {
-                return Err(errno(std::io::Error::last_os_error()));
+                sys::utimens_path(&path, &times)
             }
+            .map_err(errno)?;
         }
         self.attr_of(&inode)
     }

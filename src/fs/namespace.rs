@@ -4,7 +4,7 @@
 //! kernel sends can reach outside the backing directory.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,14 +25,6 @@ pub(crate) struct DirSnapshot {
 
 fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(sys::errno_of(&e))
-}
-
-/// Turns a libc `0 / -1 + errno` result into `Result`.
-fn check(ret: libc::c_int) -> Result<(), Errno> {
-    if ret != 0 {
-        return Err(errno(std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// Rejects names the kernel should never send but a confused client could:
@@ -163,10 +155,7 @@ impl MigsafeFs {
         // is served without it, so the backing itself refuses others.
         let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-        // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
-        check(unsafe {
-            libc::mknodat(dirfd.as_raw_fd(), cname.as_ptr(), mode, rdev as libc::dev_t)
-        })?;
+        sys::mknodat(dirfd.as_fd(), &cname, mode, rdev).map_err(errno)?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -185,8 +174,7 @@ impl MigsafeFs {
         let cname = component(name)?;
         let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-        // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
-        check(unsafe { libc::mkdirat(dirfd.as_raw_fd(), cname.as_ptr(), mode as libc::mode_t) })?;
+        sys::mkdirat(dirfd.as_fd(), &cname, mode).map_err(errno)?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -204,8 +192,7 @@ impl MigsafeFs {
         let before = sys::fstatat(dirfd.as_fd(), &cname).ok();
         let _creds = self.as_caller(req)?;
         let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-        // SAFETY: cname is NUL-terminated; dirfd is a valid O_PATH dir fd.
-        check(unsafe { libc::unlinkat(dirfd.as_raw_fd(), cname.as_ptr(), flags) })?;
+        sys::unlinkat(dirfd.as_fd(), &cname, flags).map_err(errno)?;
         // The last name of an image is gone: forget its migration state, so a
         // new file that reuses the inode number starts fresh.
         if let Some(st) = before
@@ -230,8 +217,7 @@ impl MigsafeFs {
         let ctarget = sys::cstring(target.as_os_str()).map_err(errno)?;
         let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-        // SAFETY: both strings are NUL-terminated; dirfd is valid.
-        check(unsafe { libc::symlinkat(ctarget.as_ptr(), dirfd.as_raw_fd(), cname.as_ptr()) })?;
+        sys::symlinkat(&ctarget, dirfd.as_fd(), &cname).map_err(errno)?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -281,41 +267,17 @@ impl MigsafeFs {
         let cnew = component(newname)?;
         let src = inode.fd.as_ref().ok_or(Errno::EIO)?;
         let _creds = self.as_caller(req)?;
-        let proc_path = sys::proc_fd_path(src.as_fd());
         let dirfd = newdir.fd.as_ref().ok_or(Errno::EIO)?;
-        // SAFETY: strings are NUL-terminated; following the /proc magic link
-        // links the inode the O_PATH fd pins, without needing its path.
-        check(unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                proc_path.as_ptr(),
-                dirfd.as_raw_fd(),
-                cnew.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        })?;
+        // Through the /proc magic link: links the inode the O_PATH fd pins,
+        // without needing its path.
+        sys::link_fd(src.as_fd(), dirfd.as_fd(), &cnew).map_err(errno)?;
         self.lookup_after_create(&newdir, newname, &cnew)
     }
 
     pub(crate) fn do_readlink(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
         let inode = self.inode(ino)?;
         let fd = inode.fd.as_ref().ok_or(Errno::EINVAL)?;
-        let mut buf = vec![0u8; libc::PATH_MAX as usize];
-        // SAFETY: readlinkat with an empty path reads the link the O_PATH fd
-        // refers to; buf is writable for its length.
-        let n = unsafe {
-            libc::readlinkat(
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            return Err(errno(std::io::Error::last_os_error()));
-        }
-        buf.truncate(n as usize);
-        Ok(buf)
+        sys::readlink_fd(fd.as_fd()).map_err(errno)
     }
 
     pub(crate) fn do_opendir(&self, req: &Request, ino: INodeNo) -> Result<u64, Errno> {
@@ -393,10 +355,8 @@ impl MigsafeFs {
         };
         let _creds = self.as_caller(req)?;
         let path = sys::proc_fd_path(fd.as_fd());
-        // SAFETY: path is NUL-terminated. faccessat checks with the fs ids
-        // switched above only when AT_EACCESS is given.
-        check(unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mask, libc::AT_EACCESS) })?;
-        Ok(())
+        // Checked with the fs ids switched above (AT_EACCESS).
+        sys::access_effective(&path, mask).map_err(errno)
     }
 
     /// The `stat` of a `--device` entry's node (following symlinks, as the
@@ -464,26 +424,18 @@ impl MigsafeFs {
                 let Ok(cname) = sys::cstring(name) else {
                     return reply.error(Errno::EINVAL);
                 };
-                // SAFETY: strings are NUL-terminated; buf is writable for size bytes.
-                unsafe {
-                    libc::getxattr(
-                        path.as_ptr(),
-                        cname.as_ptr(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                    )
-                }
+                sys::getxattr(&path, &cname, &mut buf)
             }
-            // SAFETY: path is NUL-terminated; buf is writable for size bytes.
-            None => unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+            None => sys::listxattr(&path, &mut buf),
         };
-        if n < 0 {
-            return reply.error(errno(std::io::Error::last_os_error()));
-        }
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => return reply.error(errno(e)),
+        };
         if size == 0 {
             reply.size(n as u32);
         } else {
-            reply.data(&buf[..n as usize]);
+            reply.data(&buf[..n]);
         }
     }
 
@@ -498,17 +450,7 @@ impl MigsafeFs {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
         let _creds = self.as_caller(req)?;
-        // SAFETY: strings are NUL-terminated; value is readable for its length.
-        check(unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        })?;
-        Ok(())
+        sys::setxattr(&path, &cname, value, flags).map_err(errno)
     }
 
     pub(crate) fn do_removexattr(
@@ -520,8 +462,6 @@ impl MigsafeFs {
         let path = self.xattr_path(ino)?;
         let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
         let _creds = self.as_caller(req)?;
-        // SAFETY: strings are NUL-terminated.
-        check(unsafe { libc::removexattr(path.as_ptr(), cname.as_ptr()) })?;
-        Ok(())
+        sys::removexattr(&path, &cname).map_err(errno)
     }
 }

@@ -210,3 +210,10 @@ pub fn set_direct(fd: BorrowedFd<'_>) -> io::Result<()> {
     )
     .map(|_| ())
 }
+
+/// An all-zero `stat`, to fill in field by field.
+pub fn zeroed_stat() -> libc::stat {
+    // SAFETY: libc::stat holds only integers (plain old data), for which
+    // all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}

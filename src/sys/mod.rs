@@ -7,11 +7,17 @@ mod buf;
 mod cache;
 mod creds;
 mod fd;
+mod meta;
+mod names;
+mod process;
 
 pub use buf::*;
 pub use cache::*;
 pub use creds::*;
 pub use fd::*;
+pub use meta::*;
+pub use names::*;
+pub use process::*;
 
 use std::ffi::{CString, OsStr};
 use std::io;

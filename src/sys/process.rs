@@ -1,0 +1,51 @@
+//! The process itself: forking into the background.
+
+use std::io;
+
+pub use nix::unistd::ForkResult;
+
+/// The number of threads of this process (`Threads:` of `/proc/self/status`).
+fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("/proc/self/status has no Threads: line"))
+}
+
+/// `fork(2)` while this process has a single thread, and only then: the
+/// child of a multi-threaded process holds copies of locks other threads
+/// may have held, which nothing will ever release, so it may only call
+/// async-signal-safe functions. With one thread the child is a faithful
+/// copy; with more the call is refused (EBUSY), so it has to happen before
+/// any thread is started.
+pub fn fork_single_threaded() -> io::Result<ForkResult> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("the process already has {threads} threads; fork before starting any"),
+        ));
+    }
+    // SAFETY: the process has one thread (checked just above, and only this
+    // thread could start another), so no lock is held by a thread that the
+    // child would lack, and the child may run any code.
+    unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test harness runs tests on their own threads besides the main one,
+    /// so a fork here must be refused; the count itself is read correctly.
+    #[test]
+    fn fork_refused_with_threads() {
+        let t = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(500)));
+        assert!(thread_count().unwrap() >= 2);
+        let err = fork_single_threaded().expect_err("forked with threads");
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        t.join().unwrap();
+    }
+}
