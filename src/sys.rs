@@ -188,6 +188,17 @@ pub fn dup2(src: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
     check(unsafe { libc::dup2(src.as_raw_fd(), target) } as libc::c_long).map(|_| ())
 }
 
+/// Gives signal `sig` its default disposition (undoing an inherited
+/// SIG_IGN), for a signal that is then blocked and waited for.
+pub fn default_disposition(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: installs no handler (SIG_DFL), so no code of ours runs in
+    // signal context; called before the daemon starts its threads.
+    if unsafe { libc::signal(sig, libc::SIG_DFL) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// AT_FDCWD as a borrowed fd, for `openat` relative to the working directory.
 pub fn cwd() -> BorrowedFd<'static> {
     // SAFETY: AT_FDCWD is a sentinel the kernel interprets; it is never closed.
