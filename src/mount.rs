@@ -698,6 +698,15 @@ fn block_signals() -> nix::sys::signal::SigSet {
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
+    // A signal ignored when the daemon started (a background job without job
+    // control inherits SIGINT ignored) is discarded, never waited for: the
+    // stop signals get their default disposition back before they are
+    // blocked. SIGHUP keeps what the caller chose (nohup ignores it).
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = sys::default_disposition(sig) {
+            log::warn!("cannot reset the disposition of signal {sig}: {e}");
+        }
+    }
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
     set
 }

@@ -828,7 +828,13 @@ fn check_invalidate_on_open(m: &Mount, back: &Path, name: &str, expect_dropped: 
             m.log_text()
         );
     } else {
-        assert_eq!(after, total, "{name}: open must not drop the backing cache");
+        // Not an exact count: this machine's host reclaims a few clean page
+        // cache pages now and then (measured: about 2% of a clean 64 MiB file
+        // over 20 s with 23 GiB free), while a drop leaves none.
+        assert!(
+            after >= total * 9 / 10,
+            "{name}: open must not drop the backing cache ({after} of {total} pages left)"
+        );
     }
     drop(f);
 }

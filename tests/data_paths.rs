@@ -443,3 +443,45 @@ fn device_io_relay() {
     }
     check_device(&["--device-io", "relay"], "relay");
 }
+
+/// A `--device` that is a regular file: one whose size ends inside a block
+/// cannot take the cached path (an aligned O_DIRECT write of its last block
+/// would grow it), so it is served by relay; one on tmpfs (O_DIRECT since
+/// Linux 6.6) takes the cached path. The same bytes both ways, and the file
+/// never changes size.
+#[test]
+fn file_devices_keep_their_size_on_either_path() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let t = common::KMount::tmpfs(&dir.path().join("t"), "16m");
+    let odd = dir.path().join("odd.img");
+    let odd_len = MIB as u64 + 100;
+    File::create(&odd).unwrap().set_len(odd_len).unwrap();
+    let on_tmpfs = t.path.join("lun.img");
+    File::create(&on_tmpfs)
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let a = format!("odd={}", odd.display());
+    let b = format!("tmp={}", on_tmpfs.display());
+    let m = Mount::start(dir.path(), &backing, &["--device", &a, "--device", &b]);
+    for (name, raw, len, path) in [
+        ("odd", &odd, odd_len, "relay"),
+        ("tmp", &on_tmpfs, MIB as u64, "cached"),
+    ] {
+        let data = pattern(300, 0x5e);
+        write_at_sync(&m.path(name), len - 300, &data);
+        assert_same(&read_at(raw, len - 300, 300), &data, name);
+        assert_same(&read_at(&m.path(name), len - 300, 300), &data, name);
+        assert_eq!(fs::metadata(raw).unwrap().len(), len, "{name} changed size");
+        let log = m.log_text();
+        assert!(
+            log_has_open(&log, name, path),
+            "{name} must use the {path} data path:\n{log}"
+        );
+    }
+}

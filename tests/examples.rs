@@ -511,6 +511,18 @@ impl Bed {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // The Ctrl-C case sends SIGINT, but a shell cannot trap a signal
+        // that was ignored when it started, and a test run launched as a
+        // background job without job control inherits SIGINT ignored: give
+        // the script the default disposition, as an operator's terminal would.
+        // SAFETY: between fork and exec only signal(2), which is
+        // async-signal-safe, is called.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
         cmd
     }
 

@@ -502,3 +502,49 @@ fn unwritable_pid_file_fails_the_start() {
         assert!(!is_mounted(&mnt), "daemon={daemon}: left a mount behind");
     }
 }
+
+/// A daemon started with SIGINT ignored (a background job of a shell without
+/// job control, as a CI runner or a script may start it) still unmounts on
+/// SIGINT: an ignored signal would be discarded, never waited for.
+#[test]
+fn sigint_unmounts_even_when_started_with_sigint_ignored() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let (backing, mnt) = dirs(dir.path());
+    let guard = DaemonMount {
+        mountpoint: mnt.clone(),
+        pid_file: dir.path().join("pid"),
+    };
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' INT; exec \"$0\" mount --daemon --pid-file \"$1\" \"$2\" \"$3\"")
+        .arg(BIN)
+        .arg(&guard.pid_file)
+        .arg(&backing)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "--daemon failed: {status:?}");
+    let pid = guard.pid().expect("pid file written");
+    let ignored = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap();
+    assert_eq!(
+        ignored & (1 << (libc::SIGINT - 1)),
+        0,
+        "SIGINT still ignored"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(wait_gone(pid), "daemon ignored SIGINT");
+    assert!(!is_mounted(&mnt), "still mounted after SIGINT");
+}

@@ -347,3 +347,35 @@ fn holders_include_fd_and_mmap_users() {
         "exited processes still listed: {v}"
     );
 }
+
+/// `migsafe residency FILE... | head -1`: the closed pipe ends the output
+/// quietly (no panic, exit 0); the reader got its first line.
+#[test]
+fn closed_pipe_ends_output_quietly() {
+    let dir = common::scratch();
+    let files: Vec<std::path::PathBuf> = (0..3000)
+        .map(|i| {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, b"x").unwrap();
+            p
+        })
+        .collect();
+    let mut child = std::process::Command::new(common::BIN)
+        .arg("residency")
+        .args(&files)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+        r.read_line(&mut first).unwrap();
+    } // the read end closes here, before all 3000 reports (more than a pipe holds) are written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(first.contains("pages cached"), "{first:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

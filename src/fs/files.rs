@@ -206,14 +206,27 @@ impl MigsafeFs {
         }
         if data_path == DataPath::Cached {
             // The device's own page cache must hold nothing of the image:
-            // the FUSE inode's is the one cache.
-            sys::set_direct(file.as_fd()).map_err(|e| {
-                log::warn!(
-                    "open {}: cannot use O_DIRECT on the backing ({e}); use --device-io relay",
+            // the FUSE inode's is the one cache. A `--device` that is a
+            // regular file may not take O_DIRECT (tmpfs), or end inside a
+            // block (an aligned write of its last block would grow it):
+            // such an image is served by relay, whose one cache is the
+            // backing's, for all its handles alike.
+            let block = sys::logical_block_size(file.as_fd());
+            let size = image.device_size.load(Ordering::Relaxed);
+            let direct = if !size.is_multiple_of(block) {
+                Err(std::io::Error::other(format!(
+                    "its size {size} is not a multiple of the {block}-byte block"
+                )))
+            } else {
+                sys::set_direct(file.as_fd())
+            };
+            if let Err(e) = direct {
+                log::info!(
+                    "open {}: cached data path unavailable ({e}); using relay",
                     image.path()
                 );
-                errno(e)
-            })?;
+                data_path = DataPath::Relay;
+            }
         }
         // A first open (nobody else has the image open here) is the
         // close-to-open point: without FOPEN_KEEP_CACHE the kernel drops the

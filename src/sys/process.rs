@@ -1,4 +1,4 @@
-//! The process itself: forking into the background.
+//! The process itself: forking into the background, signal dispositions.
 
 use std::io;
 
@@ -32,6 +32,17 @@ pub fn fork_single_threaded() -> io::Result<ForkResult> {
     // thread could start another), so no lock is held by a thread that the
     // child would lack, and the child may run any code.
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+/// Gives signal `sig` its default disposition (undoing an inherited
+/// SIG_IGN), for a signal that is then blocked and waited for.
+pub fn default_disposition(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: installs no handler (SIG_DFL), so no code of ours runs in
+    // signal context; called before the daemon starts its threads.
+    if unsafe { libc::signal(sig, libc::SIG_DFL) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
