@@ -156,18 +156,7 @@ fn daemon_returns_once_live_and_leaves_callers_stdio() {
     let pid = guard.pid().expect("pid file written");
     assert!(process_alive(pid));
     assert_ne!(pid as u32, std::process::id());
-    // Another test of this binary may fork while this thread still holds
-    // an fd of the mount (the child has it until its exec), which makes
-    // one umount fail with EBUSY: retry briefly.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !Command::new("umount").arg(&mnt).status().unwrap().success() {
-        assert!(
-            Instant::now() < deadline,
-            "umount {} kept failing",
-            mnt.display()
-        );
-        sleep(Duration::from_millis(50));
-    }
+    umount_retrying(&mnt);
     assert!(wait_gone(pid), "daemon did not exit after umount");
     let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -303,7 +292,7 @@ fn daemon_mount_has_type_fuse_migsafe() {
     assert_eq!(types_at(&mnt), ["fuse.migsafe"]);
     assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), b"image bytes");
     let pid = guard.pid().expect("pid file");
-    run(Command::new("umount").arg(&mnt));
+    umount_retrying(&mnt);
     assert!(wait_gone(pid), "daemon did not exit after umount");
 }
 

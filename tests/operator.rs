@@ -398,7 +398,7 @@ fn detached_daemon_without_log_file_logs_to_syslog() {
             && msg.contains("ENOENT"),
         "{msg}"
     );
-    run(Command::new("umount").arg(&mnt));
+    umount_retrying(&mnt);
     let mut seen = Vec::new();
     while let Ok(msg) = recv_text(&sock) {
         seen.push(msg.clone());
@@ -443,7 +443,7 @@ fn detached_daemon_without_syslog_says_where_the_log_goes() {
         stderr.contains("no syslog at") && stderr.contains("/var/log/migsafe.log"),
         "{stderr}"
     );
-    run(Command::new("umount").arg(&mnt));
+    umount_retrying(&mnt);
     let deadline = Instant::now() + Duration::from_secs(10);
     let want = format!("unmounted {}", mnt.display());
     while !read_text(Path::new("/var/log/migsafe.log")).contains(&want) {
@@ -527,7 +527,7 @@ fn second_mount_on_live_migsafe_mountpoint_is_refused() {
         assert!(Instant::now() < deadline, "control mount not live");
         sleep(Duration::from_millis(20));
     }
-    run(Command::new("umount").arg(&mnt));
+    umount_retrying(&mnt);
     assert_eq!(second.wait_exit(), Some(0));
 }
 

@@ -241,6 +241,29 @@ impl Drop for Mount {
     }
 }
 
+/// `umount PATH`, retried for up to 5 s: another test of the same binary
+/// may fork while this one still holds an fd of the mount (the child has
+/// it until its exec), which makes one umount fail with EBUSY.
+pub fn umount_retrying(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new("umount")
+            .arg(path)
+            .output()
+            .expect("run umount");
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "umount {} kept failing: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
 /// True if `path` is a mountpoint of a FUSE filesystem right now.
 pub fn is_mounted(path: &Path) -> bool {
     mount_types(path).iter().any(|t| t.starts_with("fuse"))
