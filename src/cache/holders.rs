@@ -87,7 +87,8 @@ fn other_pids() -> impl Iterator<Item = u32> {
         .filter(move |pid| *pid != me)
 }
 
-fn comm_of(pid: u32) -> String {
+/// The command name of process `pid` (empty when it is gone).
+pub fn comm_of(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

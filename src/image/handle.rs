@@ -62,7 +62,7 @@ impl Handle {
             writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             block,
             pid,
-            comm: proc_comm(pid),
+            comm: crate::cache::holders::comm_of(pid),
             opened_at: Instant::now(),
             writes: AtomicU64::new(0),
             synced: AtomicU64::new(0),
@@ -136,12 +136,6 @@ fn process_of(tid: u32) -> u32 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(tid)
-}
-
-pub(crate) fn proc_comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Threads of this daemon that are opening files of its own mount (the

@@ -362,12 +362,6 @@ impl Image {
         v
     }
 
-    /// True when an open passthrough handle may write: such writes never reach
-    /// the daemon, so EROFS fencing of an inactive image is partial.
-    pub fn fencing_partial(&self) -> bool {
-        !self.unfenced_writers().is_empty()
-    }
-
     /// `fencing partial: ...` naming every writer the daemon cannot fence:
     /// its own writable passthrough handles (opened before or after
     /// inactivate) and, with `own_mounts`, processes writing the backing
