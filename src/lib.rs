@@ -11,6 +11,7 @@ pub mod cache;
 pub mod client;
 pub mod ctl;
 pub mod datapath;
+pub mod error;
 pub mod fs;
 pub mod image;
 pub mod logging;

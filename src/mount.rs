@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::backing::{self, DeviceSpec};
+use crate::backing::{self, Device};
 use crate::fs::{DataPath, FsConfig, IoMode, MigsafeFs};
 use crate::mountinfo::{MountEntry, mountinfo};
 use crate::settings::{Key, Settings};
@@ -269,7 +269,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     }
     let mut devices = Vec::new();
     for (name, path) in &args.devices {
-        if devices.iter().any(|d: &DeviceSpec| &d.name == name) {
+        if devices.iter().any(|d: &Device| &d.name == name) {
             return err(format!("--device {name} given twice"));
         }
         devices.push(backing::open_device(name, path, &root, &args.ctl_name).map_err(StartError)?);

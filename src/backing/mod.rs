@@ -4,18 +4,12 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::sys;
 
-/// A `--device NAME=PATH` entry, validated at start.
-#[derive(Debug)]
-pub struct DeviceSpec {
-    pub name: String,
-    pub path: PathBuf,
-    pub stat: libc::stat,
-    pub size: u64,
-}
+mod device;
+pub use device::Device;
 
 /// Opens the backing directory as the O_PATH root every later access is
 /// made relative to.
@@ -89,7 +83,7 @@ pub fn open_device(
     path: &Path,
     root: &OwnedFd,
     ctl_name: &str,
-) -> Result<DeviceSpec, String> {
+) -> Result<Device, String> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." || name == ctl_name {
         return Err(format!(
             "--device {name}={}: invalid name {name:?}",
@@ -126,10 +120,10 @@ pub fn open_device(
         })?;
     let size = crate::cache::file_size(&file)
         .map_err(|e| format!("--device {name}={}: cannot read size: {e}", path.display()))?;
-    Ok(DeviceSpec {
-        name: name.to_string(),
-        path: path.to_path_buf(),
+    Ok(Device::new(
+        name.to_string(),
+        path.to_path_buf(),
         stat,
         size,
-    })
+    ))
 }

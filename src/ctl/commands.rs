@@ -264,8 +264,8 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         .iter()
         .filter(|img| !plane.registry.forget_if_deleted(img))
         .map(|img| {
-            if img.is_device() {
-                return img.status_json(Some(img.device_size.load(Ordering::Relaxed)), None, &own);
+            if let Some(dev) = img.device() {
+                return img.status_json(Some(dev.size()), None, &own);
             }
             match img.open_backing(libc::O_RDONLY) {
                 Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None, &own),

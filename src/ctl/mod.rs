@@ -11,10 +11,9 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use fuser::Errno;
-
 use crate::cache::invalidator::AttrInvalidator;
 use crate::datapath::IoMode;
+use crate::error::Error;
 use crate::image::{Image, Registry};
 use crate::protocol;
 use crate::settings::{Key, Settings};
@@ -106,21 +105,21 @@ pub struct CtlHandle {
 impl ControlPlane {
     /// Only root, or the user who mounted, may change anything: with
     /// `allow_other` every user reaches these files.
-    pub fn check_writer(&self, uid: u32) -> Result<(), Errno> {
+    pub fn check_writer(&self, uid: u32) -> Result<(), Error> {
         if uid == 0 || uid == self.owner_uid {
             Ok(())
         } else {
-            Err(Errno::EACCES)
+            Err(Error::Refused(libc::EACCES))
         }
     }
 
     /// Opens control file `index` with open(2) `flags` for user `uid`.
-    pub fn open(&self, index: usize, flags: i32, uid: u32) -> Result<CtlHandle, Errno> {
-        let (_, file) = FILES.get(index).ok_or(Errno::ENOENT)?;
+    pub fn open(&self, index: usize, flags: i32, uid: u32) -> Result<CtlHandle, Error> {
+        let (_, file) = FILES.get(index).ok_or(Error::Refused(libc::ENOENT))?;
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.check_writer(uid)?;
             if *file == CtlFile::Status {
-                return Err(Errno::EACCES);
+                return Err(Error::Refused(libc::EACCES));
             }
         }
         let text = match file {
@@ -162,14 +161,14 @@ impl ControlPlane {
         h: Arc<CtlHandle>,
         uid: u32,
         data: &[u8],
-        done: impl FnOnce(Result<u32, Errno>) + Send + 'static,
+        done: impl FnOnce(Result<u32, Error>) + Send + 'static,
     ) {
         if let Err(e) = self.check_writer(uid) {
             return done(Err(e));
         }
         let len = data.len() as u32;
         match h.file {
-            CtlFile::Status => done(Err(Errno::EACCES)),
+            CtlFile::Status => done(Err(Error::Refused(libc::EACCES))),
             CtlFile::Setting(key) => {
                 let word = String::from_utf8_lossy(data);
                 match self
@@ -182,7 +181,7 @@ impl ControlPlane {
                     }
                     Err(msg) => {
                         log::warn!("setting {}: {msg}", key.name());
-                        done(Err(Errno::EINVAL))
+                        done(Err(Error::Refused(libc::EINVAL)))
                     }
                 }
             }
@@ -202,14 +201,14 @@ impl ControlPlane {
                         if let Some(done) = worker_slot.lock().expect("reply lock").take() {
                             done(match errno {
                                 None => Ok(len),
-                                Some(e) => Err(Errno::from_i32(e)),
+                                Some(e) => Err(Error::Refused(e)),
                             });
                         }
                     });
                 if let Err(e) = spawned {
                     log::warn!("{}: cannot start a worker thread: {e}", cmd.name());
                     if let Some(done) = slot.lock().expect("reply lock").take() {
-                        done(Err(Errno::EAGAIN));
+                        done(Err(Error::Refused(libc::EAGAIN)));
                     }
                 }
             }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request};
 
 use super::MigsafeFs;
+use crate::error::Error;
 use crate::image::DataPath;
 use crate::sys;
 
@@ -154,7 +155,7 @@ impl MigsafeFs {
         &self,
         req: &Request,
         fh: FileHandle,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Error> {
         let Ok(h) = self.file_handle(fh) else {
             return Ok(());
         };
@@ -168,7 +169,7 @@ impl MigsafeFs {
         }
         if let Err(e) = sys::fchmod(h.file.as_fd(), st.st_mode & 0o7777 & !kill) {
             log::warn!("write {}: clearing set-id bits: {e}", h.image.path());
-            return Err(Errno::from_i32(sys::errno_of(&e)));
+            return Err(e.into());
         }
         Ok(())
     }

@@ -1,9 +1,10 @@
 //! Who a request is served as: the caller's uid, gid and supplementary
 //! groups, switched on the serving thread for the request's backing calls.
 
-use fuser::{Errno, Request};
+use fuser::Request;
 
 use super::MigsafeFs;
+use crate::error::Error;
 use crate::sys::{Caller, FsCreds};
 
 /// The identity `req` is served with (uid, gid and supplementary groups).
@@ -15,7 +16,7 @@ impl MigsafeFs {
     /// Switches this thread to the caller of `req` until the guard drops.
     /// A switch that fails refuses the request: serving it as root instead
     /// would grant what the caller may not have.
-    pub(crate) fn as_caller(&self, req: &Request) -> Result<FsCreds, Errno> {
+    pub(crate) fn as_caller(&self, req: &Request) -> Result<FsCreds, Error> {
         FsCreds::switch(caller_of(req)).map_err(|e| {
             log::error!(
                 "cannot switch to the identity of uid {} gid {} (pid {}): {e}",
@@ -23,7 +24,7 @@ impl MigsafeFs {
                 req.gid(),
                 req.pid()
             );
-            Errno::from(e)
+            Error::from(e)
         })
     }
 }

@@ -5,14 +5,12 @@
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, ReplyData, ReplyOpen, ReplyWrite,
-    Request,
-};
+use fuser::{Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, Request};
 
 use super::inodes::{CTL_DIR, CTL_FIRST};
 use super::{MigsafeFs, Open, attr};
 use crate::ctl::{self, CtlHandle};
+use crate::error::Error;
 
 /// True for the control directory and its files.
 pub(crate) fn is_virtual(nodeid: u64) -> bool {
@@ -54,12 +52,12 @@ impl MigsafeFs {
         &self,
         parent: INodeNo,
         name: &OsStr,
-    ) -> Option<Result<FileAttr, Errno>> {
+    ) -> Option<Result<FileAttr, Error>> {
         if parent.0 == CTL_DIR {
             return Some(
                 ctl::file_index(name.as_encoded_bytes())
                     .map(|i| self.ctl_attr(CTL_FIRST + i as u64))
-                    .ok_or(Errno::ENOENT),
+                    .ok_or(Errno::ENOENT.into()),
             );
         }
         self.is_ctl_name(parent, name)
@@ -86,41 +84,48 @@ impl MigsafeFs {
         }
     }
 
-    pub(crate) fn ctl_open(&self, req: &Request, nodeid: u64, flags: i32, reply: ReplyOpen) {
-        let Some(index) = index_of(nodeid) else {
-            return reply.error(Errno::EISDIR);
-        };
-        match self.ctl.open(index, flags, req.uid()) {
-            Ok(h) => {
-                let fh = self.add_handle(Open::Ctl(Arc::new(h)));
-                // Direct I/O: every read reaches the daemon, the size (0) is
-                // irrelevant.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-            }
-            Err(e) => reply.error(e),
-        }
+    pub(crate) fn ctl_open(
+        &self,
+        req: &Request,
+        nodeid: u64,
+        flags: i32,
+    ) -> Result<(u64, FopenFlags), Error> {
+        let index = index_of(nodeid).ok_or(Errno::EISDIR)?;
+        let h = self.ctl.open(index, flags, req.uid())?;
+        let fh = self.add_handle(Open::Ctl(Arc::new(h)));
+        // Direct I/O: every read reaches the daemon, the size (0) is
+        // irrelevant.
+        Ok((fh, FopenFlags::FOPEN_DIRECT_IO))
     }
 
-    pub(crate) fn ctl_read(&self, fh: FileHandle, offset: u64, size: u32, reply: ReplyData) {
+    pub(crate) fn ctl_read(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, Error> {
+        let h = self.ctl_handle(fh).ok_or(Errno::EBADF)?;
+        Ok(self.ctl.read(&h, offset, size))
+    }
+
+    /// Hands a write to the control plane; `done` gets the result, from a
+    /// worker thread for commands.
+    pub(crate) fn ctl_write(
+        &self,
+        req: &Request,
+        fh: FileHandle,
+        data: &[u8],
+        done: impl FnOnce(Result<u32, Error>) + Send + 'static,
+    ) {
         match self.ctl_handle(fh) {
-            Some(h) => reply.data(&self.ctl.read(&h, offset, size)),
-            None => reply.error(Errno::EBADF),
+            Some(h) => self.ctl.write(h, req.uid(), data, done),
+            None => done(Err(Errno::EBADF.into())),
         }
-    }
-
-    pub(crate) fn ctl_write(&self, req: &Request, fh: FileHandle, data: &[u8], reply: ReplyWrite) {
-        let Some(h) = self.ctl_handle(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        self.ctl.write(h, req.uid(), data, move |res| match res {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
-        });
     }
 
     /// `echo x > .ctl/file` truncates first; control files have no size,
     /// but the truncate is checked like a write.
-    pub(crate) fn ctl_setattr(&self, req: &Request, nodeid: u64) -> Result<FileAttr, Errno> {
+    pub(crate) fn ctl_setattr(&self, req: &Request, nodeid: u64) -> Result<FileAttr, Error> {
         self.ctl.check_writer(req.uid())?;
         Ok(self.ctl_attr(nodeid))
     }

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, ReplyCreate, ReplyOpen, Request,
-    TimeOrNow,
+    Errno, FileAttr, FileHandle, FopenFlags, INodeNo, ReplyCreate, ReplyOpen, Request, TimeOrNow,
 };
 
 use super::inodes::{Inode, Kind};
-use super::{IoMode, MigsafeFs, Open, attr};
+use super::{IoMode, MigsafeFs, Open};
+use crate::backing::Device;
 use crate::datapath::{self, PassthroughBacking};
+use crate::error::Error;
 use crate::image::handle::is_internal_opener;
 use crate::image::{CommandContext, DataPath, Handle, Image};
 use crate::settings::OnOpen;
@@ -29,10 +30,6 @@ pub(crate) struct AttrChanges {
     pub mtime: Option<TimeOrNow>,
 }
 
-fn errno(e: std::io::Error) -> Errno {
-    Errno::from_i32(sys::errno_of(&e))
-}
-
 /// Flags for the daemon's backing fd: the caller's access mode and the flags
 /// that change I/O semantics. O_APPEND is left out: the kernel sends the
 /// write offset, and pwrite on an O_APPEND fd would ignore it.
@@ -42,7 +39,7 @@ fn backing_flags(flags: i32) -> i32 {
 
 impl MigsafeFs {
     fn data_path_for(&self, inode: &Inode) -> DataPath {
-        if inode.device_name.is_some() {
+        if inode.device.is_some() {
             // The kernel refuses a block device as passthrough backing
             // (EINVAL): cached (default) or relay.
             return self.config.device_io;
@@ -56,7 +53,7 @@ impl MigsafeFs {
 
     /// Close-to-open (docs/DESIGN.md §3): on the first open of an image on this
     /// host, drop whatever this host cached of it before the open completes.
-    fn invalidate_on_first_open(&self, image: &Image) -> Result<(), Errno> {
+    fn invalidate_on_first_open(&self, image: &Image) -> Result<(), Error> {
         let mode = self.settings.on_open();
         if mode == OnOpen::Off || !self.settings.drop_cache() || image.open_handle_count() > 0 {
             return Ok(());
@@ -96,7 +93,7 @@ impl MigsafeFs {
                     outcome.detail,
                     image.path()
                 );
-                Err(Errno::from_i32(e))
+                Err(Error::Refused(e))
             }
         }
     }
@@ -108,24 +105,16 @@ impl MigsafeFs {
         inode: &Inode,
         image: &Image,
         flags: i32,
-    ) -> Result<File, Errno> {
+    ) -> Result<File, Error> {
         let bflags = backing_flags(flags);
         match &inode.fd {
             Some(fd) => {
                 let _creds = self.as_caller(req)?;
-                sys::reopen(fd.as_fd(), bflags).map_err(errno)
+                Ok(sys::reopen(fd.as_fd(), bflags)?)
             }
             None => {
-                let mask = match flags & libc::O_ACCMODE {
-                    libc::O_RDONLY => libc::R_OK,
-                    libc::O_WRONLY => libc::W_OK,
-                    _ => libc::R_OK | libc::W_OK,
-                };
-                self.check_device_access(req, inode, mask)?;
-                image.open_backing(bflags).map_err(|e| {
-                    log::warn!("device {}: open: {e}", image.path());
-                    errno(e)
-                })
+                let dev = image.device().ok_or(Errno::EIO)?;
+                dev.open_as(&super::caller::caller_of(req), bflags)
             }
         }
     }
@@ -170,7 +159,7 @@ impl MigsafeFs {
         file: File,
         flags: i32,
         reply: ReplyOpenLike<'_>,
-    ) -> Result<(u64, FopenFlags, Option<Arc<PassthroughBacking>>), Errno> {
+    ) -> Result<Opened, Error> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY
             && !image.is_active()
             && self.settings.refuse_inactive_opens()
@@ -181,7 +170,7 @@ impl MigsafeFs {
                 image.path(),
                 req.pid()
             );
-            return Err(Errno::EROFS);
+            return Err(Errno::EROFS.into());
         }
         let mut data_path = self.data_path_for(&inode);
         let mut passthrough = None;
@@ -193,7 +182,7 @@ impl MigsafeFs {
                         "open {}: passthrough registration failed: {e}",
                         image.path()
                     );
-                    return Err(errno(e));
+                    return Err(Error::from(e));
                 }
                 Err(e) => {
                     log::info!(
@@ -212,13 +201,9 @@ impl MigsafeFs {
             // such an image is served by relay, whose one cache is the
             // backing's, for all its handles alike.
             let block = sys::logical_block_size(file.as_fd());
-            let size = image.device_size.load(Ordering::Relaxed);
-            let direct = if !size.is_multiple_of(block) {
-                Err(std::io::Error::other(format!(
-                    "its size {size} is not a multiple of the {block}-byte block"
-                )))
-            } else {
-                sys::set_direct(file.as_fd())
+            let direct = match image.device().map(|d| d.whole_blocks(block)) {
+                Some(Err(why)) => Err(std::io::Error::other(why)),
+                _ => sys::set_direct(file.as_fd()),
             };
             if let Err(e) = direct {
                 log::info!(
@@ -285,18 +270,24 @@ impl MigsafeFs {
         Ok((fh, fopen, passthrough))
     }
 
-    pub(crate) fn do_open(&self, req: &Request, ino: INodeNo, flags: i32, reply: ReplyOpen) {
-        let result = (|| {
+    /// `reply` is only borrowed to register a passthrough backing; the op
+    /// table sends the reply.
+    pub(crate) fn do_open(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        flags: i32,
+        reply: &ReplyOpen,
+    ) -> Result<Opened, Error> {
+        {
             let inode = self.inode(ino)?;
             let image = match &inode.kind {
                 Kind::Image(img) => img.clone(),
-                Kind::Directory => return Err(Errno::EISDIR),
-                _ => return Err(Errno::EINVAL),
+                Kind::Directory => return Err(Errno::EISDIR.into()),
+                _ => return Err(Errno::EINVAL.into()),
             };
             if flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0 {
-                image
-                    .check_writable(&self.settings)
-                    .map_err(Errno::from_i32)?;
+                image.check_writable(&self.settings)?;
             }
             if is_internal_opener(req.pid()) {
                 return self.open_internal(inode, image);
@@ -307,26 +298,17 @@ impl MigsafeFs {
             let _first_open = gate.open_gate();
             self.invalidate_on_first_open(&image)?;
             let file = self.open_image_backing(req, &inode, &image, flags)?;
-            self.register_handle(req, inode, image, file, flags, ReplyOpenLike::Open(&reply))
-        })();
-        match result {
-            Ok((fh, fopen, Some(pt))) => reply.opened_passthrough(FileHandle(fh), fopen, &pt.id),
-            Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
-            Err(e) => reply.error(e),
+            self.register_handle(req, inode, image, file, flags, ReplyOpenLike::Open(reply))
         }
     }
 
     /// The control plane opening a file of this mount to measure or sync
     /// its FUSE cache: read-only, not one of the image's handles, and the
     /// cache it measures stays (FOPEN_KEEP_CACHE).
-    fn open_internal(
-        &self,
-        inode: Arc<Inode>,
-        image: Arc<Image>,
-    ) -> Result<(u64, FopenFlags, Option<Arc<PassthroughBacking>>), Errno> {
+    fn open_internal(&self, inode: Arc<Inode>, image: Arc<Image>) -> Result<Opened, Error> {
         let file = match &inode.fd {
-            Some(fd) => sys::reopen(fd.as_fd(), libc::O_RDONLY).map_err(errno)?,
-            None => image.open_backing(libc::O_RDONLY).map_err(errno)?,
+            Some(fd) => sys::reopen(fd.as_fd(), libc::O_RDONLY)?,
+            None => image.open_backing(libc::O_RDONLY)?,
         };
         let handle = Handle::new(
             image,
@@ -347,25 +329,25 @@ impl MigsafeFs {
         name: &std::ffi::OsStr,
         mode: u32,
         flags: i32,
-        reply: ReplyCreate,
-    ) {
-        let result = (|| -> Result<Created, Errno> {
+        reply: &ReplyCreate,
+    ) -> Result<Created, Error> {
+        {
             if self.is_ctl_name(parent, name) || parent.0 == super::inodes::CTL_DIR {
-                return Err(Errno::EPERM);
+                return Err(Errno::EPERM.into());
             }
             if let Some(id) = self.device_at_root(parent, name) {
                 // Creating over a device entry opens it, as O_CREAT on an
                 // existing file does; O_EXCL must fail.
                 if flags & libc::O_EXCL != 0 {
-                    return Err(Errno::EEXIST);
+                    return Err(Errno::EEXIST.into());
                 }
                 let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
-                return self.open_created(req, inode, None, flags, &reply);
+                return self.open_created(req, inode, None, flags, reply);
             }
             let dir = self.parent_dir(parent)?;
-            let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+            let cname = sys::cstring(name)?;
             if name.is_empty() || name.as_encoded_bytes().contains(&b'/') {
-                return Err(Errno::EINVAL);
+                return Err(Errno::EINVAL.into());
             }
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
             let (file, opath) = {
@@ -384,36 +366,21 @@ impl MigsafeFs {
                         | libc::O_NOFOLLOW
                         | libc::O_NONBLOCK,
                     mode,
-                )
-                .map_err(errno)?;
-                let st = sys::fstat_fd(fd.as_fd()).map_err(errno)?;
+                )?;
+                let st = sys::fstat_fd(fd.as_fd())?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                     // Only regular files are served as images (as by open).
-                    return Err(Errno::EINVAL);
+                    return Err(Errno::EINVAL.into());
                 }
-                sys::clear_nonblock(fd.as_fd()).map_err(errno)?;
+                sys::clear_nonblock(fd.as_fd())?;
                 // Pin the inode this fd created, not whatever the name
                 // may point to by now.
-                let opath = sys::reopen(fd.as_fd(), libc::O_PATH).map_err(errno)?;
+                let opath = sys::reopen(fd.as_fd(), libc::O_PATH)?;
                 (File::from(fd), std::os::fd::OwnedFd::from(opath))
             };
             let attr = self.enter(&dir, name, opath)?;
             let inode = self.inodes.get(attr.ino.0).ok_or(Errno::EIO)?;
-            self.open_created(req, inode, Some(file), flags, &reply)
-        })();
-        match result {
-            Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
-                &attr::TTL,
-                &attr,
-                Generation(0),
-                FileHandle(fh),
-                fopen,
-                &pt.id,
-            ),
-            Ok((attr, fh, fopen, None)) => {
-                reply.created(&attr::TTL, &attr, Generation(0), FileHandle(fh), fopen)
-            }
-            Err(e) => reply.error(e),
+            self.open_created(req, inode, Some(file), flags, reply)
         }
     }
 
@@ -426,23 +393,22 @@ impl MigsafeFs {
         file: Option<File>,
         flags: i32,
         reply: &ReplyCreate,
-    ) -> Result<Created, Errno> {
+    ) -> Result<Created, Error> {
         let image = inode.image().ok_or(Errno::EISDIR)?.clone();
         let truncate = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
         if truncate {
-            image
-                .check_writable(&self.settings)
-                .map_err(Errno::from_i32)?;
+            image.check_writable(&self.settings)?;
         }
         let file = match file {
             Some(f) => f,
             None => self.open_image_backing(req, &inode, &image, flags)?,
         };
-        if truncate && inode.device_name.is_none() {
-            let _admitted = image.admit_write(&self.settings).map_err(Errno::from_i32)?;
+        // O_TRUNC leaves a device as it is, as on the block device itself.
+        if truncate && inode.device.is_none() {
+            let _admitted = image.admit_write(&self.settings)?;
             // As the caller, so the kernel clears set-id bits as it would.
             let _creds = self.as_caller(req)?;
-            file.set_len(0).map_err(errno)?;
+            file.set_len(0)?;
         }
         let attr = self.attr_of(&inode)?;
         let (fh, fopen, pt) =
@@ -450,14 +416,22 @@ impl MigsafeFs {
         Ok((attr, fh, fopen, pt))
     }
 
-    pub(crate) fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: fuser::ReplyData) {
+    /// `respond` gets the bytes read, borrowed from this thread's buffer
+    /// (no copy on the way to the reply).
+    pub(crate) fn do_read(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        respond: impl FnOnce(Result<&[u8], Error>),
+    ) {
         let h = match self.file_handle(fh) {
             Ok(h) => h,
-            Err(e) => return reply.error(e),
+            Err(e) => return respond(Err(e)),
         };
         h.image.counters.reads.fetch_add(1, Ordering::Relaxed);
         let respond = |res: std::io::Result<&[u8]>| match res {
-            Ok(data) => reply.data(data),
+            Ok(data) => respond(Ok(data)),
             Err(e) => {
                 // O_DIRECT openers (QEMU) probe alignment with reads that
                 // fail EINVAL on purpose: not worth a warning.
@@ -466,7 +440,7 @@ impl MigsafeFs {
                 } else {
                     log::warn!("read {} at {offset}: {e}", h.image.path());
                 }
-                reply.error(errno(e))
+                respond(Err(Error::from(e)))
             }
         };
         match h.data_path {
@@ -482,16 +456,10 @@ impl MigsafeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-    ) -> Result<usize, Errno> {
+    ) -> Result<usize, Error> {
         let h = self.file_handle(fh)?;
-        let _admitted = h
-            .image
-            .admit_write(&self.settings)
-            .map_err(Errno::from_i32)?;
-        let room = h
-            .image
-            .write_room(offset, data.len())
-            .map_err(Errno::from_i32)?;
+        let _admitted = h.image.admit_write(&self.settings)?;
+        let room = h.image.write_room(offset, data.len())?;
         let data = &data[..room];
         h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
         let written = match h.data_path {
@@ -502,22 +470,22 @@ impl MigsafeFs {
         }
         .map_err(|e| {
             log::warn!("write {} at {offset}: {e}", h.image.path());
-            errno(e)
+            Error::from(e)
         });
         h.note_write();
         written
     }
 
-    pub(crate) fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), Errno> {
+    pub(crate) fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), Error> {
         let h = self.file_handle(fh)?;
-        h.fsync(datasync, &self.settings).map_err(Errno::from_i32)
+        h.fsync(datasync, &self.settings)
     }
 
     /// `close()` waits for FLUSH (not for RELEASE), so the fsync-on-close
     /// rule syncs here and its error reaches the closing process.
-    pub(crate) fn do_flush(&self, fh: FileHandle) -> Result<(), Errno> {
+    pub(crate) fn do_flush(&self, fh: FileHandle) -> Result<(), Error> {
         let h = self.file_handle(fh)?;
-        h.sync_on_flush(&self.settings).map_err(Errno::from_i32)
+        h.sync_on_flush(&self.settings)
     }
 
     pub(crate) fn do_release(&self, fh: FileHandle) {
@@ -534,10 +502,10 @@ impl MigsafeFs {
         ino: INodeNo,
         ch: AttrChanges,
         fh: Option<FileHandle>,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         let inode = self.inode(ino)?;
-        if inode.device_name.is_some() {
-            return self.setattr_device(req, &inode, &ch, fh);
+        if let Some(dev) = &inode.device {
+            return self.setattr_device(req, &inode, dev, &ch, fh);
         }
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
         let path = sys::proc_fd_path(fd.as_fd());
@@ -545,16 +513,19 @@ impl MigsafeFs {
         let mut creds = self.as_caller(req)?;
         if let Some(mode) = ch.mode {
             if is_link {
-                return Err(Errno::from_i32(libc::EOPNOTSUPP));
+                return Err(Error::Refused(libc::EOPNOTSUPP));
             }
-            let chmod = || sys::chmod(&path, mode & 0o7777).map_err(errno);
+            let chmod = || sys::chmod(&path, mode & 0o7777);
             match chmod() {
-                Err(Errno::EPERM) if self.may_clear_set_id(fd, &path, mode) => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EPERM)
+                        && self.may_clear_set_id(fd, &path, mode) =>
+                {
                     // What the kernel sends when a writer without
                     // CAP_FSETID writes or truncates a set-id file (it kills
                     // the bits with ATTR_FORCE, whoever owns the file); only
                     // the owner could chmod, so the daemon does it.
-                    creds.as_daemon(chmod).map_err(errno)??;
+                    creds.as_daemon(chmod)??;
                 }
                 other => other?,
             }
@@ -563,21 +534,21 @@ impl MigsafeFs {
             let uid = ch.uid.unwrap_or(u32::MAX);
             let gid = ch.gid.unwrap_or(u32::MAX);
             // On the O_PATH fd itself (also for symlinks).
-            sys::chown_fd(fd.as_fd(), uid, gid).map_err(errno)?;
+            sys::chown_fd(fd.as_fd(), uid, gid)?;
         }
         if let Some(size) = ch.size {
             let image = inode.image().ok_or(Errno::EISDIR)?;
             // A truncate is a write: admitted (and so fenced) like one.
-            let _admitted = image.admit_write(&self.settings).map_err(Errno::from_i32)?;
+            let _admitted = image.admit_write(&self.settings)?;
             let handle_file = fh
                 .and_then(|fh| self.file_handle(fh).ok())
                 .filter(|h| h.writable);
             match handle_file {
                 Some(h) => {
-                    h.file.set_len(size).map_err(errno)?;
+                    h.file.set_len(size)?;
                     h.note_write();
                 }
-                None => sys::truncate(&path, size).map_err(errno)?,
+                None => sys::truncate(&path, size)?,
             }
         }
         if ch.atime.is_some() || ch.mtime.is_some() {
@@ -606,8 +577,7 @@ impl MigsafeFs {
                 sys::utimens_fd(fd.as_fd(), &times)
             } else {
                 sys::utimens_path(&path, &times)
-            }
-            .map_err(errno)?;
+            }?;
         }
         self.attr_of(&inode)
     }
@@ -620,21 +590,19 @@ impl MigsafeFs {
         &self,
         req: &Request,
         inode: &Inode,
+        dev: &Device,
         ch: &AttrChanges,
         fh: Option<FileHandle>,
-    ) -> Result<FileAttr, Errno> {
-        let image = inode.image().ok_or(Errno::EIO)?;
+    ) -> Result<FileAttr, Error> {
         if ch.mode.is_some() || ch.uid.is_some() || ch.gid.is_some() {
-            return Err(Errno::EPERM);
+            dev.check_owner_mode_change()?;
         }
-        let by_handle = fh.is_some_and(|fh| self.file_handle(fh).is_ok_and(|h| h.writable));
-        if ch.size.is_some() && !by_handle {
-            self.check_device_access(req, inode, libc::W_OK)?;
-        }
-        if let Some(size) = ch.size
-            && size != image.device_size.load(Ordering::Relaxed)
-        {
-            return Err(Errno::EINVAL);
+        if let Some(size) = ch.size {
+            let by_handle = fh.is_some_and(|fh| self.file_handle(fh).is_ok_and(|h| h.writable));
+            if !by_handle {
+                dev.check_access(&super::caller::caller_of(req), libc::W_OK)?;
+            }
+            dev.check_set_len(size)?;
         }
         self.attr_of(inode)
     }
@@ -645,26 +613,21 @@ impl MigsafeFs {
         offset: u64,
         length: u64,
         mode: i32,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Error> {
         let h = self.file_handle(fh)?;
-        let _admitted = h
-            .image
-            .admit_write(&self.settings)
-            .map_err(Errno::from_i32)?;
+        let _admitted = h.image.admit_write(&self.settings)?;
         if mode & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) == 0 {
             // Growing: a device cannot, past its end.
-            h.image
-                .grow_allowed(offset.saturating_add(length))
-                .map_err(Errno::from_i32)?;
+            h.image.grow_allowed(offset.saturating_add(length))?;
         }
-        let res = sys::fallocate(h.file.as_fd(), mode, offset, length).map_err(errno);
+        let res = sys::fallocate(h.file.as_fd(), mode, offset, length);
         h.note_write();
-        res
+        Ok(res?)
     }
 
-    pub(crate) fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Result<i64, Errno> {
+    pub(crate) fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> Result<i64, Error> {
         let h = self.file_handle(fh)?;
-        sys::lseek(h.file.as_fd(), offset, whence).map_err(errno)
+        Ok(sys::lseek(h.file.as_fd(), offset, whence)?)
     }
 
     pub(crate) fn do_copy_file_range(
@@ -674,26 +637,25 @@ impl MigsafeFs {
         fh_out: FileHandle,
         off_out: u64,
         len: u64,
-    ) -> Result<usize, Errno> {
+    ) -> Result<usize, Error> {
         let hin = self.file_handle(fh_in)?;
         let hout = self.file_handle(fh_out)?;
-        let _admitted = hout
-            .image
-            .admit_write(&self.settings)
-            .map_err(Errno::from_i32)?;
+        let _admitted = hout.image.admit_write(&self.settings)?;
         let len = hout
             .image
-            .write_room(off_out, len.min(u32::MAX as u64 & !0xfff) as usize)
-            .map_err(Errno::from_i32)?;
-        let res = sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len)
-            .map_err(errno);
+            .write_room(off_out, len.min(u32::MAX as u64 & !0xfff) as usize)?;
+        let res = sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len);
         hout.note_write();
-        res
+        Ok(res?)
     }
 }
 
 /// What create hands back: attributes, handle, open flags, passthrough id.
-type Created = (FileAttr, u64, FopenFlags, Option<Arc<PassthroughBacking>>);
+/// What an open registers: the handle number, the open flags for the
+/// kernel and the passthrough backing the reply names, if any.
+pub(crate) type Opened = (u64, FopenFlags, Option<Arc<PassthroughBacking>>);
+/// What a create registers: the new entry's attributes and its open.
+pub(crate) type Created = (FileAttr, u64, FopenFlags, Option<Arc<PassthroughBacking>>);
 
 /// open and create replies both register passthrough backings.
 pub(crate) enum ReplyOpenLike<'a> {

@@ -8,6 +8,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::backing::Device;
 use crate::cache::Identity;
 use crate::image::Image;
 
@@ -42,7 +43,7 @@ pub struct Inode {
     pub identity: Identity,
     pub kind: Kind,
     /// Set for `--device` entries, which the namespace operations protect.
-    pub device_name: Option<String>,
+    pub device: Option<Arc<Device>>,
     /// Last known path relative to the mount root ("" for the root), for
     /// naming images in status and logs.
     pub path: RwLock<String>,
@@ -90,7 +91,7 @@ impl InodeTable {
         fd: Option<Arc<OwnedFd>>,
         identity: Identity,
         kind: Kind,
-        device_name: Option<String>,
+        device: Option<Arc<Device>>,
     ) -> Arc<Inode> {
         let nodeid = nodeid.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed));
         let inode = Arc::new(Inode {
@@ -98,8 +99,8 @@ impl InodeTable {
             fd,
             identity,
             kind,
-            path: RwLock::new(device_name.clone().unwrap_or_default()),
-            device_name,
+            path: RwLock::new(device.as_ref().map(|d| d.name.clone()).unwrap_or_default()),
+            device,
             lookups: AtomicU64::new(u64::MAX / 2),
             passthrough: Mutex::default(),
         });
@@ -143,7 +144,7 @@ impl InodeTable {
             fd: Some(fd),
             identity,
             kind,
-            device_name: None,
+            device: None,
             path: RwLock::new(path),
             lookups: AtomicU64::new(1),
             passthrough: Mutex::default(),

@@ -23,10 +23,11 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::backing::DeviceSpec;
+use crate::backing::Device;
 use crate::cache::Identity;
 use crate::cache::invalidator::AttrInvalidator;
 use crate::ctl::{ControlPlane, CtlHandle};
+use crate::error::Error;
 use crate::image::{Handle, Image, Registry, Source};
 use crate::settings::Settings;
 use crate::sys;
@@ -82,7 +83,7 @@ impl MigsafeFs {
         config: FsConfig,
         settings: Arc<Settings>,
         root_fd: OwnedFd,
-        devices: Vec<DeviceSpec>,
+        devices: Vec<Device>,
     ) -> std::io::Result<MigsafeFs> {
         let root_fd = Arc::new(root_fd);
         let notifier = Arc::new(OnceLock::new());
@@ -99,21 +100,21 @@ impl MigsafeFs {
         let mut device_ids = Vec::new();
         let mut device_images = Vec::new();
         for dev in devices {
+            let dev = Arc::new(dev);
             let identity = Identity::of_stat(&dev.stat);
             let image = registry.get_or_insert(identity, || {
-                Image::new(identity, Source::Device(dev.path.clone()), dev.name.clone())
+                Image::new(identity, Source::Device(dev.clone()), dev.name.clone())
             });
-            image.device_size.store(dev.size, Ordering::Relaxed);
             let inode = inodes.insert_pinned(
                 None,
                 None,
                 identity,
                 Kind::Image(image.clone()),
-                Some(dev.name.clone()),
+                Some(dev.clone()),
             );
             image.nodeid.store(inode.nodeid, Ordering::Relaxed);
             device_images.push((dev.name.clone(), image));
-            device_ids.push((dev.name, inode.nodeid));
+            device_ids.push((dev.name.clone(), inode.nodeid));
         }
         let ctl = Arc::new(ControlPlane {
             registry: registry.clone(),
@@ -144,8 +145,8 @@ impl MigsafeFs {
         })
     }
 
-    pub(crate) fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
-        self.inodes.get(ino.0).ok_or(Errno::ENOENT)
+    pub(crate) fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Error> {
+        self.inodes.get(ino.0).ok_or(Errno::ENOENT.into())
     }
 
     pub(crate) fn add_handle(&self, open: Open) -> u64 {
@@ -154,10 +155,10 @@ impl MigsafeFs {
         fh
     }
 
-    pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+    pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Error> {
         match self.handles.read().expect("handles lock").get(&fh.0) {
             Some(Open::File(h)) => Ok(h.clone()),
-            _ => Err(Errno::EBADF),
+            _ => Err(Errno::EBADF.into()),
         }
     }
 
@@ -186,25 +187,12 @@ impl MigsafeFs {
     }
 
     /// Attributes of any node (backing entry, device or control node).
-    pub(crate) fn attr_of(&self, inode: &Inode) -> Result<fuser::FileAttr, Errno> {
-        if let Some(name) = &inode.device_name {
-            let image = inode.image().ok_or(Errno::EIO)?;
-            let Source::Device(path) = &image.source else {
-                return Err(Errno::EIO);
-            };
-            let st = sys::stat_path(&sys::cstring(path.as_os_str()).map_err(Errno::from)?)
-                .map_err(|e| {
-                    log::warn!("device {name}: stat {}: {e}", path.display());
-                    Errno::from(e)
-                })?;
-            return Ok(attr::device(
-                inode.nodeid,
-                &st,
-                image.device_size.load(Ordering::Relaxed),
-            ));
+    pub(crate) fn attr_of(&self, inode: &Inode) -> Result<fuser::FileAttr, Error> {
+        if let Some(dev) = &inode.device {
+            return Ok(attr::device(inode.nodeid, &dev.node_stat()?, dev.size()));
         }
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
-        let st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&**fd)).map_err(Errno::from)?;
+        let st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&**fd))?;
         Ok(attr::from_stat(inode.nodeid, &st))
     }
 
@@ -221,17 +209,74 @@ impl MigsafeFs {
     }
 }
 
-fn reply_empty(reply: ReplyEmpty, result: Result<(), Errno>) {
+// The replies: each operation's result reaches the kernel here, its error
+// through the one conversion `Error` -> `Errno`.
+
+fn reply_empty(reply: ReplyEmpty, result: Result<(), Error>) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(e),
+        Err(e) => reply.error(e.into()),
     }
 }
 
-fn reply_entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Errno>) {
+fn reply_entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Error>) {
     match result {
         Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
-        Err(e) => reply.error(e),
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, result: Result<fuser::FileAttr, Error>) {
+    match result {
+        Ok(a) => reply.attr(&attr::TTL, &a),
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+fn reply_data<D: AsRef<[u8]>>(reply: ReplyData, result: Result<D, Error>) {
+    match result {
+        Ok(d) => reply.data(d.as_ref()),
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+fn reply_written(reply: ReplyWrite, result: Result<u32, Error>) {
+    match result {
+        Ok(n) => reply.written(n),
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+fn reply_open(reply: ReplyOpen, result: Result<files::Opened, Error>) {
+    match result {
+        Ok((fh, fopen, Some(pt))) => reply.opened_passthrough(FileHandle(fh), fopen, &pt.id),
+        Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+fn reply_create(reply: ReplyCreate, result: Result<files::Created, Error>) {
+    match result {
+        Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
+            &attr::TTL,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            fopen,
+            &pt.id,
+        ),
+        Ok((attr, fh, fopen, None)) => {
+            reply.created(&attr::TTL, &attr, Generation(0), FileHandle(fh), fopen)
+        }
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, result: Result<namespace::Xattr, Error>) {
+    match result {
+        Ok(namespace::Xattr::Size(n)) => reply.size(n),
+        Ok(namespace::Xattr::Data(d)) => reply.data(&d),
+        Err(e) => reply.error(e.into()),
     }
 }
 
@@ -291,10 +336,7 @@ impl Filesystem for MigsafeFs {
         let result = self
             .ctl_lookup(parent, name)
             .unwrap_or_else(|| self.do_lookup(req, parent, name));
-        match result {
-            Ok(attr) => reply.entry(&attr::TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, result)
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -303,12 +345,9 @@ impl Filesystem for MigsafeFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         if ctl_node::is_virtual(ino.0) {
-            return reply.attr(&attr::TTL, &self.ctl_attr(ino.0));
+            return reply_attr(reply, Ok(self.ctl_attr(ino.0)));
         }
-        match self.inode(ino).and_then(|i| self.attr_of(&i)) {
-            Ok(a) => reply.attr(&attr::TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        reply_attr(reply, self.inode(ino).and_then(|i| self.attr_of(&i)))
     }
 
     fn setattr(
@@ -330,10 +369,7 @@ impl Filesystem for MigsafeFs {
         reply: ReplyAttr,
     ) {
         if ctl_node::is_virtual(ino.0) {
-            return match self.ctl_setattr(req, ino.0) {
-                Ok(a) => reply.attr(&attr::TTL, &a),
-                Err(e) => reply.error(e),
-            };
+            return reply_attr(reply, self.ctl_setattr(req, ino.0));
         }
         let changes = files::AttrChanges {
             mode,
@@ -343,17 +379,11 @@ impl Filesystem for MigsafeFs {
             atime,
             mtime,
         };
-        match self.do_setattr(req, ino, changes, fh) {
-            Ok(a) => reply.attr(&attr::TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        reply_attr(reply, self.do_setattr(req, ino, changes, fh))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.do_readlink(ino) {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(e),
-        }
+        reply_data(reply, self.do_readlink(ino))
     }
 
     fn mknod(
@@ -429,9 +459,11 @@ impl Filesystem for MigsafeFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ctl_node::is_virtual(ino.0) {
-            return self.ctl_open(req, ino.0, flags.0, reply);
+            let result = self.ctl_open(req, ino.0, flags.0);
+            return reply_open(reply, result.map(|(fh, fopen)| (fh, fopen, None)));
         }
-        self.do_open(req, ino, flags.0, reply);
+        let result = self.do_open(req, ino, flags.0, &reply);
+        reply_open(reply, result)
     }
 
     fn read(
@@ -446,9 +478,9 @@ impl Filesystem for MigsafeFs {
         reply: ReplyData,
     ) {
         if ctl_node::is_virtual(ino.0) {
-            return self.ctl_read(fh, offset, size, reply);
+            return reply_data(reply, self.ctl_read(fh, offset, size));
         }
-        self.do_read(fh, offset, size, reply);
+        self.do_read(fh, offset, size, |result| reply_data(reply, result));
     }
 
     fn write(
@@ -464,17 +496,14 @@ impl Filesystem for MigsafeFs {
         reply: ReplyWrite,
     ) {
         if ctl_node::is_virtual(ino.0) {
-            return self.ctl_write(req, fh, data, reply);
+            return self.ctl_write(req, fh, data, |result| reply_written(reply, result));
         }
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             && let Err(e) = self.clear_set_id_before_write(req, fh)
         {
-            return reply.error(e);
+            return reply_written(reply, Err(e));
         }
-        match self.do_write(fh, offset, data) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(e),
-        }
+        reply_written(reply, self.do_write(fh, offset, data).map(|n| n as u32))
     }
 
     fn flush(
@@ -520,10 +549,8 @@ impl Filesystem for MigsafeFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_opendir(req, ino) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+        let result = self.do_opendir(req, ino);
+        reply_open(reply, result.map(|fh| (fh, FopenFlags::empty(), None)))
     }
 
     fn readdir(
@@ -601,11 +628,11 @@ impl Filesystem for MigsafeFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.do_getxattr(req, ino, Some(name), size, reply);
+        reply_xattr(reply, self.do_getxattr(req, ino, Some(name), size));
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.do_getxattr(req, ino, None, size, reply);
+        reply_xattr(reply, self.do_getxattr(req, ino, None, size));
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -626,7 +653,8 @@ impl Filesystem for MigsafeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.do_create(req, parent, name, mode, flags, reply);
+        let result = self.do_create(req, parent, name, mode, flags, &reply);
+        reply_create(reply, result)
     }
 
     /// No ioctls are served (QEMU probes a few); ENOTTY is what a regular
@@ -669,7 +697,7 @@ impl Filesystem for MigsafeFs {
     ) {
         match self.do_lseek(fh, offset, whence) {
             Ok(off) => reply.offset(off),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.into()),
         }
     }
 
@@ -686,9 +714,7 @@ impl Filesystem for MigsafeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(e),
-        }
+        let result = self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len);
+        reply_written(reply, result.map(|n| n as u32))
     }
 }

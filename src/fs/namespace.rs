@@ -9,11 +9,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyXattr, Request};
+use fuser::{Errno, FileAttr, FileType, INodeNo, Request};
 
 use super::inodes::{self, Inode, Kind};
 use super::{MigsafeFs, Open, attr};
 use crate::cache::Identity;
+use crate::error::Error;
 use crate::image::{Image, Source};
 use crate::sys;
 
@@ -23,25 +24,27 @@ pub(crate) struct DirSnapshot {
     pub entries: Vec<(u64, FileType, OsString)>,
 }
 
-fn errno(e: std::io::Error) -> Errno {
-    Errno::from_i32(sys::errno_of(&e))
+/// An extended attribute's size or value (or the list of names).
+pub(crate) enum Xattr {
+    Size(u32),
+    Data(Vec<u8>),
 }
 
 /// Rejects names the kernel should never send but a confused client could:
 /// anything but a single path component.
-fn component(name: &OsStr) -> Result<CString, Errno> {
+fn component(name: &OsStr) -> Result<CString, Error> {
     let b = name.as_bytes();
     if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(Errno::EINVAL);
+        return Err(Errno::EINVAL.into());
     }
-    sys::cstring(name).map_err(|_| Errno::EINVAL)
+    Ok(sys::cstring(name)?)
 }
 
 impl MigsafeFs {
-    pub(crate) fn parent_dir(&self, parent: INodeNo) -> Result<Arc<Inode>, Errno> {
+    pub(crate) fn parent_dir(&self, parent: INodeNo) -> Result<Arc<Inode>, Error> {
         let inode = self.inode(parent)?;
         if !inode.is_dir() {
-            return Err(Errno::ENOTDIR);
+            return Err(Errno::ENOTDIR.into());
         }
         Ok(inode)
     }
@@ -53,7 +56,7 @@ impl MigsafeFs {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         if let Some(id) = self.device_at_root(parent, name) {
             let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
             return self.attr_of(&inode);
@@ -67,8 +70,7 @@ impl MigsafeFs {
                 &cname,
                 libc::O_PATH | libc::O_NOFOLLOW,
                 0,
-            )
-            .map_err(errno)?
+            )?
         };
         self.enter(&dir, name, fd)
     }
@@ -79,8 +81,8 @@ impl MigsafeFs {
         dir: &Inode,
         name: &OsStr,
         fd: std::os::fd::OwnedFd,
-    ) -> Result<FileAttr, Errno> {
-        let st = sys::fstat_fd(fd.as_fd()).map_err(errno)?;
+    ) -> Result<FileAttr, Error> {
+        let st = sys::fstat_fd(fd.as_fd())?;
         let identity = Identity::of_stat(&st);
         let path = Self::child_path(dir, name);
         let fd = Arc::new(fd);
@@ -112,12 +114,12 @@ impl MigsafeFs {
         Ok(attr::from_stat(inode.nodeid, &st))
     }
 
-    fn check_name_allowed(&self, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
+    fn check_name_allowed(&self, parent: INodeNo, name: &OsStr) -> Result<(), Error> {
         if self.is_ctl_name(parent, name) || parent.0 == inodes::CTL_DIR {
-            return Err(Errno::EPERM);
+            return Err(Errno::EPERM.into());
         }
         if self.device_at_root(parent, name).is_some() {
-            return Err(Errno::EPERM);
+            return Err(Errno::EPERM.into());
         }
         Ok(())
     }
@@ -127,14 +129,13 @@ impl MigsafeFs {
         dir: &Inode,
         name: &OsStr,
         cname: &CString,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         let fd = sys::openat(
             dir.fd.as_ref().ok_or(Errno::EIO)?.as_fd(),
             cname,
             libc::O_PATH | libc::O_NOFOLLOW,
             0,
-        )
-        .map_err(errno)?;
+        )?;
         self.enter(dir, name, fd)
     }
 
@@ -145,7 +146,7 @@ impl MigsafeFs {
         name: &OsStr,
         mode: u32,
         rdev: u32,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
@@ -155,7 +156,7 @@ impl MigsafeFs {
         // is served without it, so the backing itself refuses others.
         let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-        sys::mknodat(dirfd.as_fd(), &cname, mode, rdev).map_err(errno)?;
+        sys::mknodat(dirfd.as_fd(), &cname, mode, rdev)?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -165,16 +166,16 @@ impl MigsafeFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         if self.is_ctl_name(parent, name) {
-            return Err(Errno::EEXIST);
+            return Err(Errno::EEXIST.into());
         }
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
         let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-        sys::mkdirat(dirfd.as_fd(), &cname, mode).map_err(errno)?;
+        sys::mkdirat(dirfd.as_fd(), &cname, mode)?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -184,7 +185,7 @@ impl MigsafeFs {
         parent: INodeNo,
         name: &OsStr,
         is_dir: bool,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Error> {
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
@@ -192,7 +193,7 @@ impl MigsafeFs {
         let before = sys::fstatat(dirfd.as_fd(), &cname).ok();
         let _creds = self.as_caller(req)?;
         let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-        sys::unlinkat(dirfd.as_fd(), &cname, flags).map_err(errno)?;
+        sys::unlinkat(dirfd.as_fd(), &cname, flags)?;
         // The last name of an image is gone: forget its migration state, so a
         // new file that reuses the inode number starts fresh.
         if let Some(st) = before
@@ -210,14 +211,14 @@ impl MigsafeFs {
         parent: INodeNo,
         name: &OsStr,
         target: &std::path::Path,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         self.check_name_allowed(parent, name)?;
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
-        let ctarget = sys::cstring(target.as_os_str()).map_err(errno)?;
+        let ctarget = sys::cstring(target.as_os_str())?;
         let _creds = self.as_caller(req)?;
         let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
-        sys::symlinkat(&ctarget, dirfd.as_fd(), &cname).map_err(errno)?;
+        sys::symlinkat(&ctarget, dirfd.as_fd(), &cname)?;
         self.lookup_after_create(&dir, name, &cname)
     }
 
@@ -229,7 +230,7 @@ impl MigsafeFs {
         newparent: INodeNo,
         newname: &OsStr,
         flags: u32,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Error> {
         self.check_name_allowed(parent, name)?;
         self.check_name_allowed(newparent, newname)?;
         let dir = self.parent_dir(parent)?;
@@ -240,7 +241,7 @@ impl MigsafeFs {
             dir.fd.as_ref().ok_or(Errno::EIO)?,
             newdir.fd.as_ref().ok_or(Errno::EIO)?,
         );
-        sys::renameat2(d1.as_fd(), &cname, d2.as_fd(), &cnew, flags).map_err(errno)?;
+        sys::renameat2(d1.as_fd(), &cname, d2.as_fd(), &cnew, flags)?;
         // Keep the moved image's name current for status and control paths.
         if let Ok(st) = sys::fstatat(d2.as_fd(), &cnew) {
             let id = Identity::of_stat(&st);
@@ -257,11 +258,11 @@ impl MigsafeFs {
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<FileAttr, Error> {
         self.check_name_allowed(newparent, newname)?;
         let inode = self.inode(ino)?;
-        if inode.device_name.is_some() {
-            return Err(Errno::EPERM);
+        if inode.device.is_some() {
+            return Err(Errno::EPERM.into());
         }
         let newdir = self.parent_dir(newparent)?;
         let cnew = component(newname)?;
@@ -270,17 +271,17 @@ impl MigsafeFs {
         let dirfd = newdir.fd.as_ref().ok_or(Errno::EIO)?;
         // Through the /proc magic link: links the inode the O_PATH fd pins,
         // without needing its path.
-        sys::link_fd(src.as_fd(), dirfd.as_fd(), &cnew).map_err(errno)?;
+        sys::link_fd(src.as_fd(), dirfd.as_fd(), &cnew)?;
         self.lookup_after_create(&newdir, newname, &cnew)
     }
 
-    pub(crate) fn do_readlink(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
+    pub(crate) fn do_readlink(&self, ino: INodeNo) -> Result<Vec<u8>, Error> {
         let inode = self.inode(ino)?;
         let fd = inode.fd.as_ref().ok_or(Errno::EINVAL)?;
-        sys::readlink_fd(fd.as_fd()).map_err(errno)
+        Ok(sys::readlink_fd(fd.as_fd())?)
     }
 
-    pub(crate) fn do_opendir(&self, req: &Request, ino: INodeNo) -> Result<u64, Errno> {
+    pub(crate) fn do_opendir(&self, req: &Request, ino: INodeNo) -> Result<u64, Error> {
         if ino.0 == inodes::CTL_DIR {
             return Ok(self.add_handle(Open::Dir(Arc::new(DirSnapshot {
                 entries: super::ctl_node::dir_entries(),
@@ -293,7 +294,7 @@ impl MigsafeFs {
         // openat(fd, ".") would also need search permission.
         let dirfd = {
             let _creds = self.as_caller(req)?;
-            let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(errno)?;
+            let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
             std::os::fd::OwnedFd::from(dir)
         };
         let mut dir = nix::dir::Dir::from_fd(dirfd).map_err(|e| Errno::from_i32(e as i32))?;
@@ -328,27 +329,28 @@ impl MigsafeFs {
         Ok(self.add_handle(Open::Dir(Arc::new(DirSnapshot { entries }))))
     }
 
-    pub(crate) fn do_fsyncdir(&self, ino: INodeNo, datasync: bool) -> Result<(), Errno> {
+    pub(crate) fn do_fsyncdir(&self, ino: INodeNo, datasync: bool) -> Result<(), Error> {
         let inode = self.inode(ino)?;
         let fd = inode.fd.as_ref().ok_or(Errno::EINVAL)?;
-        let dir =
-            sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(errno)?;
+        let dir = sys::openat(fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         let file = std::fs::File::from(dir);
         let res = if datasync {
             file.sync_data()
         } else {
             file.sync_all()
         };
-        res.map_err(errno)
+        Ok(res?)
     }
 
-    pub(crate) fn do_access(&self, req: &Request, ino: INodeNo, mask: i32) -> Result<(), Errno> {
+    pub(crate) fn do_access(&self, req: &Request, ino: INodeNo, mask: i32) -> Result<(), Error> {
         if super::ctl_node::is_virtual(ino.0) {
             return Ok(());
         }
         let inode = self.inode(ino)?;
-        if inode.device_name.is_some() {
-            return self.check_device_access(req, &inode, mask);
+        if let Some(dev) = &inode.device {
+            // The daemon opens devices with its own rights: the node's owner
+            // and mode decide, as the kernel would for an open of the node.
+            return dev.check_access(&super::caller::caller_of(req), mask);
         }
         let Some(fd) = inode.fd.as_ref() else {
             return Ok(());
@@ -356,86 +358,43 @@ impl MigsafeFs {
         let _creds = self.as_caller(req)?;
         let path = sys::proc_fd_path(fd.as_fd());
         // Checked with the fs ids switched above (AT_EACCESS).
-        sys::access_effective(&path, mask).map_err(errno)
+        Ok(sys::access_effective(&path, mask)?)
     }
 
-    /// The `stat` of a `--device` entry's node (following symlinks, as the
-    /// daemon opens it): its owner and mode are the entry's.
-    pub(crate) fn device_node_stat(&self, inode: &Inode) -> Result<libc::stat, Errno> {
-        let image = inode.image().ok_or(Errno::EIO)?;
-        let Source::Device(path) = &image.source else {
-            return Err(Errno::EIO);
-        };
-        sys::stat_path(&sys::cstring(path.as_os_str()).map_err(errno)?).map_err(|e| {
-            log::warn!("device {}: stat {}: {e}", image.path(), path.display());
-            errno(e)
-        })
-    }
-
-    /// The daemon opens devices with its own rights, so it checks the
-    /// caller against the node's owner and mode itself, as the kernel would
-    /// for an open of the node (`mask`: R_OK/W_OK/X_OK bits).
-    pub(crate) fn check_device_access(
-        &self,
-        req: &Request,
-        inode: &Inode,
-        mask: i32,
-    ) -> Result<(), Errno> {
-        let st = self.device_node_stat(inode)?;
-        if super::caller::caller_of(req).may(&st, mask) {
-            Ok(())
-        } else {
-            Err(Errno::EACCES)
-        }
-    }
-
-    fn xattr_path(&self, ino: INodeNo) -> Result<CString, Errno> {
+    fn xattr_path(&self, ino: INodeNo) -> Result<CString, Error> {
         if !self.config.xattr {
             // ENOSYS makes the kernel stop asking for the whole mount; else it
             // asks for security.capability before every write (docs/DESIGN.md §2).
-            return Err(Errno::ENOSYS);
+            return Err(Errno::ENOSYS.into());
         }
         let inode = self.inode(ino)?;
         match (&inode.kind, inode.fd.as_ref()) {
-            (Kind::Symlink, _) | (_, None) => Err(Errno::from_i32(libc::ENOTSUP)),
+            (Kind::Symlink, _) | (_, None) => Err(Error::Refused(libc::ENOTSUP)),
             (_, Some(fd)) => Ok(sys::proc_fd_path(fd.as_fd())),
         }
     }
 
+    /// getxattr (`name`) or listxattr (`None`): with `size` 0 the caller
+    /// asks only how big the value is.
     pub(crate) fn do_getxattr(
         &self,
         req: &Request,
         ino: INodeNo,
         name: Option<&OsStr>,
         size: u32,
-        reply: ReplyXattr,
-    ) {
-        let path = match self.xattr_path(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let _creds = match self.as_caller(req) {
-            Ok(c) => c,
-            Err(e) => return reply.error(e),
-        };
+    ) -> Result<Xattr, Error> {
+        let path = self.xattr_path(ino)?;
+        let _creds = self.as_caller(req)?;
         let mut buf = vec![0u8; size as usize];
         let n = match name {
-            Some(name) => {
-                let Ok(cname) = sys::cstring(name) else {
-                    return reply.error(Errno::EINVAL);
-                };
-                sys::getxattr(&path, &cname, &mut buf)
-            }
-            None => sys::listxattr(&path, &mut buf),
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) => return reply.error(errno(e)),
+            Some(name) => sys::getxattr(&path, &sys::cstring(name)?, &mut buf)?,
+            None => sys::listxattr(&path, &mut buf)?,
         };
         if size == 0 {
-            reply.size(n as u32);
+            Ok(Xattr::Size(n as u32))
         } else {
-            reply.data(&buf[..n]);
+            buf.truncate(n);
+            Ok(Xattr::Data(buf))
         }
     }
 
@@ -446,11 +405,11 @@ impl MigsafeFs {
         name: &OsStr,
         value: &[u8],
         flags: i32,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Error> {
         let path = self.xattr_path(ino)?;
-        let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+        let cname = sys::cstring(name)?;
         let _creds = self.as_caller(req)?;
-        sys::setxattr(&path, &cname, value, flags).map_err(errno)
+        Ok(sys::setxattr(&path, &cname, value, flags)?)
     }
 
     pub(crate) fn do_removexattr(
@@ -458,10 +417,10 @@ impl MigsafeFs {
         req: &Request,
         ino: INodeNo,
         name: &OsStr,
-    ) -> Result<(), Errno> {
+    ) -> Result<(), Error> {
         let path = self.xattr_path(ino)?;
-        let cname = sys::cstring(name).map_err(|_| Errno::EINVAL)?;
+        let cname = sys::cstring(name)?;
         let _creds = self.as_caller(req)?;
-        sys::removexattr(&path, &cname).map_err(errno)
+        Ok(sys::removexattr(&path, &cname)?)
     }
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::Image;
 use crate::datapath::{DataPath, PassthroughBacking};
+use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
 
@@ -90,7 +91,7 @@ impl Handle {
     }
 
     /// FUSE fsync from the caller.
-    pub fn fsync(&self, datasync: bool, settings: &Settings) -> Result<(), i32> {
+    pub fn fsync(&self, datasync: bool, settings: &Settings) -> Result<(), Error> {
         let seen = self.writes.load(Ordering::Acquire);
         self.image.sync_file(&self.file, datasync, settings)?;
         self.synced.fetch_max(seen, Ordering::AcqRel);
@@ -99,7 +100,7 @@ impl Handle {
 
     /// The fsync-on-close rule at FLUSH (which `close()` waits for): the
     /// error reaches the closing process.
-    pub fn sync_on_flush(&self, settings: &Settings) -> Result<(), i32> {
+    pub fn sync_on_flush(&self, settings: &Settings) -> Result<(), Error> {
         if !settings.fsync_on_close() || !self.needs_sync() {
             return Ok(());
         }
@@ -111,11 +112,7 @@ impl Handle {
     /// a failure is logged and stays sticky on the image.
     pub fn sync_on_release(&self, settings: &Settings) {
         if let Err(e) = self.sync_on_flush(settings) {
-            log::warn!(
-                "release {}: sync failed: {}",
-                self.image.path(),
-                sys::errno_name(e)
-            );
+            log::warn!("release {}: sync failed: {e}", self.image.path());
         }
     }
 

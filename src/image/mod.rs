@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +15,9 @@ use serde_json::json;
 
 pub mod handle;
 
+use crate::backing::Device;
 use crate::cache::{self, Identity, Report, format_ranges, holders::format_holders};
+use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
 
@@ -37,7 +38,7 @@ pub enum Source {
         live: Mutex<Weak<OwnedFd>>,
     },
     /// A block device (or file) given with `--device NAME=PATH`.
-    Device(PathBuf),
+    Device(Arc<Device>),
 }
 
 pub use crate::datapath::DataPath;
@@ -126,8 +127,6 @@ pub struct Image {
     path: RwLock<String>,
     /// FUSE node id currently standing for this image (0 = none).
     pub nodeid: AtomicU64,
-    /// Device size (BLKGETSIZE64), re-read by invalidate; unused for files.
-    pub device_size: AtomicU64,
     /// Read on every relay write (EROFS fencing): an atomic, not the lock.
     inactive: std::sync::atomic::AtomicBool,
     /// Every write that reaches the daemon holds this shared while it checks
@@ -163,7 +162,6 @@ impl Image {
             source,
             path: RwLock::new(path),
             nodeid: AtomicU64::new(0),
-            device_size: AtomicU64::new(0),
             inactive: Default::default(),
             write_gate: RwLock::default(),
             open_gate: Mutex::default(),
@@ -195,26 +193,29 @@ impl Image {
         matches!(self.source, Source::Device(_))
     }
 
+    /// The `--device` entry this image is, if it is one.
+    pub fn device(&self) -> Option<&Arc<Device>> {
+        match &self.source {
+            Source::Device(d) => Some(d),
+            Source::File { .. } => None,
+        }
+    }
+
     /// How much of a `len`-byte write at `offset` fits: all of it for a
-    /// file; for a device, which cannot grow, up to its end, and ENOSPC at or
-    /// past the end, as on the block device itself.
-    pub fn write_room(&self, offset: u64, len: usize) -> Result<usize, i32> {
-        if !self.is_device() || len == 0 {
-            return Ok(len);
+    /// file, up to its end for a device (`Device::write_room`).
+    pub fn write_room(&self, offset: u64, len: usize) -> Result<usize, Error> {
+        match self.device() {
+            Some(d) => d.write_room(offset, len),
+            None => Ok(len),
         }
-        let size = self.device_size.load(Ordering::Relaxed);
-        if offset >= size {
-            return Err(libc::ENOSPC);
-        }
-        Ok(len.min((size - offset).min(usize::MAX as u64) as usize))
     }
 
     /// ENOSPC when the image would have to grow to `end` bytes and cannot.
-    pub fn grow_allowed(&self, end: u64) -> Result<(), i32> {
-        if self.is_device() && end > self.device_size.load(Ordering::Relaxed) {
-            return Err(libc::ENOSPC);
+    pub fn grow_allowed(&self, end: u64) -> Result<(), Error> {
+        match self.device() {
+            Some(d) => d.grow_allowed(end),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn is_active(&self) -> bool {
@@ -242,30 +243,23 @@ impl Image {
                 }
                 sys::reopen(fd.as_fd(), flags)
             }
-            Source::Device(path) => {
-                use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
-                    .custom_flags(flags & !libc::O_ACCMODE)
-                    .open(path)
-            }
+            Source::Device(d) => d.open(flags),
         }
     }
 
     /// EROFS when this host must not write the image (an inactive image
     /// with `inactive-writes` deny or strict). Only a check: a write must go
     /// through `admit_write`, which also holds off `inactivate` while it runs.
-    pub fn check_writable(&self, settings: &Settings) -> Result<(), i32> {
+    pub fn check_writable(&self, settings: &Settings) -> Result<(), Error> {
         if settings.deny_inactive_writes() && !self.is_active() {
-            return Err(libc::EROFS);
+            return Err(Error::Fenced);
         }
         Ok(())
     }
 
     /// Admits one write (relay write, truncate, fallocate, copy_file_range):
     /// the guard must be held until the write has reached the backing fd.
-    pub fn admit_write(&self, settings: &Settings) -> Result<RwLockReadGuard<'_, ()>, i32> {
+    pub fn admit_write(&self, settings: &Settings) -> Result<RwLockReadGuard<'_, ()>, Error> {
         let gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
         self.check_writable(settings)?;
         Ok(gate)
@@ -397,9 +391,9 @@ impl Image {
     /// Syncs one backing fd with the mount's sync rule, recording a failure
     /// as the image's sticky error: after a failed fsync the kernel marks the
     /// lost pages clean, so a later "successful" sync would lie.
-    pub fn sync_file(&self, file: &File, datasync: bool, settings: &Settings) -> Result<(), i32> {
+    pub fn sync_file(&self, file: &File, datasync: bool, settings: &Settings) -> Result<(), Error> {
         if let Some(e) = self.sticky_error() {
-            return Err(e);
+            return Err(Error::Sticky(e));
         }
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         let res = if settings.full_fsync() || !datasync {
@@ -424,7 +418,7 @@ impl Image {
                 sys::errno_name(errno),
                 sys::errno_name(sticky)
             );
-            sticky
+            Error::Sticky(sticky)
         })
     }
 
@@ -443,7 +437,10 @@ impl Image {
         }
         for f in &files {
             self.sync_file(f, false, settings).map_err(|e| {
-                Outcome::failed(e, "sync failed; the image stays failed until activate")
+                Outcome::failed(
+                    e.errno(),
+                    "sync failed; the image stays failed until activate",
+                )
             })?;
         }
         Ok(())
@@ -746,10 +743,8 @@ impl Image {
             }
         }
         // 5. Re-read the size.
-        if self.is_device()
-            && let Ok(size) = cache::file_size(&file)
-        {
-            self.device_size.store(size, Ordering::Relaxed);
+        if let Some(d) = self.device() {
+            d.reread_size(&file);
         }
         Ok(Outcome::default())
     }
@@ -1078,7 +1073,10 @@ mod tests {
         let o = image.inactivate(&ctx(&settings));
         assert_eq!(o.errno, None, "{}", o.detail);
         assert!(!image.is_active());
-        assert_eq!(image.admit_write(&settings).err(), Some(libc::EROFS));
+        assert_eq!(
+            image.admit_write(&settings).err().map(|e| e.errno()),
+            Some(libc::EROFS)
+        );
         // Idempotent: inactivating an inactive image runs the flush again.
         assert_eq!(image.inactivate(&ctx(&settings)).errno, None);
         settings.set(Key::InactiveWrites, "allow").unwrap();
@@ -1133,18 +1131,22 @@ mod tests {
     }
 
     #[test]
-    fn a_device_cannot_grow() {
+    fn a_device_image_cannot_grow_past_its_device() {
+        let stat = sys::fstat_fd(sys::cwd()).unwrap();
+        let dev = Device::new("lun".into(), "/nonexistent".into(), stat, 4096);
         let image = Image::new(
             Identity { dev: 1, ino: 2 },
-            Source::Device(PathBuf::from("/nonexistent")),
+            Source::Device(Arc::new(dev)),
             "lun".into(),
         );
-        image.device_size.store(4096, Ordering::Relaxed);
-        assert_eq!(image.write_room(0, 8192), Ok(4096));
-        assert_eq!(image.write_room(4000, 10), Ok(10));
-        assert_eq!(image.write_room(4096, 1), Err(libc::ENOSPC));
-        assert_eq!(image.write_room(9999, 0), Ok(0));
-        assert_eq!(image.grow_allowed(4096), Ok(()));
-        assert_eq!(image.grow_allowed(4097), Err(libc::ENOSPC));
+        assert_eq!(image.write_room(0, 8192).map_err(|e| e.errno()), Ok(4096));
+        assert_eq!(
+            image.write_room(4096, 1).map_err(|e| e.errno()),
+            Err(libc::ENOSPC)
+        );
+        assert_eq!(
+            image.grow_allowed(4097).map_err(|e| e.errno()),
+            Err(libc::ENOSPC)
+        );
     }
 }
