@@ -508,12 +508,21 @@ fn print_status(out: &mut Out, mountpoint: &Path, doc: &serde_json::Value) {
             img["state"].as_str().unwrap_or("?"),
             img["fencing"].as_str().unwrap_or("?"),
             size,
-            pages(&img["cached_pages"]),
-            pages(&img["dirty_pages"]),
+            pages(&host_pages(img, "cached_pages")),
+            pages(&host_pages(img, "dirty_pages")),
             img["open_handles"].as_array().map(|a| a.len()).unwrap_or(0),
             img["sticky_error"].as_str().unwrap_or("-"),
             last
         ));
+    }
+}
+
+/// Pages of the image on this host in either cache: the backing's and, for
+/// cached images (and relay mappings), the FUSE inode's.
+fn host_pages(img: &serde_json::Value, key: &str) -> serde_json::Value {
+    match (img[key].as_u64(), img["fuse_cache"][key].as_u64()) {
+        (Some(a), Some(b)) => (a + b).into(),
+        (a, b) => a.or(b).into(),
     }
 }
 
@@ -678,7 +687,7 @@ pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
         }
     }
     type Get = fn(&serde_json::Value) -> u64;
-    let gauges: [(&str, &str, Get); 6] = [
+    let gauges: [(&str, &str, Get); 9] = [
         ("size_bytes", "Size of the image.", |i| {
             i["size"].as_u64().unwrap_or(0)
         }),
@@ -696,6 +705,21 @@ pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
             "writeback_pages",
             "Pages of the image under writeback on this host.",
             |i| i["writeback_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "fuse_cached_pages",
+            "Pages of the image in its FUSE inode's page cache on this host (cached data path, relay mappings).",
+            |i| i["fuse_cache"]["cached_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "fuse_dirty_pages",
+            "Dirty pages of the image in its FUSE inode's page cache on this host.",
+            |i| i["fuse_cache"]["dirty_pages"].as_u64().unwrap_or(0),
+        ),
+        (
+            "fuse_writeback_pages",
+            "Pages of the image's FUSE inode under writeback on this host.",
+            |i| i["fuse_cache"]["writeback_pages"].as_u64().unwrap_or(0),
         ),
         (
             "open_handles",

@@ -529,6 +529,8 @@ fn metrics_parse_and_match_the_mount() {
         assert!(value(&s, "migsafe_image_dirty_pages", &l).is_some());
         assert!(value(&s, "migsafe_image_writeback_pages", &l).is_some());
         assert!(value(&s, "migsafe_image_cached_pages", &l).is_some());
+        assert!(value(&s, "migsafe_image_fuse_cached_pages", &l).is_some());
+        assert!(value(&s, "migsafe_image_fuse_dirty_pages", &l).is_some());
     }
     let handles = |s: &[_], dp: &str, w: &str| {
         value(

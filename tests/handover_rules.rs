@@ -759,3 +759,84 @@ fn writers_outside_this_mount_are_named_after_a_crash() {
     assert_eq!(status_image(&m, "vm.img")["fencing"], "full");
     drop(old);
 }
+
+/// `status` reports the FUSE inode's cache of a cached device, the one
+/// cache the handover drops and verifies: pages read, pages a mapping
+/// dirtied, and none once `inactivate` dropped them. Negative control: a
+/// relay device, whose reads fill the device's own cache and not the FUSE
+/// inode's, reports no pages there and the device's pages instead.
+#[test]
+fn status_reports_the_fuse_inodes_cache_of_cached_devices() {
+    if !common::require_root() {
+        return;
+    }
+    let bed = LoopBed::new(16, &[], &["--device-io", "relay"]);
+    let fuse = |m: &Mount| status_image(m, "disk")["fuse_cache"].clone();
+    let (res, out) = ctl_write_read(&bed.a.ctl("activate"), "disk\n");
+    assert_eq!(res, Ok(()), "activate: {out}");
+    let read_4m = |path: &Path| {
+        let f = File::open(path).unwrap();
+        let mut buf = vec![0u8; 4 * MIB];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        f
+    };
+    let want = (4 * MIB / PAGE) as u64 * 3 / 4;
+    {
+        let _f = read_4m(&bed.a.path("disk"));
+        let fc = fuse(&bed.a);
+        assert!(
+            fc["cached_pages"].as_u64().unwrap_or(0) >= want,
+            "cached device: status does not show the pages read in the FUSE inode: {fc}"
+        );
+        let rw = open_rw(&bed.a.path("disk"));
+        // SAFETY: a fresh shared mapping of one page of a device entry whose
+        // size never changes, unmapped below before its file is closed.
+        let p = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(PAGE).unwrap(),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &rw,
+                0,
+            )
+        }
+        .expect("mmap");
+        // SAFETY: inside the one-page mapping.
+        unsafe { std::ptr::write_volatile(p.as_ptr() as *mut u8, b'z') };
+        let fc = fuse(&bed.a);
+        assert!(
+            fc["dirty_pages"].as_u64().unwrap_or(0) >= 1,
+            "cached device: a mapped write's dirty page is not in status: {fc}"
+        );
+        // SAFETY: syncing and unmapping exactly the mapping made above.
+        unsafe {
+            nix::sys::mman::msync(p, PAGE, nix::sys::mman::MsFlags::MS_SYNC).unwrap();
+            nix::sys::mman::munmap(p, PAGE).unwrap();
+        }
+    }
+    let (res, out) = ctl_write_read(&bed.a.ctl("inactivate"), "disk\n");
+    assert_eq!(res, Ok(()), "inactivate: {out}");
+    let fc = fuse(&bed.a);
+    assert_eq!(
+        fc["cached_pages"].as_u64(),
+        Some(0),
+        "cached device: the FUSE inode still holds pages after inactivate: {fc}"
+    );
+    assert_eq!(
+        common::read_direct(&bed.loop_a.path, 0, PAGE)[0],
+        b'z',
+        "the mapped write is not on the device"
+    );
+    // Negative control: relay, no mapping.
+    let _f = read_4m(&bed.b.path("disk"));
+    let img = status_image(&bed.b, "disk");
+    assert!(
+        img["fuse_cache"].is_null() || img["fuse_cache"]["cached_pages"] == 0,
+        "relay device without mappings: status claims pages in the FUSE inode: {img}"
+    );
+    assert!(
+        img["cached_pages"].as_u64().unwrap_or(0) >= want,
+        "relay device: status does not show the device's cached pages: {img}"
+    );
+}

@@ -255,9 +255,15 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
     protocol::format_line(&fields)
 }
 
-/// The `status` document.
+/// The `status` document. Runs on a worker thread: it measures the FUSE
+/// inode's cache through a file of this mount.
 pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
     let own = crate::mountinfo::ids_at(&plane.mountpoint);
+    let fuse = super::fuse_cache::MountCache {
+        mountpoint: &plane.mountpoint,
+        invalidator: &plane.invalidator,
+    };
+    let fuse = Some(&fuse as &dyn crate::image::FuseCache);
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()
@@ -265,11 +271,11 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         .filter(|img| !plane.registry.forget_if_deleted(img))
         .map(|img| {
             if let Some(dev) = img.device() {
-                return img.status_json(Some(dev.size()), None, &own);
+                return img.status_json(Some(dev.size()), None, &own, fuse);
             }
             match img.open_backing(libc::O_RDONLY) {
-                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None, &own),
-                Err(e) => img.status_json(None, Some(e), &own),
+                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None, &own, fuse),
+                Err(e) => img.status_json(None, Some(e), &own, fuse),
             }
         })
         .collect();

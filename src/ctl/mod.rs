@@ -113,29 +113,44 @@ impl ControlPlane {
         }
     }
 
-    /// Opens control file `index` with open(2) `flags` for user `uid`.
-    pub fn open(&self, index: usize, flags: i32, uid: u32) -> Result<CtlHandle, Error> {
-        let (_, file) = FILES.get(index).ok_or(Error::Refused(libc::ENOENT))?;
+    /// Opens control file `index` with open(2) `flags` for user `uid`;
+    /// `done` gets the handle. `status` is built at open, on a worker
+    /// thread: it measures the FUSE inode's cache of cached images through
+    /// a file of this mount, which a request handler must never open (the
+    /// open is a request to this daemon).
+    pub fn open(
+        self: &Arc<Self>,
+        index: usize,
+        flags: i32,
+        uid: u32,
+        done: impl FnOnce(Result<CtlHandle, Error>) + Send + 'static,
+    ) {
+        let Some((_, file)) = FILES.get(index) else {
+            return done(Err(Error::Refused(libc::ENOENT)));
+        };
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
-            self.check_writer(uid)?;
+            if let Err(e) = self.check_writer(uid) {
+                return done(Err(e));
+            }
             if *file == CtlFile::Status {
-                return Err(Error::Refused(libc::EACCES));
+                return done(Err(Error::Refused(libc::EACCES)));
             }
         }
-        let text = match file {
-            CtlFile::Status => {
-                let mut s =
-                    serde_json::to_string_pretty(&commands::status_json(self)).unwrap_or_default();
-                s.push('\n');
-                s.into_bytes()
-            }
-            _ => Vec::new(),
-        };
-        Ok(CtlHandle {
+        let handle = |text: Vec<u8>| CtlHandle {
             file: *file,
             text: Mutex::new(text),
             cursor: Mutex::new(0),
-        })
+        };
+        if *file != CtlFile::Status {
+            return done(Ok(handle(Vec::new())));
+        }
+        let plane = self.clone();
+        on_worker("status", done, move |done| {
+            let mut s =
+                serde_json::to_string_pretty(&commands::status_json(&plane)).unwrap_or_default();
+            s.push('\n');
+            done(Ok(handle(s.into_bytes())));
+        });
     }
 
     pub fn read(&self, h: &CtlHandle, offset: u64, size: u32) -> Vec<u8> {
@@ -187,31 +202,41 @@ impl ControlPlane {
             }
             CtlFile::Command(cmd) => {
                 let job = commands::Job::new(self, cmd, data);
-                // `done` stays reachable here if the thread cannot start
-                // (out of threads or memory): the caller then gets EAGAIN
-                // instead of a daemon that panics.
-                let slot = Arc::new(Mutex::new(Some(done)));
-                let worker_slot = slot.clone();
-                let spawned = std::thread::Builder::new()
-                    .name(format!("migsafe-{}", cmd.name()))
-                    .spawn(move || {
-                        let (errno, text) = job.run();
-                        *h.text.lock().expect("ctl text lock") = text.into_bytes();
-                        *h.cursor.lock().expect("ctl cursor lock") = 0;
-                        if let Some(done) = worker_slot.lock().expect("reply lock").take() {
-                            done(match errno {
-                                None => Ok(len),
-                                Some(e) => Err(Error::Refused(e)),
-                            });
-                        }
+                on_worker(cmd.name(), done, move |done| {
+                    let (errno, text) = job.run();
+                    *h.text.lock().expect("ctl text lock") = text.into_bytes();
+                    *h.cursor.lock().expect("ctl cursor lock") = 0;
+                    done(match errno {
+                        None => Ok(len),
+                        Some(e) => Err(Error::Refused(e)),
                     });
-                if let Err(e) = spawned {
-                    log::warn!("{}: cannot start a worker thread: {e}", cmd.name());
-                    if let Some(done) = slot.lock().expect("reply lock").take() {
-                        done(Err(Error::Refused(libc::EAGAIN)));
-                    }
-                }
+                });
             }
+        }
+    }
+}
+
+/// Runs `work` on a thread of its own, handing it `done`, so a slow command
+/// never stalls the event loop. `done` stays reachable here if the thread
+/// cannot start (out of threads or memory): the caller then gets EAGAIN
+/// instead of a daemon that panics.
+fn on_worker<T, D>(name: &str, done: D, work: impl FnOnce(D) + Send + 'static)
+where
+    D: FnOnce(Result<T, Error>) + Send + 'static,
+{
+    let slot = Arc::new(Mutex::new(Some(done)));
+    let worker_slot = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("migsafe-{name}"))
+        .spawn(move || {
+            if let Some(done) = worker_slot.lock().expect("reply lock").take() {
+                work(done);
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("{name}: cannot start a worker thread: {e}");
+        if let Some(done) = slot.lock().expect("reply lock").take() {
+            done(Err(Error::Refused(libc::EAGAIN)));
         }
     }
 }

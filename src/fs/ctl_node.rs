@@ -78,24 +78,35 @@ impl MigsafeFs {
     }
 
     fn ctl_handle(&self, fh: FileHandle) -> Option<Arc<CtlHandle>> {
-        match self.handles.read().expect("handles lock").get(&fh.0) {
-            Some(Open::Ctl(h)) => Some(h.clone()),
+        match self.handles.get(fh.0) {
+            Some(Open::Ctl(h)) => Some(h),
             _ => None,
         }
     }
 
+    /// `done` gets the handle number and open flags, from a worker thread
+    /// for `status` (see `ControlPlane::open`).
     pub(crate) fn ctl_open(
         &self,
         req: &Request,
         nodeid: u64,
         flags: i32,
-    ) -> Result<(u64, FopenFlags), Error> {
-        let index = index_of(nodeid).ok_or(Errno::EISDIR)?;
-        let h = self.ctl.open(index, flags, req.uid())?;
-        let fh = self.add_handle(Open::Ctl(Arc::new(h)));
-        // Direct I/O: every read reaches the daemon, the size (0) is
-        // irrelevant.
-        Ok((fh, FopenFlags::FOPEN_DIRECT_IO))
+        done: impl FnOnce(Result<(u64, FopenFlags), Error>) + Send + 'static,
+    ) {
+        let Some(index) = index_of(nodeid) else {
+            return done(Err(Errno::EISDIR.into()));
+        };
+        let handles = self.handles.clone();
+        self.ctl.open(index, flags, req.uid(), move |result| {
+            // Direct I/O: every read reaches the daemon, the size (0) is
+            // irrelevant.
+            done(result.map(|h| {
+                (
+                    handles.add(Open::Ctl(Arc::new(h))),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                )
+            }))
+        });
     }
 
     pub(crate) fn ctl_read(

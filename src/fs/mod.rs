@@ -54,10 +54,34 @@ pub struct FsConfig {
 }
 
 /// An open file, directory or control file.
+#[derive(Clone)]
 pub(crate) enum Open {
     File(Arc<Handle>),
     Dir(Arc<namespace::DirSnapshot>),
     Ctl(Arc<CtlHandle>),
+}
+
+/// The open handles by number.
+#[derive(Default)]
+pub(crate) struct HandleTable {
+    map: RwLock<HashMap<u64, Open>>,
+    last: AtomicU64,
+}
+
+impl HandleTable {
+    pub(crate) fn add(&self, open: Open) -> u64 {
+        let fh = self.last.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.write().expect("handles lock").insert(fh, open);
+        fh
+    }
+
+    pub(crate) fn get(&self, fh: u64) -> Option<Open> {
+        self.map.read().expect("handles lock").get(&fh).cloned()
+    }
+
+    pub(crate) fn remove(&self, fh: u64) -> Option<Open> {
+        self.map.write().expect("handles lock").remove(&fh)
+    }
 }
 
 pub struct MigsafeFs {
@@ -69,8 +93,8 @@ pub struct MigsafeFs {
     pub registry: Arc<Registry>,
     pub(crate) root_fd: Arc<OwnedFd>,
     pub(crate) inodes: InodeTable,
-    pub(crate) handles: RwLock<HashMap<u64, Open>>,
-    next_fh: AtomicU64,
+    /// Shared with the worker threads that finish a control file's open.
+    pub(crate) handles: Arc<HandleTable>,
     /// (name, node id) of `--device` entries, in command-line order.
     pub(crate) devices: Vec<(String, u64)>,
     /// Filled after the session exists; used from worker threads only.
@@ -137,8 +161,7 @@ impl MigsafeFs {
             registry,
             root_fd,
             inodes,
-            handles: RwLock::default(),
-            next_fh: AtomicU64::new(1),
+            handles: Arc::default(),
             devices: device_ids,
             notifier,
             mounted_at: SystemTime::now(),
@@ -150,20 +173,18 @@ impl MigsafeFs {
     }
 
     pub(crate) fn add_handle(&self, open: Open) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().expect("handles lock").insert(fh, open);
-        fh
+        self.handles.add(open)
     }
 
     pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Error> {
-        match self.handles.read().expect("handles lock").get(&fh.0) {
-            Some(Open::File(h)) => Ok(h.clone()),
+        match self.handles.get(fh.0) {
+            Some(Open::File(h)) => Ok(h),
             _ => Err(Errno::EBADF.into()),
         }
     }
 
     pub(crate) fn remove_handle(&self, fh: FileHandle) -> Option<Open> {
-        self.handles.write().expect("handles lock").remove(&fh.0)
+        self.handles.remove(fh.0)
     }
 
     /// The path of `name` in directory `parent`, relative to the mount root.
@@ -459,8 +480,9 @@ impl Filesystem for MigsafeFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ctl_node::is_virtual(ino.0) {
-            let result = self.ctl_open(req, ino.0, flags.0);
-            return reply_open(reply, result.map(|(fh, fopen)| (fh, fopen, None)));
+            return self.ctl_open(req, ino.0, flags.0, |result| {
+                reply_open(reply, result.map(|(fh, fopen)| (fh, fopen, None)))
+            });
         }
         let result = self.do_open(req, ino, flags.0, &reply);
         reply_open(reply, result)
@@ -561,8 +583,8 @@ impl Filesystem for MigsafeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let snapshot = match self.handles.read().expect("handles lock").get(&fh.0) {
-            Some(Open::Dir(d)) => d.clone(),
+        let snapshot = match self.handles.get(fh.0) {
+            Some(Open::Dir(d)) => d,
             _ => return reply.error(Errno::EBADF),
         };
         for (i, (ino, kind, name)) in snapshot.entries.iter().enumerate().skip(offset as usize) {

@@ -900,6 +900,7 @@ impl Image {
         size: Option<u64>,
         missing: Option<std::io::Error>,
         own_mounts: &[u64],
+        fuse: Option<&dyn FuseCache>,
     ) -> serde_json::Value {
         let (state, sticky, last) = {
             let st = self.state.lock().expect("state lock");
@@ -932,6 +933,21 @@ impl Image {
                 })
             })
             .collect();
+        // The FUSE inode's own cache, for images whose data path can fill
+        // it (cached; relay through mappings): the cache the handover drops
+        // and verifies beside the backing's.
+        let fuse_cache = fuse
+            .filter(|_| {
+                self.fuse_pages.load(Ordering::Relaxed) && self.nodeid.load(Ordering::Relaxed) != 0
+            })
+            .map(|f| match f.page_counts(self) {
+                Ok(p) => json!({
+                    "cached_pages": p.cached,
+                    "dirty_pages": p.dirty,
+                    "writeback_pages": p.writeback,
+                }),
+                Err(e) => json!({ "error": e.to_string() }),
+            });
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let unfenced = self.unfenced_report(Some(own_mounts));
@@ -947,6 +963,7 @@ impl Image {
             "cached_pages": counts.cached,
             "dirty_pages": counts.dirty,
             "writeback_pages": counts.writeback,
+            "fuse_cache": fuse_cache,
             "sticky_error": sticky,
             "fencing": if unfenced.is_empty() { "full" } else { "partial" },
             "unfenced": if unfenced.is_empty() { None } else { Some(unfenced) },
