@@ -379,3 +379,52 @@ fn closed_pipe_ends_output_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// On the cached device path the image's one cache is the FUSE inode's:
+/// `migsafe residency` of the image through the mount (while a VMM-like
+/// holder keeps it open, so no first open drops the cache) reports the
+/// pages read there, in agreement with mincore on the same file, and the
+/// device underneath holds none of them (its fd is O_DIRECT).
+#[test]
+fn cached_device_residency_through_the_mount_is_the_fuse_inodes() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("lun.img");
+    make_file(&img, 16 * MIB, b'A');
+    let lo = LoopDev::attach(&img);
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    let dev = format!("disk={}", lo.path.display());
+    let m = common::Mount::start(dir.path(), &back, &["--device", &dev]);
+    let disk = m.path("disk");
+    let holder = File::open(&disk).unwrap();
+    let mut buf = vec![0u8; MIB];
+    holder.read_exact_at(&mut buf, 8 << 20).unwrap();
+
+    let v = residency_json(&["--json"], &[&disk]);
+    let e = &v["files"][0];
+    let len = 16 * MIB as u64;
+    let mc = mincore_pages(&disk, len);
+    let mc_count = mc.iter().filter(|&&b| b).count() as u64;
+    assert!(
+        mc_count >= 192,
+        "bed: the 1 MiB read is resident in the FUSE inode ({mc_count} pages)"
+    );
+    assert_eq!(e["cached_pages"], mc_count, "cached_pages vs mincore: {e}");
+    let read = (8u64 << 20)..(9u64 << 20);
+    let overlaps = |&(s, end): &(u64, u64)| s < read.end && read.start < end;
+    assert!(
+        json_ranges(e).iter().any(overlaps),
+        "residency does not show the read range: {e}"
+    );
+    // The device's own cache: nothing of the range read through the mount.
+    let v = residency_json(&["--json"], &[&lo.path]);
+    let on_dev = json_ranges(&v["files"][0]);
+    assert!(
+        !on_dev.iter().any(overlaps),
+        "the device's page cache holds pages read through the cached path: {v}"
+    );
+    drop(holder);
+}
