@@ -30,7 +30,8 @@ Options:
                      exactly, a base name (randread-4k-qd16 = hot and cold),
                      or "hot" / "cold" / "odirect". Rows:
                        seqread-1m seqwrite-1m randread-4k-qd1 randread-4k-qd16
-                       randwrite-4k randrw-4k   (each -hot and -cold)
+                       randwrite-4k randwrite-4k-qd16 randrw-4k
+                       (each -hot and -cold)
                        odirect-randread-4k
   --targets LIST     comma list of: native passthrough relay cached mergerfs qsd
                      (default: all that are available; native is always run)
@@ -711,7 +712,7 @@ rm -f "$WORK/probe"
 
 ALL_ROWS=()
 for m in hot cold; do
-	for b in seqread-1m seqwrite-1m randread-4k-qd1 randread-4k-qd16 randwrite-4k randrw-4k; do
+	for b in seqread-1m seqwrite-1m randread-4k-qd1 randread-4k-qd16 randwrite-4k randwrite-4k-qd16 randrw-4k; do
 		ALL_ROWS+=("$b-$m")
 	done
 done
@@ -753,6 +754,7 @@ row_args() { # sets ROW_MODE (hot|cold|direct) and ROW_ARGS
 	randread-4k-qd1 | randread-4k) ROW_ARGS=(--rw=randread --bs=4k --ioengine=psync) ;;
 	randread-4k-qd16) ROW_ARGS=(--rw=randread --bs=4k --ioengine="$AIO" --iodepth=16) ;;
 	randwrite-4k) ROW_ARGS=(--rw=randwrite --bs=4k --ioengine=psync) ;;
+	randwrite-4k-qd16) ROW_ARGS=(--rw=randwrite --bs=4k --ioengine="$AIO" --iodepth=16) ;;
 	randrw-4k) ROW_ARGS=(--rw=randrw --rwmixread=70 --bs=4k --ioengine=psync) ;;
 	*) die "internal: row $row" ;;
 	esac
