@@ -8,7 +8,7 @@
 mod common;
 
 use common::{
-    LoopDev, Mount, ctl_write_read, errno_result, make_file, open_rw, read_at, scratch,
+    LoopBed, Mount, ctl_write_read, errno_result, make_file, open_rw, read_at, scratch,
     status_image,
 };
 use std::fs::{self, File, OpenOptions};
@@ -71,43 +71,6 @@ fn page_state(path: &Path) -> Pages {
     Pages {
         dirty: st.dirty,
         writeback: st.writeback,
-    }
-}
-
-/// Two loop devices over one image file: host A and host B of one LUN, each
-/// with a migsafe mount serving it as `disk`.
-struct LoopBed {
-    _dir: tempfile::TempDir,
-    a: Mount,
-    b: Mount,
-    loop_a: LoopDev,
-    loop_b: LoopDev,
-}
-
-impl LoopBed {
-    fn new(mib: usize, args_a: &[&str], args_b: &[&str]) -> LoopBed {
-        let dir = scratch();
-        let img = dir.path().join("shared.img");
-        make_file(&img, mib * MIB, b'A');
-        let loop_a = LoopDev::attach(&img);
-        let loop_b = LoopDev::attach(&img);
-        let mount = |tag: &str, lo: &LoopDev, extra: &[&str]| {
-            let back = dir.path().join(format!("back-{tag}"));
-            fs::create_dir(&back).unwrap();
-            let dev = format!("disk={}", lo.path.display());
-            let mut args = vec!["--device", dev.as_str()];
-            args.extend_from_slice(extra);
-            Mount::start(dir.path(), &back, &args)
-        };
-        let a = mount("a", &loop_a, args_a);
-        let b = mount("b", &loop_b, args_b);
-        LoopBed {
-            a,
-            b,
-            loop_a,
-            loop_b,
-            _dir: dir,
-        }
     }
 }
 

@@ -13,7 +13,7 @@
 mod common;
 
 use common::{
-    KMount, LoopDev, Mount, ctl_write_read, hold_open, make_file, read_at, read_direct, residency,
+    KMount, LoopBed, Mount, ctl_write_read, hold_open, make_file, read_at, read_direct, residency,
     scratch, status_image, write_at_sync,
 };
 use std::fs;
@@ -74,28 +74,9 @@ fn loop_bed_cached_destination_reads_stale_until_activate() {
 }
 
 fn loop_bed(device_io: &str) {
-    let dir = scratch();
-    let img = dir.path().join("shared.img");
-    make_file(&img, 64 * MIB, b'A');
-    let loop_a = LoopDev::attach(&img);
-    let loop_b = LoopDev::attach(&img);
-    let back_a = dir.path().join("back-a");
-    let back_b = dir.path().join("back-b");
-    fs::create_dir(&back_a).unwrap();
-    fs::create_dir(&back_b).unwrap();
-    let dev_a = format!("disk={}", loop_a.path.display());
-    let dev_b = format!("disk={}", loop_b.path.display());
     let io = ["--device-io", device_io];
-    let m1 = Mount::start(
-        dir.path(),
-        &back_a,
-        &[&["--device", &dev_a][..], &io].concat(),
-    );
-    let m2 = Mount::start(
-        dir.path(),
-        &back_b,
-        &[&["--device", &dev_b][..], &io].concat(),
-    );
+    let bed = LoopBed::new(64, &io, &io);
+    let (m1, m2, loop_a, loop_b) = (&bed.a, &bed.b, &bed.loop_a, &bed.loop_b);
     let disk1 = m1.path("disk");
     let disk2 = m2.path("disk");
     assert_eq!(fs::metadata(&disk2).unwrap().len(), 64 * MIB as u64);
@@ -156,7 +137,7 @@ fn loop_bed(device_io: &str) {
         ra.cached, 0,
         "inactivate must drop the source's cached pages"
     );
-    assert_eq!(status_image(&m1, "disk")["state"], "inactive");
+    assert_eq!(status_image(m1, "disk")["state"], "inactive");
 
     // The new data is on the shared storage (read around loopB's cache).
     let on_storage = read_direct(&loop_b.path, X, MIB);
@@ -176,8 +157,8 @@ fn loop_bed(device_io: &str) {
     );
 
     // Activate on the destination: now the new data.
-    activate_destination(&m2, "disk", &disk2);
-    assert_eq!(status_image(&m2, "disk")["state"], "active");
+    activate_destination(m2, "disk", &disk2);
+    assert_eq!(status_image(m2, "disk")["state"], "active");
 
     // A failed migration re-activates the source: that must work too.
     let (res, out) = ctl_write_read(&m1.ctl("activate"), "disk\n");
@@ -187,7 +168,7 @@ fn loop_bed(device_io: &str) {
         "re-activate source: {out}\nlog:\n{}",
         m1.log_text()
     );
-    assert_eq!(status_image(&m1, "disk")["state"], "active");
+    assert_eq!(status_image(m1, "disk")["state"], "active");
     assert!(all(&read_at(&disk1, X, MIB), b'B'));
 }
 

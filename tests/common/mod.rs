@@ -8,13 +8,14 @@
 mod direct;
 mod errno;
 mod kmount;
+mod loopbed;
 mod procs;
 mod status;
 
 // Re-exported so tests write `common::X` whatever file X lives in; each test
 // binary uses a subset, so a glob may be unused in one of them.
 #[allow(unused_imports)]
-pub use {direct::*, errno::*, kmount::*, procs::*, status::*};
+pub use {direct::*, errno::*, kmount::*, loopbed::*, procs::*, status::*};
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
