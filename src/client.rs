@@ -601,7 +601,7 @@ pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
 
     // Open handles by data path, over all images of the mount.
     let mut by_path: std::collections::BTreeMap<(String, bool), u64> = Default::default();
-    for dp in ["passthrough", "relay"] {
+    for dp in ["passthrough", "relay", "cached"] {
         for w in [false, true] {
             by_path.insert((dp.to_string(), w), 0);
         }

@@ -26,6 +26,7 @@ enum Io {
     Auto,
     Passthrough,
     Relay,
+    Cached,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -69,7 +70,10 @@ struct MountCmd {
     /// Show a block device (or file) at the mount root as regular file NAME.
     #[arg(long = "device", value_name = "NAME=PATH")]
     devices: Vec<String>,
-    /// Data path for regular files.
+    /// Data path for regular files: auto (passthrough where the kernel and
+    /// privileges allow, else relay), passthrough, relay (every read and
+    /// write through the daemon), or cached (the FUSE page cache, O_DIRECT
+    /// on the backing).
     #[arg(long, value_enum, default_value = "auto")]
     io: Io,
     /// Data path for --device entries: cached (the FUSE page cache, O_DIRECT
@@ -196,6 +200,7 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
             Io::Auto => IoMode::Auto,
             Io::Passthrough => IoMode::Passthrough,
             Io::Relay => IoMode::Relay,
+            Io::Cached => IoMode::Cached,
         },
         device_io: match m.device_io {
             DeviceIo::Cached => DataPath::Cached,

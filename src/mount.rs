@@ -206,8 +206,9 @@ pub fn parse_io(v: &str) -> Result<IoMode, StartError> {
         "auto" => Ok(IoMode::Auto),
         "passthrough" => Ok(IoMode::Passthrough),
         "relay" => Ok(IoMode::Relay),
+        "cached" => Ok(IoMode::Cached),
         _ => err(format!(
-            "invalid io mode {v:?}: expected auto, passthrough or relay"
+            "invalid io mode {v:?}: expected auto, passthrough, relay or cached"
         )),
     }
 }

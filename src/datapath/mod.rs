@@ -1,4 +1,5 @@
-//! The data paths of docs/DESIGN.md §2 (the cached one in `cached.rs`).
+//! The data paths of docs/DESIGN.md §2 (the cached one, for devices and
+//! for regular files with `--io cached`, in `cached.rs`).
 //!
 //! passthrough: the kernel reads and writes the backing file itself; the
 //! daemon only registers one backing file per inode (shared by all handles,
@@ -27,6 +28,8 @@ pub enum IoMode {
     Auto,
     Passthrough,
     Relay,
+    /// The FUSE inode's page cache, O_DIRECT on the backing (as devices).
+    Cached,
 }
 
 impl IoMode {
@@ -35,6 +38,7 @@ impl IoMode {
             IoMode::Auto => "auto",
             IoMode::Passthrough => "passthrough",
             IoMode::Relay => "relay",
+            IoMode::Cached => "cached",
         }
     }
 }

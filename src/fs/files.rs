@@ -46,6 +46,7 @@ impl MigsafeFs {
         }
         match self.config.io {
             IoMode::Relay => DataPath::Relay,
+            IoMode::Cached => DataPath::Cached,
             _ if self.passthrough_active() => DataPath::Passthrough,
             _ => DataPath::Relay,
         }
@@ -193,25 +194,25 @@ impl MigsafeFs {
                 }
             }
         }
+        let mut file = file;
         if data_path == DataPath::Cached {
-            // The device's own page cache must hold nothing of the image:
-            // the FUSE inode's is the one cache. A `--device` that is a
-            // regular file may not take O_DIRECT (tmpfs), or end inside a
-            // block (an aligned write of its last block would grow it):
-            // such an image is served by relay, whose one cache is the
-            // backing's, for all its handles alike.
-            let block = sys::logical_block_size(file.as_fd());
-            let direct = match image.device().map(|d| d.whole_blocks(block)) {
-                Some(Err(why)) => Err(std::io::Error::other(why)),
-                _ => sys::set_direct(file.as_fd()),
+            // The backing's own page cache must hold nothing of the image:
+            // the FUSE inode's is the one cache. A backing that refuses
+            // O_DIRECT (ramfs), or a `--device` that is a regular file ending
+            // inside a block (an aligned write of its last block would grow
+            // it), is served by relay, whose one cache is the backing's.
+            let whole = |block| image.device().map_or(Ok(()), |d| d.whole_blocks(block));
+            file = match datapath::cached::prepare(file, backing_flags(flags), whole) {
+                Ok(f) => f,
+                Err((f, e)) => {
+                    log::info!(
+                        "open {}: cached data path unavailable ({e}); using relay",
+                        image.path()
+                    );
+                    data_path = DataPath::Relay;
+                    f
+                }
             };
-            if let Err(e) = direct {
-                log::info!(
-                    "open {}: cached data path unavailable ({e}); using relay",
-                    image.path()
-                );
-                data_path = DataPath::Relay;
-            }
         }
         // A first open (nobody else has the image open here) is the
         // close-to-open point: without FOPEN_KEEP_CACHE the kernel drops the
@@ -408,6 +409,7 @@ impl MigsafeFs {
             let _admitted = image.admit_write(&self.settings)?;
             // As the caller, so the kernel clears set-id bits as it would.
             let _creds = self.as_caller(req)?;
+            let _resize = image.io_locks.resize();
             file.set_len(0)?;
         }
         let attr = self.attr_of(&inode)?;
@@ -444,9 +446,14 @@ impl MigsafeFs {
             }
         };
         match h.data_path {
-            DataPath::Cached => {
-                datapath::cached::read(&h.file, h.block, offset, size as usize, respond)
-            }
+            DataPath::Cached => datapath::cached::read(
+                &h.file,
+                h.block,
+                &h.image.io_locks,
+                offset,
+                size as usize,
+                respond,
+            ),
             _ => datapath::relay_read(&h.file, offset, size as usize, respond),
         }
     }
@@ -463,8 +470,11 @@ impl MigsafeFs {
         let data = &data[..room];
         h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
         let written = match h.data_path {
+            DataPath::Cached if h.image.is_device() => {
+                datapath::cached::write(&h.file, h.block, &h.image.io_locks, offset, data)
+            }
             DataPath::Cached => {
-                datapath::cached::write(&h.file, h.block, &h.image.write_ranges, offset, data)
+                datapath::cached::write_file(&h.file, h.block, &h.image.io_locks, offset, data)
             }
             _ => datapath::relay_write(&h.file, offset, data, h.direct),
         }
@@ -543,6 +553,8 @@ impl MigsafeFs {
             let handle_file = fh
                 .and_then(|fh| self.file_handle(fh).ok())
                 .filter(|h| h.writable);
+            // Cached images change size alone (datapath/cached.rs).
+            let _resize = image.io_locks.resize();
             match handle_file {
                 Some(h) => {
                     h.file.set_len(size)?;
@@ -620,7 +632,12 @@ impl MigsafeFs {
             // Growing: a device cannot, past its end.
             h.image.grow_allowed(offset.saturating_add(length))?;
         }
-        let res = sys::fallocate(h.file.as_fd(), mode, offset, length);
+        // Punching or zeroing a block between the read and the write of a
+        // cached read-modify-write would be undone: alone, as size changes.
+        let res = {
+            let _resize = h.image.io_locks.resize();
+            sys::fallocate(h.file.as_fd(), mode, offset, length)
+        };
         h.note_write();
         Ok(res?)
     }
@@ -640,6 +657,13 @@ impl MigsafeFs {
     ) -> Result<usize, Error> {
         let hin = self.file_handle(fh_in)?;
         let hout = self.file_handle(fh_out)?;
+        if hin.data_path == DataPath::Cached || hout.data_path == DataPath::Cached {
+            // A copy between the backing fds would skip the FUSE page cache
+            // (mapped pages not written back yet) and the cached write
+            // path's locks. EOPNOTSUPP makes the kernel copy through this
+            // mount's read and write instead.
+            return Err(Error::Refused(libc::EOPNOTSUPP));
+        }
         let _admitted = hout.image.admit_write(&self.settings)?;
         let len = hout
             .image

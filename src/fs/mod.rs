@@ -213,6 +213,8 @@ impl MigsafeFs {
             return Ok(attr::device(inode.nodeid, &dev.node_stat()?, dev.size()));
         }
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
+        // Never the padded length of a cached write in progress.
+        let _size = inode.image().map(|img| img.io_locks.shared());
         let st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&**fd))?;
         Ok(attr::from_stat(inode.nodeid, &st))
     }
@@ -304,7 +306,8 @@ fn reply_xattr(reply: ReplyXattr, result: Result<namespace::Xattr, Error>) {
 impl Filesystem for MigsafeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
-        let want_pt = self.config.io != IoMode::Relay;
+        // relay and cached never use passthrough (nor need CAP_SYS_ADMIN).
+        let want_pt = matches!(self.config.io, IoMode::Auto | IoMode::Passthrough);
         let pt_offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
         self.ctl
             .passthrough_supported

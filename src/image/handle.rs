@@ -23,7 +23,8 @@ pub struct Handle {
     pub data_path: DataPath,
     pub direct: bool,
     pub writable: bool,
-    /// The backing's logical block size: the alignment O_DIRECT needs.
+    /// The alignment O_DIRECT on the backing needs (STATX_DIOALIGN, else
+    /// the logical block size).
     pub block: u64,
     /// The opening process and its command name, captured at open: the
     /// process may be gone by the time a report names it.
@@ -53,7 +54,7 @@ impl Handle {
         passthrough: Option<Arc<PassthroughBacking>>,
     ) -> Handle {
         let pid = process_of(pid);
-        let block = sys::logical_block_size(std::os::fd::AsFd::as_fd(&*file));
+        let block = sys::dio_block(std::os::fd::AsFd::as_fd(&*file));
         Handle {
             opened_inactive: !image.is_active(),
             image,

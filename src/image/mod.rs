@@ -148,8 +148,9 @@ pub struct Image {
     /// or relay with mappings) has been open: the handover must drop and
     /// verify that cache too.
     fuse_pages: std::sync::atomic::AtomicBool,
-    /// Byte ranges of O_DIRECT read-modify-writes in progress (cached path).
-    pub write_ranges: crate::datapath::cached::RangeLock,
+    /// The cached path's locks: byte ranges of O_DIRECT read-modify-writes
+    /// in progress, and the size lock that size changes hold alone.
+    pub io_locks: crate::datapath::cached::Locks,
     state: Mutex<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     pub counters: Counters,
@@ -167,7 +168,7 @@ impl Image {
             open_gate: Mutex::default(),
             errseq: Mutex::default(),
             fuse_pages: Default::default(),
-            write_ranges: Default::default(),
+            io_locks: Default::default(),
             state: Mutex::default(),
             handles: Mutex::default(),
             counters: Counters::default(),

@@ -7,7 +7,9 @@ pub struct AlignedBuf {
     cap: usize,
 }
 
-const ALIGN: usize = 4096;
+/// The memory alignment every buffer has; O_DIRECT on a filesystem that
+/// needs more (`STATX_DIOALIGN` mem) cannot use these buffers.
+pub const BUF_ALIGN: usize = 4096;
 
 impl AlignedBuf {
     pub const fn empty() -> AlignedBuf {
@@ -21,8 +23,8 @@ impl AlignedBuf {
     pub fn get(&mut self, len: usize) -> &mut [u8] {
         if len > self.cap {
             self.release();
-            let cap = len.next_multiple_of(ALIGN).max(ALIGN);
-            let layout = std::alloc::Layout::from_size_align(cap, ALIGN).expect("layout");
+            let cap = len.next_multiple_of(BUF_ALIGN).max(BUF_ALIGN);
+            let layout = std::alloc::Layout::from_size_align(cap, BUF_ALIGN).expect("layout");
             // SAFETY: layout has non-zero size.
             let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
             if ptr.is_null() {
@@ -40,7 +42,7 @@ impl AlignedBuf {
 
     fn release(&mut self) {
         if !self.ptr.is_null() {
-            let layout = std::alloc::Layout::from_size_align(self.cap, ALIGN).expect("layout");
+            let layout = std::alloc::Layout::from_size_align(self.cap, BUF_ALIGN).expect("layout");
             // SAFETY: ptr was allocated with this layout in `get`.
             unsafe { std::alloc::dealloc(self.ptr, layout) };
             self.ptr = std::ptr::null_mut();

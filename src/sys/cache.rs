@@ -141,3 +141,51 @@ pub fn logical_block_size(fd: BorrowedFd<'_>) -> u64 {
         4096
     }
 }
+
+/// What O_DIRECT I/O on a file must be aligned to, as the filesystem reports
+/// it with `statx(STATX_DIOALIGN)` (Linux 6.1+): file offsets and lengths to
+/// `offset`, memory to `mem`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DioAlign {
+    pub offset: u64,
+    pub mem: u64,
+}
+
+/// `statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN)`. None where the kernel or
+/// the filesystem does not report it (NFS, FUSE, older kernels), or reports
+/// that O_DIRECT is not supported (zero alignments).
+pub fn dio_align(fd: BorrowedFd<'_>) -> Option<DioAlign> {
+    // SAFETY: statx holds only integers, for which all-zero bytes are valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the empty path is NUL-terminated, stx is a live statx the
+    // kernel fills; with AT_EMPTY_PATH the call acts on fd itself.
+    let ret = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if ret != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    if stx.stx_dio_offset_align == 0 || stx.stx_dio_mem_align == 0 {
+        return None;
+    }
+    Some(DioAlign {
+        offset: stx.stx_dio_offset_align as u64,
+        mem: stx.stx_dio_mem_align as u64,
+    })
+}
+
+/// The offset alignment the cached data path uses for `fd`: the filesystem's
+/// `STATX_DIOALIGN` where it reports one, else the logical block size (a
+/// device's BLKSSZGET, or 4096).
+pub fn dio_block(fd: BorrowedFd<'_>) -> u64 {
+    match dio_align(fd) {
+        Some(a) if a.offset.is_power_of_two() => a.offset,
+        _ => logical_block_size(fd),
+    }
+}
