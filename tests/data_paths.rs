@@ -485,3 +485,298 @@ fn file_devices_keep_their_size_on_either_path() {
         );
     }
 }
+
+#[test]
+fn regular_files_cached() {
+    if !common::require_root() {
+        return;
+    }
+    check_regular_files("cached");
+}
+
+/// A small deterministic generator (xorshift64*), so a failing sequence of
+/// operations repeats exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// In `[lo, hi]`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+fn open_rw_at(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+fn read_range(f: &File, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => panic!("read at {offset}: {e}"),
+        }
+    }
+    buf.truncate(done);
+    buf
+}
+
+/// The cached path on a regular file that grows and shrinks: appends,
+/// unaligned writes that end past EOF (with and without a hole before
+/// them), overwrites across EOF, truncates both ways, extending fallocate
+/// and appends through fresh O_WRONLY|O_APPEND opens, each checked against
+/// a model of the file: size through the mount and in the backing, every
+/// byte of the changing region through the mount and in the backing, and
+/// reads at and across EOF ending exactly there. Meanwhile a second thread
+/// keeps writing unaligned pieces of the region before it, whose last block
+/// is shared with the changing region, and checks each one.
+#[test]
+fn cached_file_follows_a_model_while_it_grows_and_shrinks() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    // The -o form of the option.
+    let m = Mount::start(dir.path(), &backing, &["-o", "io=cached"]);
+    let path = m.path("grow.img");
+    let raw = backing.join("grow.img");
+    // [0, floor) belongs to the second thread; the rest to the main one.
+    let floor: u64 = MIB as u64 + 1000;
+    let prefix = pattern(floor as usize, 0x31);
+    fs::write(&path, &prefix).unwrap();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let f = open_rw_at(&path);
+            let mut model = prefix.clone();
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+            let mut writes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || writes < 50 {
+                let off = rng.range(0, floor - 1);
+                let len = rng.range(1, 9000.min(floor - off)) as usize;
+                let data = pattern(len, writes as u8);
+                f.write_all_at(&data, off).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+                assert_same(&read_range(&f, off, len), &data, "second thread: read-back");
+                writes += 1;
+            }
+            assert_same(
+                &read_range(&f, 0, floor as usize),
+                &model,
+                "second thread's region at the end",
+            );
+            model
+        });
+
+        // Stops the second thread also when an assertion below panics (the
+        // scope waits for it).
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let stopper = StopOnDrop(&stop);
+        let f = open_rw_at(&path);
+        let mut model: Vec<u8> = prefix.clone();
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for step in 0..400u32 {
+            let size = model.len() as u64;
+            let kind = rng.range(0, 7);
+            let what = match kind {
+                0 | 1 => {
+                    let len = rng.range(1, 20_000) as usize;
+                    let data = pattern(len, step as u8);
+                    f.write_all_at(&data, size).unwrap();
+                    model.extend_from_slice(&data);
+                    format!("append {len}")
+                }
+                2 => {
+                    let gap = rng.range(1, 10_000);
+                    let len = rng.range(1, 10_000) as usize;
+                    let data = pattern(len, step as u8 ^ 0x80);
+                    f.write_all_at(&data, size + gap).unwrap();
+                    model.resize((size + gap) as usize, 0);
+                    model.extend_from_slice(&data);
+                    format!("write {len} after a hole of {gap}")
+                }
+                3 => {
+                    let back = rng.range(0, (size - floor).min(6000));
+                    let len = rng.range(back + 1, back + 9000) as usize;
+                    let off = size - back;
+                    let data = pattern(len, step as u8 ^ 0x40);
+                    f.write_all_at(&data, off).unwrap();
+                    model.resize(off as usize, 0);
+                    model.extend_from_slice(&data);
+                    format!("write {len} at {off} across EOF")
+                }
+                4 => {
+                    let new = rng.range(floor, size);
+                    f.set_len(new).unwrap();
+                    model.truncate(new as usize);
+                    format!("truncate down to {new}")
+                }
+                5 => {
+                    let new = size + rng.range(1, 12_000);
+                    f.set_len(new).unwrap();
+                    model.resize(new as usize, 0);
+                    format!("truncate up to {new}")
+                }
+                6 => {
+                    let off = rng.range(floor, size);
+                    let len = size - off + rng.range(1, 9000);
+                    // SAFETY: plain syscall on an open fd.
+                    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, off as i64, len as i64) };
+                    assert_eq!(r, 0, "fallocate: {}", io::Error::last_os_error());
+                    model.resize((off + len) as usize, 0);
+                    format!("fallocate {off}+{len}")
+                }
+                _ => {
+                    let len = rng.range(1, 3000) as usize;
+                    let data = pattern(len, step as u8 ^ 0x20);
+                    let mut a = OpenOptions::new().append(true).open(&path).unwrap();
+                    a.write_all(&data).unwrap();
+                    drop(a);
+                    model.extend_from_slice(&data);
+                    format!("O_WRONLY|O_APPEND write {len}")
+                }
+            };
+            let want = model.len() as u64;
+            let ctx = format!("step {step} ({what}), model size {want}");
+            assert_eq!(f.metadata().unwrap().len(), want, "{ctx}: size through the mount");
+            assert_eq!(fs::metadata(&path).unwrap().len(), want, "{ctx}: stat through the mount");
+            assert_eq!(fs::metadata(&raw).unwrap().len(), want, "{ctx}: size in the backing");
+            let tail = (want - floor) as usize;
+            assert_same(
+                &read_range(&f, floor, tail + 5000),
+                &model[floor as usize..],
+                &format!("{ctx}: bytes through the mount (read across EOF)"),
+            );
+            let b = File::open(&raw).unwrap();
+            assert_same(
+                &read_range(&b, floor, tail + 5000),
+                &model[floor as usize..],
+                &format!("{ctx}: bytes in the backing"),
+            );
+            assert!(
+                read_range(&f, want, 4096).is_empty(),
+                "{ctx}: a read at EOF returned bytes"
+            );
+            let around = want.saturating_sub(7).max(floor);
+            assert_eq!(
+                read_range(&f, around, 100).len() as u64,
+                want - around,
+                "{ctx}: a read across EOF must end exactly at EOF"
+            );
+        }
+        drop(stopper);
+        let theirs = other.join().expect("second thread");
+        assert_same(
+            &read_range(&f, 0, floor as usize),
+            &theirs,
+            "the second thread's region after both finished",
+        );
+        assert_same(
+            &read_range(&File::open(&raw).unwrap(), 0, floor as usize),
+            &theirs,
+            "the second thread's region in the backing",
+        );
+    });
+
+    let log = m.log_text();
+    assert!(
+        log_has_open(&log, "grow.img", "cached"),
+        "log does not say `data path=cached` for grow.img:\n{log}"
+    );
+    assert!(
+        !log.contains("data path=relay") && !log.contains("data path=passthrough"),
+        "a handle of an --io cached mount used another data path:\n{log}"
+    );
+}
+
+/// The one cache of a cached regular file is the FUSE inode's: what is
+/// written and read through the mount is resident there and the backing's
+/// page cache holds nothing of it; status names the data path per handle.
+#[test]
+fn cached_file_has_one_cache_the_fuse_inodes() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start(dir.path(), &backing, &["--io", "cached"]);
+    let path = m.path("one.img");
+    let data = pattern(4 * MIB + 300, 0x6b);
+    fs::write(&path, &data).unwrap();
+    // Held open: residency's own open of the mount file is then a later
+    // open, which keeps the FUSE cache it measures.
+    let _holder = hold_open(&path);
+    assert_same(&fs::read(&path).unwrap(), &data, "read back through the mount");
+    let fuse = residency(&path);
+    assert!(
+        fuse.cached >= (4 * MIB / 4096) as u64,
+        "the FUSE inode must cache what was written and read (cached={})",
+        fuse.cached
+    );
+    assert_eq!(fuse.dirty, 0, "write-through: no dirty FUSE pages");
+    assert_eq!(
+        residency(&backing.join("one.img")).cached,
+        0,
+        "the backing's page cache must hold nothing of a cached image"
+    );
+    let st = status_image(&m, "one.img");
+    let paths: Vec<&str> = st["open_handles"]
+        .as_array()
+        .expect("open_handles")
+        .iter()
+        .map(|h| h["data_path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["cached"], "status: {st}");
+    assert_eq!(status(&m)["data_paths"]["io"], "cached");
+}
+
+/// A backing that refuses O_DIRECT (ramfs) serves `--io cached` images by
+/// relay, says so in the log, and keeps the data right.
+#[test]
+fn cached_falls_back_to_relay_where_o_direct_is_refused() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let ram = common::KMount::mount(&["-t", "ramfs", "ramfs"], &dir.path().join("ram"));
+    let m = Mount::start(dir.path(), &ram.path, &["--io", "cached"]);
+    let data = pattern(MIB + 77, 0x19);
+    fs::write(m.path("r.img"), &data).unwrap();
+    write_at_sync(&m.path("r.img"), 4097, &data[..5000]);
+    let mut want = data.clone();
+    want[4097..4097 + 5000].copy_from_slice(&data[..5000]);
+    assert_same(&fs::read(ram.path.join("r.img")).unwrap(), &want, "ramfs backing");
+    assert_same(&fs::read(m.path("r.img")).unwrap(), &want, "through the mount");
+    let log = m.log_text();
+    assert!(
+        log.contains("cached data path unavailable") && log_has_open(&log, "r.img", "relay"),
+        "the fallback to relay must be logged:\n{log}"
+    );
+    assert!(
+        !log_has_open(&log, "r.img", "cached"),
+        "no handle may use the cached path on ramfs:\n{log}"
+    );
+    drop(m);
+}
