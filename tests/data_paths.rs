@@ -659,9 +659,21 @@ fn cached_file_follows_a_model_while_it_grows_and_shrinks() {
             };
             let want = model.len() as u64;
             let ctx = format!("step {step} ({what}), model size {want}");
-            assert_eq!(f.metadata().unwrap().len(), want, "{ctx}: size through the mount");
-            assert_eq!(fs::metadata(&path).unwrap().len(), want, "{ctx}: stat through the mount");
-            assert_eq!(fs::metadata(&raw).unwrap().len(), want, "{ctx}: size in the backing");
+            assert_eq!(
+                f.metadata().unwrap().len(),
+                want,
+                "{ctx}: size through the mount"
+            );
+            assert_eq!(
+                fs::metadata(&path).unwrap().len(),
+                want,
+                "{ctx}: stat through the mount"
+            );
+            assert_eq!(
+                fs::metadata(&raw).unwrap().len(),
+                want,
+                "{ctx}: size in the backing"
+            );
             let tail = (want - floor) as usize;
             assert_same(
                 &read_range(&f, floor, tail + 5000),
@@ -728,7 +740,11 @@ fn cached_file_has_one_cache_the_fuse_inodes() {
     // Held open: residency's own open of the mount file is then a later
     // open, which keeps the FUSE cache it measures.
     let _holder = hold_open(&path);
-    assert_same(&fs::read(&path).unwrap(), &data, "read back through the mount");
+    assert_same(
+        &fs::read(&path).unwrap(),
+        &data,
+        "read back through the mount",
+    );
     let fuse = residency(&path);
     assert!(
         fuse.cached >= (4 * MIB / 4096) as u64,
@@ -767,8 +783,16 @@ fn cached_falls_back_to_relay_where_o_direct_is_refused() {
     write_at_sync(&m.path("r.img"), 4097, &data[..5000]);
     let mut want = data.clone();
     want[4097..4097 + 5000].copy_from_slice(&data[..5000]);
-    assert_same(&fs::read(ram.path.join("r.img")).unwrap(), &want, "ramfs backing");
-    assert_same(&fs::read(m.path("r.img")).unwrap(), &want, "through the mount");
+    assert_same(
+        &fs::read(ram.path.join("r.img")).unwrap(),
+        &want,
+        "ramfs backing",
+    );
+    assert_same(
+        &fs::read(m.path("r.img")).unwrap(),
+        &want,
+        "through the mount",
+    );
     let log = m.log_text();
     assert!(
         log.contains("cached data path unavailable") && log_has_open(&log, "r.img", "relay"),

@@ -15,15 +15,36 @@ fn job_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fio/verify.fio")
 }
 
-/// Runs examples/fio/verify.fio over 64 MiB of `file`; panics with fio's output and the
+/// How fio covers the file: `jobs` jobs of `mib` MiB / `jobs` each, one
+/// after the other from byte `offset`.
+#[derive(Clone, Copy)]
+struct Layout {
+    mib: u32,
+    jobs: u32,
+    offset: u64,
+}
+
+const ONE_JOB: Layout = Layout {
+    mib: 64,
+    jobs: 1,
+    offset: 0,
+};
+
+/// Runs examples/fio/verify.fio over 64 MiB (or the layout's size) of `file`; panics with fio's output and the
 /// daemon log when fio fails.
 fn fio(m: &Mount, file: &Path, bs: &str, direct: bool, verify_only: bool) {
+    fio_jobs(m, file, bs, direct, verify_only, ONE_JOB)
+}
+
+fn fio_jobs(m: &Mount, file: &Path, bs: &str, direct: bool, verify_only: bool, at: Layout) {
     // fio may drop state files into its working directory: keep them in scratch.
     let out = Command::new("fio")
         .current_dir(m.mountpoint.parent().unwrap())
         .arg(job_file())
         .env("FILENAME", file)
-        .env("SIZE", "64m")
+        .env("SIZE", format!("{}m", at.mib / at.jobs))
+        .env("JOBS", at.jobs.to_string())
+        .env("OFFSET", at.offset.to_string())
         .env("BS", bs)
         .env("DIRECT", if direct { "1" } else { "0" })
         .env("VERIFY_ONLY", if verify_only { "1" } else { "0" })
@@ -36,8 +57,10 @@ fn fio(m: &Mount, file: &Path, bs: &str, direct: bool, verify_only: bool) {
     );
     if !out.status.success() {
         panic!(
-            "fio (file={} bs={bs} direct={direct} verify_only={verify_only}) failed with {}:\n{text}\n--- migsafe log ---\n{}",
+            "fio (file={} bs={bs} direct={direct} verify_only={verify_only} jobs={} offset={}) failed with {}:\n{text}\n--- migsafe log ---\n{}",
             file.display(),
+            at.jobs,
+            at.offset,
             out.status,
             m.log_text()
         );
@@ -55,15 +78,16 @@ fn fio(m: &Mount, file: &Path, bs: &str, direct: bool, verify_only: bool) {
             .and_then(|r| r.split_whitespace().next())
             .map(str::to_owned)
     };
+    let whole = format!("{}.0MiB", at.mib);
     assert_eq!(
         io_of("READ:").as_deref(),
-        Some("64.0MiB"),
+        Some(whole.as_str()),
         "fio verified a different amount:\n{text}"
     );
     if !verify_only {
         assert_eq!(
             io_of("WRITE:").as_deref(),
-            Some("64.0MiB"),
+            Some(whole.as_str()),
             "fio wrote a different amount:\n{text}"
         );
     }
@@ -78,6 +102,10 @@ fn fio_and_verify(m: &Mount, through: &Path, direct_path: &Path, bs: &str, direc
 }
 
 fn check_dir_backing(io: &str, bs: &str, direct: bool) {
+    check_dir_backing_jobs(io, bs, direct, ONE_JOB)
+}
+
+fn check_dir_backing_jobs(io: &str, bs: &str, direct: bool, at: Layout) {
     if !have_tool("fio") {
         return;
     }
@@ -85,7 +113,8 @@ fn check_dir_backing(io: &str, bs: &str, direct: bool) {
     let backing = dir.path().join("backing");
     fs::create_dir(&backing).unwrap();
     let m = Mount::start(dir.path(), &backing, &["--io", io]);
-    fio_and_verify(&m, &m.path("fio.img"), &backing.join("fio.img"), bs, direct);
+    fio_jobs(&m, &m.path("fio.img"), bs, direct, false, at);
+    fio_jobs(&m, &backing.join("fio.img"), bs, direct, true, at);
     let log = m.log_text();
     assert!(
         log.lines()
@@ -156,6 +185,99 @@ fn passthrough_1m_direct() {
         return;
     }
     check_dir_backing("passthrough", "1m", true);
+}
+
+/// Four jobs at once, each in its own quarter of the file.
+const FOUR_JOBS: Layout = Layout {
+    mib: 64,
+    jobs: 4,
+    offset: 0,
+};
+
+#[test]
+fn cached_4k_buffered() {
+    if !common::require_root() {
+        return;
+    }
+    check_dir_backing_jobs("cached", "4k", false, FOUR_JOBS);
+}
+
+#[test]
+fn cached_4k_direct() {
+    if !common::require_root() {
+        return;
+    }
+    check_dir_backing_jobs("cached", "4k", true, FOUR_JOBS);
+}
+
+#[test]
+fn cached_1m_buffered() {
+    if !common::require_root() {
+        return;
+    }
+    check_dir_backing_jobs("cached", "1m", false, FOUR_JOBS);
+}
+
+#[test]
+fn cached_1m_direct() {
+    if !common::require_root() {
+        return;
+    }
+    check_dir_backing_jobs("cached", "1m", true, FOUR_JOBS);
+}
+
+/// 512-byte buffered writes 100 bytes off every block boundary: each one
+/// is a read-modify-write of two blocks, and the jobs' neighbouring ranges
+/// share a block.
+#[test]
+fn cached_512_unaligned_buffered() {
+    if !common::require_root() {
+        return;
+    }
+    check_dir_backing_jobs(
+        "cached",
+        "512",
+        false,
+        Layout {
+            mib: 16,
+            jobs: 4,
+            offset: 100,
+        },
+    );
+}
+
+/// The NFS stand-in (a mergerfs `cache.files=full` mount) takes O_DIRECT
+/// without reporting an alignment, so the cached path keeps it and aligns
+/// to 4096: the same unaligned 512-byte writes are read-modify-writes of
+/// 4 KiB blocks there. Verified again in the directory under mergerfs.
+#[test]
+fn cached_on_mergerfs_512_unaligned_buffered() {
+    if !common::require_root() || !have_tool("fio") || !have_tool("mergerfs") {
+        return;
+    }
+    let dir = scratch();
+    let shared = dir.path().join("nfs");
+    fs::create_dir(&shared).unwrap();
+    let host = KMount::mergerfs(&shared, &dir.path().join("host"));
+    let m = Mount::start(dir.path(), &host.path, &["--io", "cached"]);
+    let at = Layout {
+        mib: 16,
+        jobs: 2,
+        offset: 100,
+    };
+    fio_jobs(&m, &m.path("fio.img"), "512", false, false, at);
+    fio_jobs(&m, &shared.join("fio.img"), "512", false, true, at);
+    let log = m.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("fio.img")
+            && l.contains("data path=cached")
+            && l.contains("dio_align=4096")),
+        "fio.img on mergerfs must use the cached path aligned to 4096:\n{log}"
+    );
+    assert!(
+        !log.contains("data path=relay"),
+        "mergerfs takes O_DIRECT: no fallback to relay expected:\n{log}"
+    );
 }
 
 #[test]

@@ -254,11 +254,16 @@ impl MigsafeFs {
             );
         }
         log::info!(
-            "open {} data path={} pid={} flags={:#o}",
+            "open {} data path={} pid={} flags={:#o}{}",
             image.path(),
             data_path.name(),
             req.pid(),
-            flags
+            flags,
+            if data_path == DataPath::Cached {
+                format!(" dio_align={}", handle.block)
+            } else {
+                String::new()
+            }
         );
         let fopen = match data_path {
             DataPath::Passthrough => FopenFlags::empty(),
