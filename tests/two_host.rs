@@ -5,7 +5,8 @@
 //! - Loop bed: one image file, two loop devices over it, `--device disk=LOOP`
 //!   on each mount (SAN LUN model).
 //! - mergerfs bed: two mergerfs `cache.files=full` mounts of one directory, a
-//!   migsafe mount over each (NFS model), once per data-path pairing.
+//!   migsafe mount over each (NFS model), once per data-path pairing
+//!   (the cached path of regular files included).
 //!
 //! Every test asserts the negative control (the destination reads stale data
 //! when nobody activates) before asserting that `activate` fixes it.
@@ -187,16 +188,46 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
     let backing_a = host_a.path.join("disk.img");
     let backing_b = host_b.path.join("disk.img");
 
+    // Where each host caches the image: the backing's page cache (the
+    // mergerfs mount's, as an NFS client's), or the FUSE inode's for cached,
+    // whose backing fd is O_DIRECT.
+    let cache_of = |io: &str, disk: &Path, backing: &Path| {
+        if io == "cached" {
+            disk.to_path_buf()
+        } else {
+            backing.to_path_buf()
+        }
+    };
+    let cache_a = cache_of(src_io, &disk1, &backing_a);
+    let cache_b = cache_of(dst_io, &disk2, &backing_b);
+
+    // Both VMMs hold the image open (and `migsafe residency`'s own open of
+    // a FUSE file is then a later open, which keeps the cache it measures).
     let _holder = hold_open(&disk2);
+    let _source_vmm = hold_open(&disk1);
     let before = read_at(&disk2, X, MIB);
     assert!(all(&before, b'A'), "initial read: {}", describe(&before));
-    let rb = residency(&backing_b);
+    let rb = residency(&cache_b);
     assert!(
         rb.cached >= (MIB / 4096) as u64,
         "precondition: block X must be cached in {} (cached={})",
-        backing_b.display(),
+        cache_b.display(),
         rb.cached
     );
+    if dst_io == "cached" {
+        assert_eq!(
+            residency(&backing_b).cached,
+            0,
+            "cached path: the backing's page cache must hold nothing of the image"
+        );
+        // `check` reports what the destination holds: the FUSE inode's pages.
+        let (res, out) = ctl_write_read(&m2.ctl("check"), "disk.img\n");
+        assert_eq!(res, Err(libc::EBUSY), "check on the destination: {out}");
+        assert!(
+            out.contains("FUSE page cache") && !out.contains("resident_pages=0 "),
+            "check must name the FUSE inode's resident pages: {out}"
+        );
+    }
     let log2 = m2.log_text();
     assert!(
         log2.contains(&format!("data path={dst_io}")),
@@ -223,6 +254,15 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
         "source still has writeback pages after inactivate"
     );
     assert_eq!(status_image(&m1, "disk.img")["state"], "inactive");
+    if src_io == "cached" {
+        let fa = residency(&cache_a);
+        assert_eq!(
+            (fa.cached, fa.dirty, fa.writeback),
+            (0, 0, 0),
+            "inactivate must drop the source's FUSE inode pages"
+        );
+        assert_eq!(ra.cached, 0, "the source's backing cache holds nothing");
+    }
 
     // The shared directory has the new data.
     let on_storage = read_direct(&shared.join("disk.img"), X, MIB);
@@ -242,6 +282,15 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
     );
 
     activate_destination(&m2, "disk.img", &disk2);
+    if dst_io == "cached" {
+        let handles = status_image(&m2, "disk.img")["open_handles"].clone();
+        assert!(
+            handles
+                .as_array()
+                .is_some_and(|v| !v.is_empty() && v.iter().all(|h| h["data_path"] == "cached")),
+            "status must list the destination's handles as cached: {handles}"
+        );
+    }
 }
 
 #[test]
@@ -258,4 +307,23 @@ fn mergerfs_bed_passthrough_to_relay() {
         return;
     }
     mergerfs_bed("passthrough", "relay");
+}
+
+/// The cached path on both hosts: the stale block sits in the destination's
+/// FUSE inode, and that is what inactivate drops on the source and activate
+/// drops on the destination.
+#[test]
+fn mergerfs_bed_cached_to_cached() {
+    if !common::require_root() || !common::have_tool("mergerfs") {
+        return;
+    }
+    mergerfs_bed("cached", "cached");
+}
+
+#[test]
+fn mergerfs_bed_relay_to_cached() {
+    if !common::require_root() || !common::have_tool("mergerfs") {
+        return;
+    }
+    mergerfs_bed("relay", "cached");
 }
