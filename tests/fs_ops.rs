@@ -872,3 +872,21 @@ fn copy_file_range_passthrough() {
     }
     check_copy_file_range("passthrough");
 }
+
+#[test]
+fn fallocate_and_seek_cached() {
+    if !common::require_root() {
+        return;
+    }
+    check_fallocate_seek("cached");
+}
+
+/// Cached handles answer EOPNOTSUPP to the daemon's copy_file_range, so
+/// the kernel copies through the mount's own read and write.
+#[test]
+fn copy_file_range_cached() {
+    if !common::require_root() {
+        return;
+    }
+    check_copy_file_range("cached");
+}
