@@ -412,10 +412,23 @@ fn relay_writes_to_an_inactive_image_get_erofs() {
     if !common::require_root() {
         return;
     }
+    writes_to_an_inactive_image_get_erofs("relay");
+}
+
+/// So do writers of a cached regular file: every write reaches the daemon.
+#[test]
+fn cached_writes_to_an_inactive_image_get_erofs() {
+    if !common::require_root() {
+        return;
+    }
+    writes_to_an_inactive_image_get_erofs("cached");
+}
+
+fn writes_to_an_inactive_image_get_erofs(io: &str) {
     let dir = scratch();
     let back = dir.path().join("back");
     fs::create_dir(&back).unwrap();
-    let m = Mount::start(dir.path(), &back, &["--io", "relay"]);
+    let m = Mount::start(dir.path(), &back, &["--io", io]);
     let img = m.path("vm.img");
     File::create(&img).unwrap().set_len(MIB as u64).unwrap();
     let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm.img\n");
@@ -427,6 +440,21 @@ fn relay_writes_to_an_inactive_image_get_erofs() {
         Err(libc::EROFS)
     );
     assert_eq!(errno_result(f.set_len(0)), Err(libc::EROFS));
+    assert_eq!(
+        errno_result(f.write_at(b"y", 2 * MIB as u64).map(|_| ())),
+        Err(libc::EROFS),
+        "{io}: an extending write"
+    );
+    assert_eq!(
+        fs::metadata(back.join("vm.img")).unwrap().len(),
+        MIB as u64,
+        "{io}: refused writes must leave the size"
+    );
+    assert!(
+        m.log_text().contains(&format!("data path={io}")),
+        "expected the {io} data path:\n{}",
+        m.log_text()
+    );
 }
 
 /// Issue: two threads opening one image 600 times each got EBUSY from
@@ -438,7 +466,7 @@ fn racing_first_opens_never_get_ebusy() {
     if !common::require_root() {
         return;
     }
-    for io in ["passthrough", "relay"] {
+    for io in ["passthrough", "relay", "cached"] {
         let dir = scratch();
         let back = dir.path().join("back");
         fs::create_dir(&back).unwrap();

@@ -281,6 +281,18 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
         describe(&stale)
     );
 
+    if dst_io == "cached" {
+        // invalidate alone drops and verifies the FUSE inode's pages.
+        let (res, out) = ctl_write_read(&m2.ctl("invalidate"), "disk.img\n");
+        assert_eq!(res, Ok(()), "invalidate on the destination: {out}");
+        let fb = residency(&cache_b);
+        assert_eq!(
+            fb.cached, 0,
+            "invalidate must drop the destination's FUSE inode pages"
+        );
+        let (res, out) = ctl_write_read(&m2.ctl("check"), "disk.img\n");
+        assert_eq!(res, Ok(()), "check after invalidate: {out}");
+    }
     activate_destination(&m2, "disk.img", &disk2);
     if dst_io == "cached" {
         let handles = status_image(&m2, "disk.img")["open_handles"].clone();

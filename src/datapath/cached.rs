@@ -157,6 +157,12 @@ pub fn prepare(
         file.read_at(buf, 0).map(|_| ())
     });
     if let Err(e) = probe {
+        // Relay then uses this fd as the caller opened it.
+        if flags & libc::O_DIRECT == 0
+            && let Err(c) = sys::clear_direct(file.as_fd())
+        {
+            log::warn!("cannot clear O_DIRECT after a failed probe: {c}");
+        }
         return Err((
             file,
             io::Error::new(e.kind(), format!("O_DIRECT read failed: {e}")),

@@ -211,6 +211,21 @@ pub fn set_direct(fd: BorrowedFd<'_>) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// Clears O_DIRECT on an open file description.
+pub fn clear_direct(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments only.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } as libc::c_long)?;
+    // SAFETY: as above.
+    check(unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETFL,
+            flags as i32 & !libc::O_DIRECT,
+        )
+    } as libc::c_long)
+    .map(|_| ())
+}
+
 /// An all-zero `stat`, to fill in field by field.
 pub fn zeroed_stat() -> libc::stat {
     // SAFETY: libc::stat holds only integers (plain old data), for which
