@@ -594,6 +594,17 @@ fn cached_file_follows_a_model_while_it_grows_and_shrinks() {
         }
         let stopper = StopOnDrop(&stop);
         let f = open_rw_at(&path);
+        // O_DIRECT reads through the mount reach the daemon with the size
+        // asked for, past EOF: the reply must still end exactly there.
+        let fd = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap()
+        };
+        let mut dbuf = common::AlignedBuf::zeroed(16384);
         let mut model: Vec<u8> = prefix.clone();
         let mut rng = Rng(0x1234_5678_9abc_def1);
         for step in 0..400u32 {
@@ -690,6 +701,20 @@ fn cached_file_follows_a_model_while_it_grows_and_shrinks() {
                 read_range(&f, want, 4096).is_empty(),
                 "{ctx}: a read at EOF returned bytes"
             );
+            let at = (want - 7) / 4096 * 4096;
+            if at >= floor {
+                let n = fd.read_at(dbuf.as_mut_slice(), at).unwrap();
+                assert_eq!(
+                    n as u64,
+                    want - at,
+                    "{ctx}: O_DIRECT read across EOF at {at}"
+                );
+                assert_same(
+                    &dbuf.as_slice()[..n],
+                    &model[at as usize..],
+                    &format!("{ctx}: O_DIRECT read across EOF"),
+                );
+            }
             let around = want.saturating_sub(7).max(floor);
             assert_eq!(
                 read_range(&f, around, 100).len() as u64,
@@ -765,7 +790,11 @@ fn cached_file_has_one_cache_the_fuse_inodes() {
         .map(|h| h["data_path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, vec!["cached"], "status: {st}");
-    assert_eq!(status(&m)["data_paths"]["io"], "cached");
+    let doc = status(&m);
+    assert_eq!(doc["data_paths"]["io"], "cached");
+    // The cached path never registers passthrough backings, which would
+    // need CAP_SYS_ADMIN.
+    assert_eq!(doc["data_paths"]["passthrough_active"], false, "{doc}");
 }
 
 /// A backing that refuses O_DIRECT (ramfs) serves `--io cached` images by
