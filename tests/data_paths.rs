@@ -833,3 +833,87 @@ fn cached_falls_back_to_relay_where_o_direct_is_refused() {
     );
     drop(m);
 }
+
+/// While one thread appends unaligned pieces to a cached regular file, the
+/// file is a whole block longer for a moment after each O_DIRECT write of
+/// the padded last block, until the daemon cuts it back. Nobody going
+/// through the mount may see that length. No append ends on a 512-byte
+/// boundary, and the kernel splits a write only at page boundaries, so an
+/// end of file seen by an O_DIRECT read (served by the daemon) or by `stat`
+/// that is a multiple of 512 but not of 4096 is a padded one (on ext4,
+/// which reports 512-byte O_DIRECT alignment).
+#[test]
+fn cached_readers_never_see_a_padded_length() {
+    if !common::require_root() {
+        return;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = scratch();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start(dir.path(), &backing, &["--io", "cached"]);
+    let path = m.path("odd.img");
+    fs::write(&path, pattern(4097, 1)).unwrap();
+    let padded = |len: u64| len.is_multiple_of(512) && !len.is_multiple_of(4096);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap();
+            let mut buf = common::AlignedBuf::zeroed(8192);
+            let mut last = 4097u64;
+            let mut seen = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = last / 4096 * 4096;
+                let n = f.read_at(buf.as_mut_slice(), at).unwrap() as u64;
+                if n < 8192 {
+                    let eof = at + n;
+                    assert!(
+                        !padded(eof),
+                        "an O_DIRECT read ended at {eof}: a padded length"
+                    );
+                    assert!(eof >= last, "end of file went back from {last} to {eof}");
+                    last = eof;
+                    seen += 1;
+                } else {
+                    last = at + 4096;
+                }
+                let st = fs::metadata(&path).unwrap().len();
+                assert!(
+                    !padded(st),
+                    "stat through the mount said {st}: a padded length"
+                );
+            }
+            seen
+        });
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _done = Done(&done);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut rng = Rng(0x5eed);
+        let mut size = 4097u64;
+        for i in 0..4000u64 {
+            let mut len = rng.range(1, 200);
+            if (size + len).is_multiple_of(512) {
+                len += 1;
+            }
+            f.write_all(&pattern(len as usize, i as u8)).unwrap();
+            size += len;
+        }
+        drop(_done);
+        reader.join().expect("reader")
+    });
+    assert!(seen > 100, "the reader saw end of file only {seen} times");
+    assert!(
+        m.log_text().contains("dio_align=512"),
+        "the bed must align O_DIRECT to 512 bytes for this test to see anything:\n{}",
+        m.log_text()
+    );
+}

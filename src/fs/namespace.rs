@@ -104,12 +104,17 @@ impl MigsafeFs {
             };
             (fd.clone(), kind)
         });
+        let mut st = st;
         if let Some(image) = inode.image() {
             image.set_path(path);
             image.nodeid.store(inode.nodeid, Ordering::Relaxed);
             if let Some(fd) = &inode.fd {
                 image.set_live_fd(fd);
             }
+            // The kernel takes the size from a lookup too: never the padded
+            // length of a cached write in progress (datapath/cached.rs).
+            let _size = image.io_locks.shared();
+            st = sys::fstat_fd(fd.as_fd())?;
         }
         Ok(attr::from_stat(inode.nodeid, &st))
     }
