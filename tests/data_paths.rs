@@ -790,6 +790,11 @@ fn cached_file_has_one_cache_the_fuse_inodes() {
         .map(|h| h["data_path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, vec!["cached"], "status: {st}");
+    assert_eq!(st["cached_pages"], 0, "status: the backing's pages: {st}");
+    assert!(
+        st["fuse_cache"]["cached_pages"].as_u64().unwrap_or(0) >= (4 * MIB / 4096) as u64,
+        "status must count the FUSE inode's pages of a cached file: {st}"
+    );
     let doc = status(&m);
     assert_eq!(doc["data_paths"]["io"], "cached");
     // The cached path never registers passthrough backings, which would
