@@ -321,9 +321,17 @@ fn foreground_log_file_gets_the_log_and_failed_commands_warn() {
         &backing,
         &["--io", "relay", "--log-file", log.to_str().unwrap()],
     );
-    let text = read_text(&log);
+    // The start line follows mount(2) by a moment: the mount can be live
+    // (what Mount::start waits for) before it is written.
+    let start = format!("serving {} on", backing.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut text = read_text(&log);
+    while !text.contains(&start) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        text = read_text(&log);
+    }
     assert!(
-        text.contains(&format!("serving {} on", backing.display())),
+        text.contains(&start),
         "--log-file lacks the start line:\n{text}"
     );
     assert!(
