@@ -101,6 +101,8 @@ def run(op, a):
         st = os.lstat(a[0]); return "%d %d" % (st.st_atime, st.st_mtime)
     if op == "ls":
         return ",".join(sorted(os.listdir(a[0])))
+    if op == "link":
+        os.link(a[0], a[1]); return ""
     raise SystemExit("probe: unknown op " + op)
 
 ops, cur = [], []
@@ -761,6 +763,64 @@ fn mknod_symlink_times_and_unsearchable_directories() {
             }
             let lines: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
             expect(&out, &lines, &format!("{who:?}"));
+        }
+    }
+}
+
+/// Search permission on every directory of a path is checked on every
+/// walk, as on the backing: a name looked up (or created) a moment ago
+/// must not stay reachable through a directory its owner has just made
+/// unsearchable (pjdfstest's `*/05.t`). Everything runs in one process, so
+/// each step follows the previous one within milliseconds.
+#[test]
+fn unsearchable_directory_stops_names_looked_up_before() {
+    if !require_root() {
+        return;
+    }
+    let setup = "
+        for w in root nobody nobodyg nobodydisk; do
+            mkdir d-$w; echo x > d-$w/f; chmod 666 d-$w/f; chown -R 65534:65534 d-$w
+        done";
+    let script = "$P stat d-$W/f -- create d-$W/new 644 -- mkdir d-$W/sub 755 -- chmod d-$W 644 \
+         -- stat d-$W/f -- read d-$W/f -- write d-$W/f -- truncate d-$W/f 1 -- chmod d-$W/f 600 \
+         -- chgrp d-$W/f 65534 -- access d-$W/f r -- link d-$W/f l-$W -- stat d-$W/new \
+         -- stat d-$W/sub -- chmod d-$W 755 -- stat d-$W/f -- link d-$W/f l-$W";
+    for cfg in MATRIX {
+        let b = bed(cfg, setup, &[]);
+        for who in USERS {
+            let out = b.same(who, script);
+            let w = who.name();
+            let denied = [
+                "stat d-{w}/f",
+                "read d-{w}/f",
+                "write d-{w}/f",
+                "truncate d-{w}/f 1",
+                "chmod d-{w}/f 600",
+                "chgrp d-{w}/f 65534",
+                "access d-{w}/f r",
+                "link d-{w}/f l-{w}",
+                "stat d-{w}/new",
+                "stat d-{w}/sub",
+            ];
+            let lines: Vec<String> = if who == Who::Root {
+                // CAP_DAC_READ_SEARCH: root searches any directory.
+                vec![
+                    "chmod d-root 644: ok".into(),
+                    "read d-root/f: ok".into(),
+                    "link d-root/f l-root: ok".into(),
+                ]
+            } else {
+                let mut l: Vec<String> = denied
+                    .iter()
+                    .map(|op| format!("{}: EACCES", op.replace("{w}", w)))
+                    .collect();
+                l.push(format!("chmod d-{w} 755: ok"));
+                l.push(format!("stat d-{w}/f: ok 100666 65534:65534"));
+                l.push(format!("link d-{w}/f l-{w}: ok"));
+                l
+            };
+            let lines: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+            expect(&out, &lines, &format!("{cfg:?} {who:?}"));
         }
     }
 }

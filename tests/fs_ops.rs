@@ -890,3 +890,44 @@ fn copy_file_range_cached() {
     }
     check_copy_file_range("cached");
 }
+
+/// `chown(path, -1, -1)` changes nothing but the ctime, on the backing as
+/// on any Linux filesystem; the kernel sends it as a setattr with nothing
+/// to set, which must still reach the backing (pjdfstest's `chown/00.t`
+/// notes the Linux behaviour).
+#[test]
+fn chown_to_no_ids_updates_ctime_as_on_the_backing() {
+    if !common::require_root() {
+        return;
+    }
+    let b = bed(&[]);
+    let local = b.backing.parent().unwrap().join("local");
+    let through = b.m.path("f");
+    fs::write(&local, b"x").unwrap();
+    fs::write(&through, b"x").unwrap();
+    let ctime = |p: &Path| {
+        let md = fs::symlink_metadata(p).unwrap();
+        (md.ctime(), md.ctime_nsec())
+    };
+    let before = [ctime(&local), ctime(&through)];
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for p in [&local, &through] {
+        let c = cstr(p);
+        // SAFETY: valid NUL-terminated path; -1 ids change neither owner.
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), u32::MAX, u32::MAX) }, 0);
+    }
+    let after = [ctime(&local), ctime(&through)];
+    assert_ne!(
+        after[0], before[0],
+        "bed: a local chown(-1, -1) updates ctime"
+    );
+    assert_ne!(
+        after[1], before[1],
+        "chown(-1, -1) through the mount left the ctime as it was"
+    );
+    assert_eq!(
+        ctime(&b.backing.join("f")),
+        after[1],
+        "the mount shows the backing's ctime"
+    );
+}

@@ -16,6 +16,15 @@ use crate::sys;
 /// at once when it matters.
 pub const TTL: Duration = Duration::from_secs(1);
 
+/// How long the kernel may keep a name bound to its node without asking:
+/// not at all. Without `default_permissions` the kernel checks no search
+/// permission on the directories of a path; the daemon's lookup, made as
+/// the caller, is that check. A cached name would skip it, so a caller
+/// could still reach `dir/name` for up to a TTL after `dir` was made
+/// unsearchable (pjdfstest's `*/05.t`). Lookups are rare next to the I/O
+/// that matters here: an image is looked up at open, not per request.
+pub const ENTRY_TTL: Duration = Duration::ZERO;
+
 fn time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
         UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)

@@ -545,7 +545,11 @@ impl MigsafeFs {
                 other => other?,
             }
         }
-        if ch.uid.is_some() || ch.gid.is_some() {
+        // Nothing to set is how the kernel sends chown(-1, -1): still a
+        // chown on the backing, which updates the ctime there.
+        let nothing =
+            ch.mode.is_none() && ch.size.is_none() && ch.atime.is_none() && ch.mtime.is_none();
+        if ch.uid.is_some() || ch.gid.is_some() || nothing {
             let uid = ch.uid.unwrap_or(u32::MAX);
             let gid = ch.gid.unwrap_or(u32::MAX);
             // On the O_PATH fd itself (also for symlinks).

@@ -244,7 +244,7 @@ fn reply_empty(reply: ReplyEmpty, result: Result<(), Error>) {
 
 fn reply_entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Error>) {
     match result {
-        Ok(a) => reply.entry(&attr::TTL, &a, Generation(0)),
+        Ok(a) => reply.entry_with_ttls(&attr::TTL, &attr::ENTRY_TTL, &a, Generation(0)),
         Err(e) => reply.error(e.into()),
     }
 }
@@ -278,19 +278,25 @@ fn reply_open(reply: ReplyOpen, result: Result<files::Opened, Error>) {
     }
 }
 
+/// A create reply has one TTL for the new name and its attributes: the
+/// name's (`ENTRY_TTL`) wins, the attributes are asked for again once.
 fn reply_create(reply: ReplyCreate, result: Result<files::Created, Error>) {
     match result {
         Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
-            &attr::TTL,
+            &attr::ENTRY_TTL,
             &attr,
             Generation(0),
             FileHandle(fh),
             fopen,
             &pt.id,
         ),
-        Ok((attr, fh, fopen, None)) => {
-            reply.created(&attr::TTL, &attr, Generation(0), FileHandle(fh), fopen)
-        }
+        Ok((attr, fh, fopen, None)) => reply.created(
+            &attr::ENTRY_TTL,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            fopen,
+        ),
         Err(e) => reply.error(e.into()),
     }
 }
