@@ -586,13 +586,7 @@ fn cached_file_follows_a_model_while_it_grows_and_shrinks() {
 
         // Stops the second thread also when an assertion below panics (the
         // scope waits for it).
-        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let stopper = StopOnDrop(&stop);
+        let stopper = common::SetOnDrop(&stop);
         let f = open_rw_at(&path);
         // O_DIRECT reads through the mount reach the daemon with the size
         // asked for, past EOF: the reply must still end exactly there.
@@ -894,13 +888,7 @@ fn cached_readers_never_see_a_padded_length() {
             }
             seen
         });
-        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let _done = Done(&done);
+        let _done = common::SetOnDrop(&done);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         let mut rng = Rng(0x5eed);
         let mut size = 4097u64;

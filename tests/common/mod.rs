@@ -28,6 +28,16 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_migsafe");
 
+/// Sets its flag when dropped: stops a test's helper thread also when an
+/// assertion of the main thread panics (a thread scope waits for it).
+pub struct SetOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Tests mount filesystems and attach loop devices: they need root.
 /// CI runs as root; elsewhere the test is reported and skipped loudly.
 pub fn require_root() -> bool {
