@@ -59,15 +59,6 @@ impl From<Error> for fuser::Errno {
     }
 }
 
-impl From<Error> for io::Error {
-    fn from(e: Error) -> io::Error {
-        match e {
-            Error::Io(e) => e,
-            other => io::Error::from_raw_os_error(other.errno()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -326,13 +326,6 @@ pub fn write_file(
     res
 }
 
-/// Truncate (setattr size) of a regular file on the cached path: alone, as
-/// every size change.
-pub fn set_len(file: &File, locks: &Locks, size: u64) -> io::Result<()> {
-    let _size = locks.resize();
-    file.set_len(size)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
