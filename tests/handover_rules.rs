@@ -831,3 +831,115 @@ fn status_reports_the_fuse_inodes_cache_of_cached_devices() {
         "relay device: status does not show the device's cached pages: {img}"
     );
 }
+
+/// Issue: images were keyed by (device, inode) alone. An image inactivated
+/// on this host (never opened here) was deleted on the shared storage and a
+/// new image created there took its freed inode number: the new image was
+/// born inactive, its writes got EROFS. A small ext4 on a loop device reuses
+/// a freed inode number at once; the test asserts that it did (else it
+/// proves nothing). Once under a new name, once under the same name (status
+/// looked that one up by its last path). Negative control: an image
+/// inactivated the same way that is still there keeps EROFS.
+#[test]
+fn a_new_image_on_a_reused_inode_number_starts_active_relay() {
+    if !common::require_root() || !common::have_tool("mkfs.ext4") {
+        return;
+    }
+    new_image_on_a_reused_inode_number("relay");
+}
+
+#[test]
+fn a_new_image_on_a_reused_inode_number_starts_active_cached() {
+    if !common::require_root() || !common::have_tool("mkfs.ext4") {
+        return;
+    }
+    new_image_on_a_reused_inode_number("cached");
+}
+
+fn new_image_on_a_reused_inode_number(io: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch();
+    let fs_img = dir.path().join("ext4.img");
+    File::create(&fs_img)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    common::run(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&fs_img),
+    );
+    let lo = common::LoopDev::attach(&fs_img);
+    let ext = common::KMount::dev(&lo.path, &dir.path().join("ext"));
+    let back = ext.path.clone();
+    make_file(&back.join("vm1.img"), MIB, 1);
+    make_file(&back.join("same.img"), MIB, 1);
+    make_file(&back.join("control.img"), MIB, 1);
+    let m = Mount::start(dir.path(), &back, &["--io", io]);
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm1.img\nsame.img\ncontrol.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert_eq!(status_image(&m, "vm1.img")["state"], "inactive");
+    assert_eq!(status_image(&m, "same.img")["state"], "inactive");
+
+    // Another host deletes vm1.img and creates vm2.img on the storage.
+    let ino1 = fs::metadata(back.join("vm1.img")).unwrap().ino();
+    fs::remove_file(back.join("vm1.img")).unwrap();
+    make_file(&back.join("vm2.img"), MIB, 2);
+    let ino2 = fs::metadata(back.join("vm2.img")).unwrap().ino();
+    assert_eq!(
+        ino1, ino2,
+        "the backing did not reuse the inode number: the test proves nothing"
+    );
+
+    let f = open_wo(&m.path("vm2.img")).unwrap();
+    assert_eq!(
+        errno_result(f.write_at(b"new", 0).map(|_| ())),
+        Ok(()),
+        "{io}: a new image must not inherit the inactive state of a deleted one"
+    );
+    drop(f);
+    let st = status_image(&m, "vm2.img");
+    assert_eq!(st["state"], "active", "{io}: {st}");
+    assert_eq!(read_at(&back.join("vm2.img"), 0, 3), b"new");
+    let listed = common::status(&m)["images"].to_string();
+    assert!(
+        !listed.contains("\"vm1.img\""),
+        "{io}: the deleted image is still listed: {listed}"
+    );
+
+    // The same name again: deleted and created anew, same inode number.
+    let ino1 = fs::metadata(back.join("same.img")).unwrap().ino();
+    fs::remove_file(back.join("same.img")).unwrap();
+    make_file(&back.join("same.img"), MIB, 2);
+    assert_eq!(
+        fs::metadata(back.join("same.img")).unwrap().ino(),
+        ino1,
+        "the backing did not reuse the inode number: the test proves nothing"
+    );
+    // Not seen by this mount yet: not listed, or listed active.
+    let listed = common::status(&m)["images"].clone();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["path"] != "same.img" || i["state"] == "active"),
+        "{io}: the new same.img is listed inactive: {listed}"
+    );
+    let f = open_wo(&m.path("same.img")).unwrap();
+    assert_eq!(
+        errno_result(f.write_at(b"new", 0).map(|_| ())),
+        Ok(()),
+        "{io}: same name"
+    );
+    drop(f);
+    assert_eq!(status_image(&m, "same.img")["state"], "active", "{io}");
+
+    // Negative control: an inactivated image that is still there.
+    let f = open_wo(&m.path("control.img")).unwrap();
+    assert_eq!(
+        errno_result(f.write_at(b"x", 0).map(|_| ())),
+        Err(libc::EROFS),
+        "NEGATIVE CONTROL FAILED ({io}): an inactive image took a write"
+    );
+}

@@ -4,6 +4,7 @@
 //! `migsafe residency`.
 
 pub mod holders;
+pub mod incarnation;
 pub mod invalidator;
 
 use std::fs::File;
@@ -13,6 +14,7 @@ use std::os::fd::AsFd;
 use crate::sys::{self, PageCounts};
 
 pub use holders::{Holder, Identity, find_holders, find_unfenced_writers};
+pub use incarnation::Incarnation;
 
 /// mincore is done in windows this size, like QEMU's check, so a huge image
 /// never needs one huge mapping.

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use super::ControlPlane;
 use super::request::{self, Target};
-use crate::cache::Identity;
 use crate::cache::invalidator::AttrInvalidator;
+use crate::cache::{Identity, Incarnation};
 use crate::image::{CommandContext, Image, Outcome, Registry, Source};
 use crate::protocol::{self, key};
 use crate::settings::Settings;
@@ -195,6 +195,7 @@ impl Job {
             _ => return Err(fail(libc::EINVAL, "not a regular file".into())),
         }
         let identity = Identity::of_stat(&st);
+        let incarnation = Incarnation::of_fd(fd.as_fd(), st.st_dev);
         // The request's name is the image's current name: it refreshes a path
         // that went stale (a directory renamed on the backing), unless it
         // reached the image through a symlink, which must not rename it.
@@ -206,7 +207,7 @@ impl Job {
         .and_then(|f| sys::fstat_fd(f.as_fd()))
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
         .unwrap_or(true);
-        let image = self.registry.get_or_insert(identity, || {
+        let image = self.registry.get_or_insert(identity, &incarnation, || {
             Image::new(
                 identity,
                 Source::File {
@@ -215,6 +216,7 @@ impl Job {
                 },
                 path.to_string(),
             )
+            .with_incarnation(incarnation.clone())
         });
         if !through_symlink {
             image.set_path(path.to_string());

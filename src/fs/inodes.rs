@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::backing::Device;
-use crate::cache::Identity;
+use crate::cache::{Identity, Incarnation};
 use crate::image::Image;
 
 /// Node ids: backing entries use their backing inode number, so `st_ino`
@@ -41,6 +41,8 @@ pub struct Inode {
     /// O_PATH fd of the backing entry; `None` for `--device` entries.
     pub fd: Option<Arc<OwnedFd>>,
     pub identity: Identity,
+    /// Which file of that (dev, ino) the fd pins (see `lookup_or_insert`).
+    pub incarnation: Incarnation,
     pub kind: Kind,
     /// Set for `--device` entries, which the namespace operations protect.
     pub device: Option<Arc<Device>>,
@@ -98,6 +100,7 @@ impl InodeTable {
             nodeid,
             fd,
             identity,
+            incarnation: Incarnation::default(),
             kind,
             path: RwLock::new(device.as_ref().map(|d| d.name.clone()).unwrap_or_default()),
             device,
@@ -117,16 +120,22 @@ impl InodeTable {
 
     /// Returns the inode for a backing entry, creating it if needed, and
     /// counts one kernel lookup. An existing inode keeps its fd (the new one is
-    /// dropped), so hard links share one node id.
+    /// dropped), so hard links share one node id. An inode whose fd pins
+    /// another file with the same (dev, ino) (deleted on another NFS client,
+    /// whose server then gave its number to a new file) is not that entry:
+    /// the new file gets a node of its own, the old node stays until the
+    /// kernel forgets it.
     pub fn lookup_or_insert(
         &self,
         identity: Identity,
+        incarnation: Incarnation,
         path: String,
         make: impl FnOnce() -> (Arc<OwnedFd>, Kind),
     ) -> Arc<Inode> {
         let mut by_identity = self.by_identity.lock().expect("inode lock");
         if let Some(id) = by_identity.get(&identity)
             && let Some(inode) = self.get(*id)
+            && inode.incarnation.same_pinned(&incarnation)
         {
             inode.lookups.fetch_add(1, Ordering::Relaxed);
             *inode.path.write().expect("path lock") = path;
@@ -143,6 +152,7 @@ impl InodeTable {
             nodeid,
             fd: Some(fd),
             identity,
+            incarnation,
             kind,
             device: None,
             path: RwLock::new(path),

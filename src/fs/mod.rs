@@ -126,7 +126,8 @@ impl MigsafeFs {
         for dev in devices {
             let dev = Arc::new(dev);
             let identity = Identity::of_stat(&dev.stat);
-            let image = registry.get_or_insert(identity, || {
+            // A device entry is one device for the life of the mount.
+            let image = registry.get_or_insert(identity, &Default::default(), || {
                 Image::new(identity, Source::Device(dev.clone()), dev.name.clone())
             });
             let inode = inodes.insert_pinned(

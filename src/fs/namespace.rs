@@ -13,7 +13,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo, Request};
 
 use super::inodes::{self, Inode, Kind};
 use super::{MigsafeFs, Open, attr};
-use crate::cache::Identity;
+use crate::cache::{Identity, Incarnation};
 use crate::error::Error;
 use crate::image::{Image, Source};
 use crate::sys;
@@ -84,26 +84,34 @@ impl MigsafeFs {
     ) -> Result<FileAttr, Error> {
         let st = sys::fstat_fd(fd.as_fd())?;
         let identity = Identity::of_stat(&st);
+        // Whatever had this (dev, ino) before may be gone, its number
+        // reused: the incarnation tells (one syscall per lookup).
+        let incarnation = Incarnation::of_fd(fd.as_fd(), st.st_dev);
         let path = Self::child_path(dir, name);
         let fd = Arc::new(fd);
-        let inode = self.inodes.lookup_or_insert(identity, path.clone(), || {
-            let kind = match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => Kind::Directory,
-                libc::S_IFREG => Kind::Image(self.registry.get_or_insert(identity, || {
-                    Image::new(
-                        identity,
-                        Source::File {
-                            root: self.root_fd.clone(),
-                            live: Default::default(),
-                        },
-                        path.clone(),
-                    )
-                })),
-                libc::S_IFLNK => Kind::Symlink,
-                _ => Kind::Special,
-            };
-            (fd.clone(), kind)
-        });
+        let inode =
+            self.inodes
+                .lookup_or_insert(identity, incarnation.clone(), path.clone(), || {
+                    let kind = match st.st_mode & libc::S_IFMT {
+                        libc::S_IFDIR => Kind::Directory,
+                        libc::S_IFREG => {
+                            Kind::Image(self.registry.get_or_insert(identity, &incarnation, || {
+                                Image::new(
+                                    identity,
+                                    Source::File {
+                                        root: self.root_fd.clone(),
+                                        live: Default::default(),
+                                    },
+                                    path.clone(),
+                                )
+                                .with_incarnation(incarnation.clone())
+                            }))
+                        }
+                        libc::S_IFLNK => Kind::Symlink,
+                        _ => Kind::Special,
+                    };
+                    (fd.clone(), kind)
+                });
         let mut st = st;
         if let Some(image) = inode.image() {
             image.set_path(path);

@@ -2,7 +2,9 @@
 //! (docs/DESIGN.md §3): active/inactive, the sticky sync error, open handles,
 //! counters and the last control command. Images are keyed by backing
 //! identity (device, inode), so two paths to one file are one image, and an
-//! image's state outlives the kernel forgetting its FUSE inode.
+//! image's state outlives the kernel forgetting its FUSE inode. A new file
+//! that got a deleted image's inode number is told apart by its
+//! incarnation (`cache::Incarnation`) and starts as a new image.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,7 +18,7 @@ use serde_json::json;
 pub mod handle;
 
 use crate::backing::Device;
-use crate::cache::{self, Identity, Report, format_ranges, holders::format_holders};
+use crate::cache::{self, Identity, Incarnation, Report, format_ranges, holders::format_holders};
 use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
@@ -31,7 +33,8 @@ pub enum Source {
     /// A regular file of the backing directory. While the kernel holds its
     /// FUSE inode, `live` reaches the inode's O_PATH fd (immune to renames);
     /// otherwise the file is found again by its last path beneath the
-    /// backing root and must still be the same (dev, ino). The registry never
+    /// backing root and must still be the same file (dev, ino and
+    /// incarnation). The registry never
     /// pins the file itself: deleting an image must free its space.
     File {
         root: Arc<OwnedFd>,
@@ -42,6 +45,17 @@ pub enum Source {
 }
 
 pub use crate::datapath::DataPath;
+
+/// What a file found by an image's last path is to the image.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    This,
+    /// Another (dev, ino): the image was renamed or replaced by another file.
+    Other,
+    /// The same (dev, ino) but another incarnation: the image's file was
+    /// deleted and a new file got its inode number.
+    Successor,
+}
 pub use handle::Handle;
 
 #[derive(Debug, Default)]
@@ -122,6 +136,8 @@ pub trait FuseCache: Sync {
 #[derive(Debug)]
 pub struct Image {
     pub identity: Identity,
+    /// Which file of that (dev, ino) this image is (see `Registry`).
+    pub incarnation: Incarnation,
     pub source: Source,
     /// Last path this image was seen under, relative to the mount root.
     path: RwLock<String>,
@@ -160,6 +176,7 @@ impl Image {
     pub fn new(identity: Identity, source: Source, path: String) -> Image {
         Image {
             identity,
+            incarnation: Incarnation::default(),
             source,
             path: RwLock::new(path),
             nodeid: AtomicU64::new(0),
@@ -173,6 +190,12 @@ impl Image {
             handles: Mutex::default(),
             counters: Counters::default(),
         }
+    }
+
+    /// The image of one file among those that ever had its (dev, ino).
+    pub fn with_incarnation(mut self, incarnation: Incarnation) -> Image {
+        self.incarnation = incarnation;
+        self
     }
 
     pub fn path(&self) -> String {
@@ -235,16 +258,36 @@ impl Image {
                 if let Some(opath) = live {
                     return sys::reopen(opath.as_fd(), flags);
                 }
-                let path = sys::cstring(std::ffi::OsStr::new(&self.path()))?;
-                let fd =
-                    sys::openat2_beneath(root.as_fd(), &path, libc::O_PATH | libc::O_NOFOLLOW)?;
-                let st = sys::fstat_fd(fd.as_fd())?;
-                if Identity::of_stat(&st) != self.identity {
+                let fd = self.at_last_path(root)?;
+                if self.found_at(&fd)? != Found::This {
                     return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
                 }
                 sys::reopen(fd.as_fd(), flags)
             }
             Source::Device(d) => d.open(flags),
+        }
+    }
+
+    /// O_PATH fd of whatever is at the image's last path now.
+    fn at_last_path(&self, root: &OwnedFd) -> std::io::Result<OwnedFd> {
+        let path = sys::cstring(std::ffi::OsStr::new(&self.path()))?;
+        sys::openat2_beneath(root.as_fd(), &path, libc::O_PATH | libc::O_NOFOLLOW)
+    }
+
+    /// Whether `fd` is this image's file: same (dev, ino) and, as far as
+    /// the backing tells, the same incarnation.
+    fn found_at(&self, fd: &OwnedFd) -> std::io::Result<Found> {
+        let st = sys::fstat_fd(fd.as_fd())?;
+        if Identity::of_stat(&st) != self.identity {
+            return Ok(Found::Other);
+        }
+        if self
+            .incarnation
+            .same_file(&Incarnation::of_fd(fd.as_fd(), st.st_dev))
+        {
+            Ok(Found::This)
+        } else {
+            Ok(Found::Successor)
         }
     }
 
@@ -881,10 +924,19 @@ impl Image {
     }
 
     /// True when the file is known to be deleted everywhere: the fd kept
-    /// since its first open sees no name left.
+    /// since its first open sees no name left, or another file now has its
+    /// (dev, ino) at its last path (a number is reused only once freed).
     fn is_deleted(&self) -> bool {
         if self.is_device() {
             return false;
+        }
+        if let Source::File { root, live } = &self.source
+            && live.lock().expect("live lock").upgrade().is_none()
+            && let Ok(fd) = self.at_last_path(root)
+            && matches!(self.found_at(&fd), Ok(Found::Successor))
+            && self.open_handle_count() == 0
+        {
+            return true;
         }
         let keep = self.errseq.lock().expect("errseq lock");
         keep.as_ref().is_some_and(|f| {
@@ -996,14 +1048,37 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Returns the image for `identity`, creating it with `make` the first time.
-    pub fn get_or_insert(&self, identity: Identity, make: impl FnOnce() -> Image) -> Arc<Image> {
-        self.images
-            .lock()
-            .expect("registry lock")
-            .entry(identity)
-            .or_insert_with(|| Arc::new(make()))
-            .clone()
+    /// Returns the image for `identity`, creating it with `make` the first
+    /// time. `incarnation` is that of the file found now: an image of
+    /// another file that had the same (dev, ino) (deleted, on this host or
+    /// another, without this mount seeing it) is replaced by a new image,
+    /// so a new file never inherits its state (an `inactive` mark, a sticky
+    /// error). `make` must build the image with that incarnation.
+    pub fn get_or_insert(
+        &self,
+        identity: Identity,
+        incarnation: &Incarnation,
+        make: impl FnOnce() -> Image,
+    ) -> Arc<Image> {
+        let mut images = self.images.lock().expect("registry lock");
+        if let Some(img) = images.get(&identity) {
+            if img.incarnation.same_file(incarnation) {
+                return img.clone();
+            }
+            log::info!(
+                "image {}: its inode number now belongs to another file (the image was deleted); \
+                 forgetting its state ({}) and starting the new file as a new image",
+                img.path(),
+                if img.is_active() {
+                    "active"
+                } else {
+                    "inactive"
+                }
+            );
+        }
+        let img = Arc::new(make());
+        images.insert(identity, img.clone());
+        img
     }
 
     pub fn get(&self, identity: &Identity) -> Option<Arc<Image>> {
@@ -1022,7 +1097,14 @@ impl Registry {
     /// no handle open here); returns whether it did.
     pub fn forget_if_deleted(&self, image: &Image) -> bool {
         if image.is_deleted() {
-            self.remove(&image.identity);
+            // Only this image: a new one may have its key already.
+            let mut images = self.images.lock().expect("registry lock");
+            if images
+                .get(&image.identity)
+                .is_some_and(|i| std::ptr::eq(Arc::as_ptr(i), image))
+            {
+                images.remove(&image.identity);
+            }
             return true;
         }
         false
