@@ -8,8 +8,8 @@
 //! test machines) and through the mount, and requires
 //! the same results; the local results are also checked against what POSIX
 //! says, so the comparison cannot pass with both sides wrong. Every test runs
-//! on passthrough (`--io auto` as root) and relay, with and without
-//! `-o default_permissions`, as root, as nobody without groups, and as nobody
+//! on passthrough (`--io auto` as root) and relay (the set-id tests on
+//! cached too), with and without `-o default_permissions`, as root, as nobody without groups, and as nobody
 //! with a supplementary group. The daemon starts with root's groups (0 and
 //! disk), as from a root login shell, so a daemon that leaks its own groups
 //! to callers is caught.
@@ -662,7 +662,7 @@ fn writes_by_others_clear_set_id_bits() {
     // writes it sees (relay) but not on passthrough writes, so that case is
     // checked on relay.
     let relay_script = "$P write nsg-$W -- stat nsg-$W";
-    for cfg in MATRIX {
+    for cfg in ALL_DATA_PATHS {
         let b = bed(cfg, setup, &[]);
         for who in USERS {
             let out = b.same(who, script);
@@ -700,6 +700,79 @@ fn writes_by_others_clear_set_id_bits() {
                 let line = format!("stat nsg-{}: ok {mode} 0:65533", who.name());
                 expect(&out, &[&line], &format!("{who:?}"));
             }
+        }
+    }
+}
+
+/// Every data path: the matrix, and the cached path of regular files.
+const ALL_DATA_PATHS: [Cfg; 6] = [
+    MATRIX[0],
+    MATRIX[1],
+    MATRIX[2],
+    MATRIX[3],
+    Cfg {
+        io: "cached",
+        default_permissions: false,
+    },
+    Cfg {
+        io: "cached",
+        default_permissions: true,
+    },
+];
+
+/// Issue: a caller who may write a root-owned 6777 file but does not own it
+/// could `chmod 0777` (or `2777`) it: the backing refused (EPERM) and the
+/// daemon retried as itself, taking the chmod for the kernel clearing set-id
+/// bits for a writer. Only the owner (or CAP_FOWNER) changes a mode, as on
+/// ext4; the clearing for a writer still works afterwards.
+#[test]
+fn only_the_owner_changes_a_set_id_files_mode() {
+    if !require_root() {
+        return;
+    }
+    let setup = "
+        for w in root nobody nobodyg nobodydisk; do
+            for f in a b c; do echo data > $f-$w; chmod 6777 $f-$w; done
+            echo data > own-$w; chown 65534:65534 own-$w; chmod 6777 own-$w
+        done";
+    let script = "$P chmod a-$W 0777 -- stat a-$W -- chmod b-$W 2777 -- stat b-$W \
+         -- chmod c-$W 4777 -- stat c-$W -- chmod own-$W 0777 -- stat own-$W \
+         -- write a-$W -- stat a-$W";
+    for cfg in ALL_DATA_PATHS {
+        let b = bed(cfg, setup, &[]);
+        for who in USERS {
+            let out = b.same(who, script);
+            let w = who.name();
+            let lines: Vec<String> = if who == Who::Root {
+                vec![
+                    "chmod a-root 0777: ok".into(),
+                    "chmod b-root 2777: ok".into(),
+                    "stat b-root: ok 102777 0:0".into(),
+                    "chmod own-root 0777: ok".into(),
+                    "write a-root: ok".into(),
+                ]
+            } else {
+                vec![
+                    format!("chmod a-{w} 0777: EPERM"),
+                    format!("chmod b-{w} 2777: EPERM"),
+                    format!("chmod c-{w} 4777: EPERM"),
+                    format!("stat c-{w}: ok 106777 0:0"),
+                    format!("chmod own-{w} 0777: ok"),
+                    format!("stat own-{w}: ok 100777 65534:65534"),
+                    // The kernel's clearing for a writer still goes through.
+                    format!("write a-{w}: ok"),
+                    format!("stat a-{w}: ok 100777 0:0"),
+                ]
+            };
+            let lines: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+            expect(&out, &lines, &format!("{cfg:?} {who:?}"));
+        }
+        if cfg.io == "cached" {
+            assert!(
+                b.d.log_text().contains("data path=cached"),
+                "expected the cached data path:\n{}",
+                b.d.log_text()
+            );
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request};
 
 use super::MigsafeFs;
+use super::inodes::Inode;
 use crate::error::Error;
 use crate::image::DataPath;
 use crate::sys;
@@ -113,11 +114,17 @@ pub fn virtual_node(
 
 const SET_ID: u32 = libc::S_ISUID | libc::S_ISGID;
 
-/// True when `new` is `cur` (permission bits) with some of its set-uid and
-/// set-gid bits removed and nothing else changed.
-pub fn only_clears_set_id(cur: u32, new: u32) -> bool {
-    let (cur, new) = (cur & 0o7777, new & 0o7777);
-    new != cur && new & !SET_ID == cur & !SET_ID && new & SET_ID & !cur == 0
+/// True when `new` is exactly the mode the kernel asks for when it clears
+/// the set-id bits of `cur` for a writer (`fuse_setattr`, without
+/// `handle_killpriv`): set-uid removed, set-gid removed if group-executable,
+/// nothing else changed. Any other mode is a chmod of the caller's own.
+pub fn is_set_id_clearing(cur: u32, new: u32) -> bool {
+    let cur = cur & 0o7777;
+    let mut cleared = cur & !libc::S_ISUID;
+    if cur & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        cleared &= !libc::S_ISGID;
+    }
+    cleared != cur && new & 0o7777 == cleared
 }
 
 /// The set-id bits a write by `caller`, who lacks CAP_FSETID, clears by the
@@ -139,18 +146,38 @@ pub fn set_id_bits_killed_by_write(st: &libc::stat, caller: impl FnOnce() -> sys
 }
 
 impl MigsafeFs {
-    /// A chmod the caller was refused may still be the kernel clearing
-    /// set-id bits for a writer: allowed when it only removes such bits and
-    /// the caller (whose identity is in force) may write the file.
-    pub(crate) fn may_clear_set_id(&self, fd: &OwnedFd, path: &std::ffi::CStr, mode: u32) -> bool {
+    /// A chmod the caller was refused (not the owner) may still be the
+    /// kernel clearing set-id bits for a writer, which it asks for in the
+    /// writer's name however the file is owned: allowed when the mode is
+    /// exactly that clearing, the caller (whose identity is in force) may
+    /// write the file, and a write is under way: the same request truncates
+    /// (truncate, O_TRUNC), or a writable handle of the file is open through
+    /// this mount (a write or fallocate through it). A chmod of the caller's
+    /// own matches none of these and keeps the backing's EPERM: only the
+    /// owner changes a mode. (The kernel's request carries no mark of its
+    /// own; a non-owner's `chmod` to exactly the cleared mode while a
+    /// writable handle is open is taken for it, and clears only what a
+    /// write by that caller would clear anyway.)
+    pub(crate) fn may_clear_set_id(
+        &self,
+        inode: &Inode,
+        fd: &OwnedFd,
+        path: &std::ffi::CStr,
+        mode: u32,
+        truncates: bool,
+    ) -> bool {
         let Ok(st) = sys::fstat_fd(fd.as_fd()) else {
             return false;
         };
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG || !only_clears_set_id(st.st_mode, mode) {
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || !is_set_id_clearing(st.st_mode, mode) {
             return false;
         }
+        let writing = truncates
+            || inode
+                .image()
+                .is_some_and(|img| img.handles().iter().any(|h| h.writable));
         // With the fs ids and groups switched to the caller's (AT_EACCESS).
-        sys::access_effective(path, libc::W_OK).is_ok()
+        writing && sys::access_effective(path, libc::W_OK).is_ok()
     }
 
     /// Before a relay write that the kernel flagged FUSE_WRITE_KILL_SUIDGID
@@ -189,14 +216,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clearing_set_id_bits_only() {
-        assert!(only_clears_set_id(0o4777, 0o777));
-        assert!(only_clears_set_id(0o6777, 0o2777));
-        assert!(only_clears_set_id(0o6755, 0o755));
-        assert!(!only_clears_set_id(0o4777, 0o4777));
-        assert!(!only_clears_set_id(0o4777, 0o775));
-        assert!(!only_clears_set_id(0o777, 0o4777));
-        assert!(!only_clears_set_id(0o4755, 0o2755));
+    fn exactly_the_kernels_set_id_clearing() {
+        assert!(is_set_id_clearing(0o4777, 0o777));
+        assert!(is_set_id_clearing(0o6777, 0o777));
+        assert!(is_set_id_clearing(0o6767, 0o2767));
+        assert!(is_set_id_clearing(0o2775, 0o775));
+        assert!(is_set_id_clearing(
+            libc::S_IFREG | 0o6755,
+            libc::S_IFREG | 0o755
+        ));
+        // Not what the kernel asks: set-gid of a group-executable file
+        // goes with set-uid; nothing else may change.
+        assert!(!is_set_id_clearing(0o6777, 0o2777));
+        assert!(!is_set_id_clearing(0o6777, 0o4777));
+        assert!(!is_set_id_clearing(0o4777, 0o4777));
+        assert!(!is_set_id_clearing(0o4777, 0o775));
+        assert!(!is_set_id_clearing(0o777, 0o777));
+        assert!(!is_set_id_clearing(0o2767, 0o767));
+        assert!(!is_set_id_clearing(0o777, 0o4777));
     }
 
     #[test]

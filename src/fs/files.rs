@@ -534,7 +534,7 @@ impl MigsafeFs {
             match chmod() {
                 Err(e)
                     if e.raw_os_error() == Some(libc::EPERM)
-                        && self.may_clear_set_id(fd, &path, mode) =>
+                        && self.may_clear_set_id(&inode, fd, &path, mode, ch.size.is_some()) =>
                 {
                     // What the kernel sends when a writer without
                     // CAP_FSETID writes or truncates a set-id file (it kills
