@@ -943,3 +943,61 @@ fn new_image_on_a_reused_inode_number(io: &str) {
         "NEGATIVE CONTROL FAILED ({io}): an inactive image took a write"
     );
 }
+
+/// The other side of the check above: the same file is never taken for a
+/// new one. An inactivated image reached by a hard link made on the
+/// storage, and after a rename there, is still the inactive image; a copy
+/// is a new file and takes writes (the negative control).
+#[test]
+fn the_same_file_keeps_its_state_under_other_names() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    make_file(&back.join("vm.img"), MIB, 1);
+    let m = Mount::start(dir.path(), &back, &["--io", "relay"]);
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    fs::hard_link(back.join("vm.img"), back.join("link.img")).unwrap();
+    let f = open_wo(&m.path("link.img")).unwrap();
+    assert_eq!(
+        errno_result(f.write_at(b"x", 0).map(|_| ())),
+        Err(libc::EROFS),
+        "a hard link of an inactive image took a write"
+    );
+    drop(f);
+    fs::rename(back.join("vm.img"), back.join("moved.img")).unwrap();
+    let (res, out) = ctl_write_read(&m.ctl("check"), "moved.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    let f = open_wo(&m.path("moved.img")).unwrap();
+    assert_eq!(
+        errno_result(f.write_at(b"x", 0).map(|_| ())),
+        Err(libc::EROFS),
+        "a renamed inactive image took a write"
+    );
+    drop(f);
+    let images = common::status(&m)["images"].clone();
+    let states: Vec<_> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["path"].as_str().unwrap_or("").to_string(),
+                i["state"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(states.len(), 1, "one file, one image: {images}");
+    assert_eq!(states[0].1, "inactive", "{images}");
+    // Negative control: another file (a copy, not a link) takes writes.
+    fs::copy(back.join("moved.img"), back.join("copy.img")).unwrap();
+    let f = open_wo(&m.path("copy.img")).unwrap();
+    assert_eq!(
+        errno_result(f.write_at(b"x", 0).map(|_| ())),
+        Ok(()),
+        "NEGATIVE CONTROL FAILED: a new file was fenced"
+    );
+}

@@ -15,63 +15,46 @@ use crate::sys;
 /// command's path), never on reads or writes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Incarnation {
-    /// The file handle: on ext4, xfs, btrfs and tmpfs the inode number and
-    /// the generation the inode got when the file was created; on NFS the
-    /// server's handle (the same, for a Linux server). On FUSE, the FUSE
-    /// server's node id and generation. None where the filesystem gives
-    /// no handle.
+    /// The file handle, where the filesystem can be exported (and so must
+    /// keep a file's handle for good): on ext4, xfs and tmpfs the inode
+    /// number and the generation the inode got when the file was created;
+    /// on NFS the server's handle (the same, for a Linux server). Never on
+    /// FUSE: a FUSE handle is the server's node id, which a server may give
+    /// anew to the same file once the kernel forgot the node, and which
+    /// differs between two hard links on path-based servers.
     handle: Option<Vec<u8>>,
-    /// The handle names the file for good (every filesystem but FUSE). A
-    /// FUSE server may give the same file a new node id once the kernel
-    /// forgot the node, so there the handle tells files apart only while
-    /// something pins the node.
-    persistent: bool,
-    /// Birth time, taken where the handle is not persistent (FUSE servers
-    /// that answer statx).
+    /// Birth time, where there is no such handle (FUSE servers that answer
+    /// statx, filesystems that cannot be exported).
     born: Option<(i64, u32)>,
 }
 
 impl Incarnation {
     /// The incarnation of the file an (O_PATH) fd refers to, on device
-    /// `dev`: one `name_to_handle_at`, plus one statx on FUSE.
+    /// `dev`: one syscall (`name_to_handle_at`, or statx on FUSE and where
+    /// there is no handle).
     pub fn of_fd(fd: BorrowedFd<'_>, dev: u64) -> Incarnation {
-        let persistent = !on_fuse(fd, dev);
-        Incarnation {
-            handle: sys::file_handle(fd).ok(),
-            persistent,
-            born: if persistent {
-                None
-            } else {
-                sys::birth_time(fd)
-            },
-        }
+        let handle = if on_fuse(fd, dev) {
+            None
+        } else {
+            sys::file_handle(fd).ok()
+        };
+        let born = match handle {
+            Some(_) => None,
+            None => sys::birth_time(fd),
+        };
+        Incarnation { handle, born }
     }
 
-    /// Whether `other` is the same file, for an entry that pins its file
-    /// (a FUSE inode holds an O_PATH fd of it): while pinned, the file
-    /// keeps its handle and no other file can get it, on FUSE too.
-    pub fn same_pinned(&self, other: &Incarnation) -> bool {
-        match (&self.handle, &other.handle) {
-            (Some(a), Some(b)) => a == b,
-            _ => self.same_born(other),
-        }
-    }
-
-    /// Whether `other` is the same file, for an entry that does not pin it
-    /// (an image in the registry). Only a definite difference counts: where
-    /// neither a persistent handle nor a birth time is known on both sides,
-    /// the (device, inode) pair alone decides, as it did before, and a new
-    /// file that got a deleted one's inode number would still be taken for
-    /// it. Never the other way: the same file is never taken for a new one,
-    /// which would lose an `inactive` mark.
+    /// Whether `other` is the same file. Only a definite difference counts:
+    /// where neither a handle nor a birth time is known on both sides, the
+    /// (device, inode) pair alone decides, as it did before, and a new file
+    /// that got a deleted one's inode number is still taken for it. Never
+    /// the other way: the same file is never taken for a new one, which
+    /// would lose an `inactive` mark.
     pub fn same_file(&self, other: &Incarnation) -> bool {
-        match (&self.handle, &other.handle) {
-            (Some(a), Some(b)) if self.persistent && other.persistent => a == b,
-            _ => self.same_born(other),
+        if let (Some(a), Some(b)) = (&self.handle, &other.handle) {
+            return a == b;
         }
-    }
-
-    fn same_born(&self, other: &Incarnation) -> bool {
         match (self.born, other.born) {
             (Some(a), Some(b)) => a == b,
             _ => true,
@@ -92,7 +75,7 @@ fn on_fuse(fd: BorrowedFd<'_>, dev: u64) -> bool {
             known.lock().expect("fs kind lock").insert(dev, fuse);
             fuse
         }
-        // Unknown: take it for FUSE, whose handles are trusted the least.
+        // Unknown: no handle, as on FUSE (the birth time may still tell).
         Err(_) => true,
     }
 }
@@ -101,42 +84,28 @@ fn on_fuse(fd: BorrowedFd<'_>, dev: u64) -> bool {
 mod tests {
     use super::*;
 
-    fn inc(handle: Option<&[u8]>, persistent: bool, born: Option<(i64, u32)>) -> Incarnation {
+    fn inc(handle: Option<&[u8]>, born: Option<(i64, u32)>) -> Incarnation {
         Incarnation {
             handle: handle.map(<[u8]>::to_vec),
-            persistent,
             born,
         }
     }
 
     #[test]
-    fn persistent_handles_decide() {
-        let a = inc(Some(b"ino12gen1"), true, None);
-        let b = inc(Some(b"ino12gen2"), true, None);
-        assert!(a.same_file(&a.clone()) && a.same_pinned(&a.clone()));
-        assert!(!a.same_file(&b) && !a.same_pinned(&b));
-    }
-
-    #[test]
-    fn fuse_handles_decide_only_while_pinned() {
-        let a = inc(Some(b"node2"), false, None);
-        let b = inc(Some(b"node3"), false, None);
-        assert!(!a.same_pinned(&b));
-        assert!(
-            a.same_file(&b),
-            "a forgotten FUSE node may come back renumbered"
-        );
-        let a = inc(Some(b"node2"), false, Some((1, 5)));
-        let b = inc(Some(b"node3"), false, Some((1, 6)));
-        assert!(!a.same_file(&b), "birth times differ");
-        assert!(a.same_file(&inc(Some(b"node3"), false, Some((1, 5)))));
+    fn handles_decide_then_birth_times() {
+        let a = inc(Some(b"ino12gen1"), None);
+        let b = inc(Some(b"ino12gen2"), None);
+        assert!(a.same_file(&a.clone()));
+        assert!(!a.same_file(&b));
+        assert!(!inc(None, Some((1, 5))).same_file(&inc(None, Some((1, 6)))));
+        assert!(inc(None, Some((1, 5))).same_file(&inc(None, Some((1, 5)))));
     }
 
     #[test]
     fn nothing_known_falls_back_to_the_inode_number() {
         let none = Incarnation::default();
-        assert!(none.same_file(&inc(Some(b"h"), true, None)));
-        assert!(none.same_pinned(&inc(Some(b"h"), true, None)));
+        assert!(none.same_file(&inc(Some(b"h"), None)));
+        assert!(inc(Some(b"h"), None).same_file(&inc(None, Some((1, 5)))));
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl InodeTable {
         let mut by_identity = self.by_identity.lock().expect("inode lock");
         if let Some(id) = by_identity.get(&identity)
             && let Some(inode) = self.get(*id)
-            && inode.incarnation.same_pinned(&incarnation)
+            && inode.incarnation.same_file(&incarnation)
         {
             inode.lookups.fetch_add(1, Ordering::Relaxed);
             *inode.path.write().expect("path lock") = path;

@@ -10,11 +10,11 @@ use super::check;
 /// `MAX_HANDLE_SZ` of linux/exportfs.h: no filesystem encodes a longer one.
 const MAX_HANDLE: usize = 128;
 
-/// `name_to_handle_at(fd, "", AT_EMPTY_PATH | AT_HANDLE_FID)`: the handle
-/// type (4 bytes, native order) followed by the handle bytes of the file an
-/// (O_PATH) fd refers to. `AT_HANDLE_FID` also accepts filesystems that can
-/// encode a handle but not open by one (FUSE without export support); where
-/// neither is possible the call fails (`EOPNOTSUPP`, `EOVERFLOW`).
+/// `name_to_handle_at(fd, "", AT_EMPTY_PATH)`: the handle type (4 bytes,
+/// native order) followed by the handle bytes of the file an (O_PATH) fd
+/// refers to. Only filesystems that can be exported (open a file by its
+/// handle) give one; others fail with `EOPNOTSUPP`, a handle longer than
+/// `MAX_HANDLE_SZ` with `EOVERFLOW`.
 pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     #[repr(C)]
     struct Handle {
@@ -40,7 +40,7 @@ pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
             c"".as_ptr(),
             &mut h.head,
             &mut mount_id,
-            libc::AT_EMPTY_PATH | libc::AT_HANDLE_FID,
+            libc::AT_EMPTY_PATH,
         )
     };
     check(ret as libc::c_long)?;
