@@ -87,10 +87,7 @@ impl Job {
         let invalidator = self.invalidator.clone();
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
         let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
-        let fuse = super::fuse_cache::MountCache {
-            mountpoint: &self.mountpoint,
-            invalidator: &self.invalidator,
-        };
+        let fuse = super::fuse_cache::MountCache::new(&self.mountpoint, &self.invalidator);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
@@ -103,7 +100,12 @@ impl Job {
             for resolved in self.resolve(target) {
                 let t0 = Instant::now();
                 let (name, outcome) = match resolved {
-                    Ok(image) => (image.path(), self.apply(&image, &ctx)),
+                    // Named after the command: it may have found the image
+                    // under a new name (renamed on the backing).
+                    Ok(image) => {
+                        let outcome = self.apply(&image, &ctx);
+                        (image.path(), outcome)
+                    }
                     Err((name, outcome)) => (name, outcome),
                 };
                 first_errno = first_errno.or(outcome.errno);
@@ -259,10 +261,7 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
 /// inode's cache through a file of this mount.
 pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
     let own = crate::mountinfo::ids_at(&plane.mountpoint);
-    let fuse = super::fuse_cache::MountCache {
-        mountpoint: &plane.mountpoint,
-        invalidator: &plane.invalidator,
-    };
+    let fuse = super::fuse_cache::MountCache::new(&plane.mountpoint, &plane.invalidator);
     let fuse = Some(&fuse as &dyn crate::image::FuseCache);
     let images: Vec<serde_json::Value> = plane
         .registry
