@@ -208,6 +208,22 @@ impl Job {
         .and_then(|f| sys::fstat_fd(f.as_fd()))
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
         .unwrap_or(true);
+        // An image first named through a symlink is named by its own path
+        // (the link's target beneath the root): the alias leads to it only
+        // while it stays a symlink, and later steps open the image by its
+        // name without following one.
+        let name = if through_symlink {
+            self.own_path(fd.as_fd(), identity).ok_or_else(|| {
+                fail(
+                    libc::EINVAL,
+                    "reached through a symlink whose target has no name beneath the mount \
+                     that leads to it; name the image by its own path"
+                        .into(),
+                )
+            })?
+        } else {
+            path.to_string()
+        };
         let image = self.registry.get_or_insert(identity, || {
             Image::new(
                 identity,
@@ -215,13 +231,28 @@ impl Job {
                     root: self.root_fd.clone(),
                     live: Default::default(),
                 },
-                path.to_string(),
+                name,
             )
         });
         if !through_symlink {
             image.set_path(path.to_string());
         }
         Ok(image)
+    }
+
+    /// The path beneath the backing root of the file open as `fd`, if it
+    /// leads to that very file without following a symlink.
+    fn own_path(&self, fd: std::os::fd::BorrowedFd<'_>, identity: Identity) -> Option<String> {
+        let path = sys::path_beneath(self.root_fd.as_fd(), fd)?;
+        let cpath = sys::cstring(std::ffi::OsStr::new(&path)).ok()?;
+        let own = sys::openat2_beneath(
+            self.root_fd.as_fd(),
+            &cpath,
+            libc::O_PATH | libc::O_NOFOLLOW,
+        )
+        .and_then(|f| sys::fstat_fd(f.as_fd()))
+        .ok()?;
+        (Identity::of_stat(&own) == identity).then_some(path)
     }
 }
 
