@@ -106,10 +106,20 @@ fn storage_pages(path: &Path) -> Vec<u8> {
 /// creates a new `vm.img`, and runs `inactivate *`. Returns the command's
 /// result and text, the first byte of every page of the image on storage,
 /// and what msync gave afterwards.
-fn rename_then_inactivate(
-    io: &str,
-    rename: bool,
-) -> (Result<(), i32>, String, Vec<u8>, Result<(), i32>) {
+struct Run {
+    res: Result<(), i32>,
+    out: String,
+    /// The first byte of every page on storage after the command...
+    stored: Vec<u8>,
+    msync: Result<(), i32>,
+    /// ...and after the msync that followed it.
+    stored_after_msync: Vec<u8>,
+}
+
+/// `rename`: where the image goes on the backing's filesystem (relative to
+/// the scratch directory; `back/` is the backing) before the command, a new
+/// `vm.img` taking its old name.
+fn rename_then_inactivate(io: &str, rename: Option<&str>) -> Run {
     let dir = scratch();
     let back = dir.path().join("back");
     fs::create_dir(&back).unwrap();
@@ -120,58 +130,91 @@ fn rename_then_inactivate(
     for p in 0..PAGES {
         map.write_page(p, b'M');
     }
-    let image = if rename {
-        fs::rename(back.join("vm.img"), back.join("old.img")).unwrap();
-        common::make_file(&back.join("vm.img"), LEN, b'N');
-        back.join("old.img")
-    } else {
-        back.join("vm.img")
+    let image = match rename {
+        Some(to) => {
+            fs::rename(back.join("vm.img"), dir.path().join(to)).unwrap();
+            common::make_file(&back.join("vm.img"), LEN, b'N');
+            dir.path().join(to)
+        }
+        None => back.join("vm.img"),
     };
     let (res, out) = ctl_write_read(&m.ctl("inactivate"), "*\n");
-    let on_storage = storage_pages(&image);
+    let stored = storage_pages(&image);
     let msync = map.msync();
+    let stored_after_msync = storage_pages(&image);
     drop(map);
     drop(f);
-    (res, out, on_storage, msync)
+    Run {
+        res,
+        out,
+        stored,
+        msync,
+        stored_after_msync,
+    }
 }
 
 /// Item: `inactivate *` after the image was renamed on the backing and a
 /// new file took its old name. The command must reach the image's own FUSE
 /// inode (its mapped writes on storage) or fail; never ok with data lost.
-/// Negative control: without the rename all mapped data is on storage, so
-/// the check can see it.
+/// Renamed inside the backing, it is found by its new name; moved out of
+/// the backing, it cannot be reached and the command fails with ESTALE,
+/// leaving the writer as it was. Negative control: without the rename all
+/// mapped data is on storage, so the check can see it.
 fn renamed_image(io: &str) {
-    let (res, out, stored, msync) = rename_then_inactivate(io, false);
-    assert_eq!(res, Ok(()), "{io}, control: {out}");
+    let r = rename_then_inactivate(io, None);
+    assert_eq!(r.res, Ok(()), "{io}, control: {}", r.out);
     assert!(
-        stored.iter().all(|&b| b == b'M'),
+        r.stored.iter().all(|&b| b == b'M'),
         "NEGATIVE CONTROL FAILED ({io}): without the rename the mapped writes are not all on storage: {:?}",
-        String::from_utf8_lossy(&stored)
+        String::from_utf8_lossy(&r.stored)
     );
-    assert_eq!(msync, Ok(()), "{io}, control: msync");
+    assert_eq!(r.msync, Ok(()), "{io}, control: msync");
 
-    let (res, out, stored, msync) = rename_then_inactivate(io, true);
-    let lost = stored.iter().filter(|&&b| b != b'M').count();
-    match res {
-        Ok(()) => {
-            assert_eq!(
-                lost, 0,
-                "{io}: inactivate * said ok but {lost} of {PAGES} mapped pages are not on storage \
-                 (msync: {msync:?}): {out}"
-            );
-            assert_eq!(msync, Ok(()), "{io}: msync after an ok inactivate: {out}");
-            assert!(
-                out.contains("image=old.img result=ok"),
-                "{io}: the result names the image by its current name: {out:?}"
-            );
-        }
-        Err(errno) => {
-            assert!(
-                out.contains("old.img") || out.contains("vm.img"),
-                "{io}: a failure must name the image ({errno}): {out:?}"
-            );
-        }
-    }
+    let r = rename_then_inactivate(io, Some("back/old.img"));
+    let lost = r.stored.iter().filter(|&&b| b != b'M').count();
+    assert_eq!(
+        lost, 0,
+        "{io}: inactivate * gave {:?} but {lost} of {PAGES} mapped pages are not on storage \
+         (msync: {:?}): {}",
+        r.res, r.msync, r.out
+    );
+    assert_eq!(r.res, Ok(()), "{io}: {}", r.out);
+    assert_eq!(
+        r.msync,
+        Ok(()),
+        "{io}: msync after an ok inactivate: {}",
+        r.out
+    );
+    assert!(
+        r.out.contains("image=old.img result=ok"),
+        "{io}: the result names the image by its current name: {:?}",
+        r.out
+    );
+
+    let r = rename_then_inactivate(io, Some("moved.img"));
+    eprintln!("{io}, moved out of the backing: {}", r.out.trim_end());
+    assert_eq!(
+        r.res,
+        Err(libc::ESTALE),
+        "{io}: an image moved out of the backing, its name taken: {}",
+        r.out
+    );
+    assert!(
+        r.out.contains("image=vm.img") && r.out.contains("current path"),
+        "{io}: the failure names the image and what to do: {:?}",
+        r.out
+    );
+    assert_eq!(
+        r.msync,
+        Ok(()),
+        "{io}: msync after the failed inactivate: {}",
+        r.out
+    );
+    assert!(
+        r.stored_after_msync.iter().all(|&b| b == b'M'),
+        "{io}: the mapped writes are not on storage after msync: {:?}",
+        String::from_utf8_lossy(&r.stored_after_msync)
+    );
 }
 
 #[test]

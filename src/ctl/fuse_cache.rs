@@ -76,7 +76,7 @@ impl<'a> MountCache<'a> {
         let Some(path) = image.current_path() else {
             return Err(stale(
                 "that name no longer leads to it and its current name is unknown here \
-                 (renamed on another host, or deleted)"
+                 (moved out of the backing, renamed on another host, or deleted)"
                     .into(),
             ));
         };
