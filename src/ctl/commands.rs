@@ -212,7 +212,7 @@ impl Job {
         // (the link's target beneath the root): the alias leads to it only
         // while it stays a symlink, and later steps open the image by its
         // name without following one.
-        let name = if through_symlink {
+        let name = if through_symlink && self.registry.get(&identity).is_none() {
             self.own_path(fd.as_fd(), identity).ok_or_else(|| {
                 fail(
                     libc::EINVAL,
