@@ -109,3 +109,82 @@ fn image_paths_follow_renames_and_star_lists_lost_images() {
         status(&m)
     );
 }
+
+/// A command naming an image the mount has not seen yet through a symlink
+/// inside the backing acts on the link's target, and status lists the
+/// image by its own name, never the alias. A link created by an
+/// unprivileged user works the same, and one leading outside the backing
+/// is still refused.
+#[test]
+fn a_symlink_names_its_target_image() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir_all(back.join("sub")).unwrap();
+    fs::create_dir_all(back.join("pub")).unwrap();
+    // A world-writable sticky directory where an unprivileged user links.
+    use std::os::unix::fs::PermissionsExt;
+    for (p, mode) in [
+        (dir.path(), 0o755),
+        (&back, 0o755),
+        (&back.join("pub"), 0o1777),
+    ] {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    make_file(&back.join("a.img"), 4096, b'a');
+    make_file(&back.join("sub/b.img"), 4096, b'b');
+    make_file(&dir.path().join("outside.img"), 4096, b'o');
+    symlink("a.img", back.join("alias.img")).unwrap();
+    let m = Mount::start(dir.path(), &back, &[]);
+
+    let (res, out) = ctl_write_read(&m.ctl("activate"), "alias.img\n");
+    assert_eq!(res, Ok(()), "activate through a symlink: {out}");
+    assert!(out.contains("image=a.img result=ok"), "{out:?}");
+    let st = image_status(&m, "a.img").expect("status lists the image by its own name");
+    assert_eq!(st["state"], "active", "{st}");
+    assert!(st["error"].is_null(), "{st}");
+    assert!(
+        image_status(&m, "alias.img").is_none(),
+        "status lists the alias: {}",
+        status(&m)
+    );
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "alias.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert_eq!(image_status(&m, "a.img").unwrap()["state"], "inactive");
+
+    // Linked by an unprivileged user, relative, through a directory.
+    let (ok, _, err) = common::as_nobody(&[
+        "ln",
+        "-s",
+        "../sub/b.img",
+        &back.join("pub/b-link.img").to_string_lossy(),
+    ]);
+    assert!(ok, "ln as nobody: {err}");
+    let (ok, _, err) = common::as_nobody(&[
+        "ln",
+        "-s",
+        "../../outside.img",
+        &back.join("pub/out.img").to_string_lossy(),
+    ]);
+    assert!(ok, "ln as nobody: {err}");
+    let (res, out) = ctl_write_read(&m.ctl("activate"), "pub/b-link.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert!(out.contains("image=sub/b.img result=ok"), "{out:?}");
+    assert!(image_status(&m, "sub/b.img").is_some(), "{}", status(&m));
+    assert!(
+        image_status(&m, "pub/b-link.img").is_none(),
+        "{}",
+        status(&m)
+    );
+    let (res, out) = ctl_write_read(&m.ctl("activate"), "pub/out.img\n");
+    assert_eq!(res, Err(libc::EINVAL), "a link leading outside: {out}");
+    assert!(out.contains("outside"), "{out:?}");
+
+    // The earlier rule holds: a symlink to a known image does not rename it.
+    symlink("a.img", back.join("again.img")).unwrap();
+    let (res, out) = ctl_write_read(&m.ctl("activate"), "again.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    assert!(image_status(&m, "a.img").is_some(), "{}", status(&m));
+}

@@ -87,10 +87,7 @@ impl Job {
         let invalidator = self.invalidator.clone();
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
         let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
-        let fuse = super::fuse_cache::MountCache {
-            mountpoint: &self.mountpoint,
-            invalidator: &self.invalidator,
-        };
+        let fuse = super::fuse_cache::MountCache::new(&self.mountpoint, &self.invalidator);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
@@ -103,7 +100,12 @@ impl Job {
             for resolved in self.resolve(target) {
                 let t0 = Instant::now();
                 let (name, outcome) = match resolved {
-                    Ok(image) => (image.path(), self.apply(&image, &ctx)),
+                    // Named after the command: it may have found the image
+                    // under a new name (renamed on the backing).
+                    Ok(image) => {
+                        let outcome = self.apply(&image, &ctx);
+                        (image.path(), outcome)
+                    }
                     Err((name, outcome)) => (name, outcome),
                 };
                 first_errno = first_errno.or(outcome.errno);
@@ -207,6 +209,22 @@ impl Job {
         .and_then(|f| sys::fstat_fd(f.as_fd()))
         .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
         .unwrap_or(true);
+        // An image first named through a symlink is named by its own path
+        // (the link's target beneath the root): the alias leads to it only
+        // while it stays a symlink, and later steps open the image by its
+        // name without following one.
+        let name = if through_symlink && self.registry.get(&identity).is_none() {
+            self.own_path(fd.as_fd(), identity).ok_or_else(|| {
+                fail(
+                    libc::EINVAL,
+                    "reached through a symlink whose target has no name beneath the mount \
+                     that leads to it; name the image by its own path"
+                        .into(),
+                )
+            })?
+        } else {
+            path.to_string()
+        };
         let image = self.registry.get_or_insert(identity, &incarnation, || {
             Image::new(
                 identity,
@@ -214,7 +232,7 @@ impl Job {
                     root: self.root_fd.clone(),
                     live: Default::default(),
                 },
-                path.to_string(),
+                name,
             )
             .with_incarnation(incarnation.clone())
         });
@@ -222,6 +240,21 @@ impl Job {
             image.set_path(path.to_string());
         }
         Ok(image)
+    }
+
+    /// The path beneath the backing root of the file open as `fd`, if it
+    /// leads to that very file without following a symlink.
+    fn own_path(&self, fd: std::os::fd::BorrowedFd<'_>, identity: Identity) -> Option<String> {
+        let path = sys::path_beneath(self.root_fd.as_fd(), fd)?;
+        let cpath = sys::cstring(std::ffi::OsStr::new(&path)).ok()?;
+        let own = sys::openat2_beneath(
+            self.root_fd.as_fd(),
+            &cpath,
+            libc::O_PATH | libc::O_NOFOLLOW,
+        )
+        .and_then(|f| sys::fstat_fd(f.as_fd()))
+        .ok()?;
+        (Identity::of_stat(&own) == identity).then_some(path)
     }
 }
 
@@ -261,10 +294,7 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
 /// inode's cache through a file of this mount.
 pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
     let own = crate::mountinfo::ids_at(&plane.mountpoint);
-    let fuse = super::fuse_cache::MountCache {
-        mountpoint: &plane.mountpoint,
-        invalidator: &plane.invalidator,
-    };
+    let fuse = super::fuse_cache::MountCache::new(&plane.mountpoint, &plane.invalidator);
     let fuse = Some(&fuse as &dyn crate::image::FuseCache);
     let images: Vec<serde_json::Value> = plane
         .registry

@@ -27,6 +27,12 @@ use crate::sys;
 /// pages (10, 20 ms apart).
 const VERIFY_ATTEMPTS: u32 = 3;
 
+/// An image's phases: writes are admitted, wait for a decision, or are
+/// refused (with `inactive-writes` deny or strict).
+const ACTIVE: u8 = 0;
+const DECIDING: u8 = 1;
+const INACTIVE: u8 = 2;
+
 /// Where an image's bytes live.
 #[derive(Debug)]
 pub enum Source {
@@ -122,7 +128,9 @@ pub struct CommandContext<'a> {
 }
 
 /// The page cache of an image's FUSE inode, as control commands (on worker
-/// threads) reach it.
+/// threads) reach it. Every method works on the image's own FUSE inode
+/// (node id `Image::nodeid`) or fails; never on another file that has
+/// taken the image's name.
 pub trait FuseCache: Sync {
     /// Writes the FUSE inode's dirty pages back through the daemon and syncs.
     fn writeback(&self, image: &Image) -> std::io::Result<()>;
@@ -132,6 +140,22 @@ pub trait FuseCache: Sync {
     /// The FUSE inode's page counts (cachestat on a file of the mount).
     fn page_counts(&self, image: &Image) -> std::io::Result<sys::PageCounts>;
 }
+
+/// Why the FUSE inode of an image cannot be reached, with the errno the
+/// command fails with (carried in an `io::Error` from `FuseCache`).
+#[derive(Debug)]
+pub struct FuseAccessError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for FuseAccessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for FuseAccessError {}
 
 #[derive(Debug)]
 pub struct Image {
@@ -143,12 +167,16 @@ pub struct Image {
     path: RwLock<String>,
     /// FUSE node id currently standing for this image (0 = none).
     pub nodeid: AtomicU64,
-    /// Read on every relay write (EROFS fencing): an atomic, not the lock.
-    inactive: std::sync::atomic::AtomicBool,
+    /// `ACTIVE`, `DECIDING` or `INACTIVE`; read on every relay write (EROFS
+    /// fencing): an atomic, not the lock.
+    phase: std::sync::atomic::AtomicU8,
+    /// Writes that arrive while `inactivate` decides wait here for the
+    /// decision (`decide`), so a refused handover refuses no write.
+    decided: (Mutex<()>, std::sync::Condvar),
     /// Every write that reaches the daemon holds this shared while it checks
-    /// `inactive` and runs; `inactivate` sets `inactive` and then takes it
+    /// `phase` and runs; `inactivate` sets `DECIDING` and then takes it
     /// exclusively once, so when it goes on to sync, every write admitted
-    /// before has finished and every later one sees `inactive` (EROFS).
+    /// before has finished and every later one waits for the decision.
     write_gate: RwLock<()>,
     /// Serializes a first open's close-to-open invalidation with the
     /// registration of its handle: two first opens racing would otherwise
@@ -180,7 +208,8 @@ impl Image {
             source,
             path: RwLock::new(path),
             nodeid: AtomicU64::new(0),
-            inactive: Default::default(),
+            phase: std::sync::atomic::AtomicU8::new(ACTIVE),
+            decided: Default::default(),
             write_gate: RwLock::default(),
             open_gate: Mutex::default(),
             errseq: Mutex::default(),
@@ -242,8 +271,32 @@ impl Image {
         }
     }
 
+    /// False from the moment `inactivate` starts deciding.
     pub fn is_active(&self) -> bool {
-        !self.inactive.load(Ordering::Relaxed)
+        self.phase.load(Ordering::SeqCst) == ACTIVE
+    }
+
+    /// `inactivate` starts deciding: from now on writes wait (`admit_write`).
+    /// Only through `Decision`, which ends every decision it starts.
+    fn begin_deciding(&self) {
+        let _g = self.decided.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.phase.store(DECIDING, Ordering::SeqCst);
+    }
+
+    /// Ends a decision (or sets the state outright): the writes waiting
+    /// for it go on, admitted when `active`, EROFS otherwise.
+    fn decide(&self, active: bool) {
+        let _g = self.decided.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.phase
+            .store(if active { ACTIVE } else { INACTIVE }, Ordering::SeqCst);
+        self.decided.1.notify_all();
+    }
+
+    fn wait_decided(&self) {
+        let mut g = self.decided.0.lock().unwrap_or_else(|p| p.into_inner());
+        while self.phase.load(Ordering::SeqCst) == DECIDING {
+            g = self.decided.1.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     pub fn sticky_error(&self) -> Option<i32> {
@@ -291,6 +344,31 @@ impl Image {
         }
     }
 
+    /// The image's path beneath the backing root now: its last path while
+    /// that still leads to it, else (renamed on the backing, on this host)
+    /// the name its live fd has now, if that leads to it; None when neither
+    /// does (renamed on another host, or deleted). The last path is
+    /// refreshed by the lookup that a caller's open through the mount makes.
+    pub fn current_path(&self) -> Option<String> {
+        let Source::File { root, live } = &self.source else {
+            return Some(self.path());
+        };
+        let leads_here = |path: &str| {
+            sys::cstring(std::ffi::OsStr::new(path))
+                .and_then(|c| {
+                    sys::openat2_beneath(root.as_fd(), &c, libc::O_PATH | libc::O_NOFOLLOW)
+                })
+                .and_then(|fd| self.found_at(&fd))
+                .is_ok_and(|found| matches!(found, Found::This))
+        };
+        let last = self.path();
+        if leads_here(&last) {
+            return Some(last);
+        }
+        let live = live.lock().expect("live lock").upgrade()?;
+        sys::path_beneath(root.as_fd(), live.as_fd()).filter(|p| leads_here(p))
+    }
+
     /// EROFS when this host must not write the image (an inactive image
     /// with `inactive-writes` deny or strict). Only a check: a write must go
     /// through `admit_write`, which also holds off `inactivate` while it runs.
@@ -301,12 +379,30 @@ impl Image {
         Ok(())
     }
 
-    /// Admits one write (relay write, truncate, fallocate, copy_file_range):
-    /// the guard must be held until the write has reached the backing fd.
+    /// Admits one write (relay write, truncate, fallocate, copy_file_range,
+    /// the kernel writing back mapped pages): the guard must be held until
+    /// the write has reached the backing fd. A write arriving while
+    /// `inactivate` decides waits for the decision, outside the gate (the
+    /// command waits for the writes inside it): refused (EROFS) if the
+    /// image went inactive, admitted if the handover was refused, so a
+    /// failed `inactivate` has refused nothing. The kernel drops a mapped
+    /// page whose writeback failed, so an EROFS there would lose data the
+    /// writer still counts on.
     pub fn admit_write(&self, settings: &Settings) -> Result<RwLockReadGuard<'_, ()>, Error> {
-        let gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
-        self.check_writable(settings)?;
-        Ok(gate)
+        loop {
+            let gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
+            // One load decides: a second one could see a decision start
+            // after this write was admitted (drain_writes waits for it).
+            let phase = self.phase.load(Ordering::SeqCst);
+            if phase == ACTIVE || !settings.deny_inactive_writes() {
+                return Ok(gate);
+            }
+            if phase == INACTIVE {
+                return Err(Error::Fenced);
+            }
+            drop(gate);
+            self.wait_decided();
+        }
     }
 
     /// Waits until every write admitted so far has finished.
@@ -351,10 +447,11 @@ impl Image {
     }
 
     fn fuse_failed(e: std::io::Error, what: &str) -> Outcome {
-        Outcome::failed(
-            sys::errno_of(&e),
-            format!("{what} the FUSE page cache: {e}"),
-        )
+        let errno = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<FuseAccessError>())
+            .map_or_else(|| sys::errno_of(&e), |f| f.errno);
+        Outcome::failed(errno, format!("{what} the FUSE page cache: {e}"))
     }
 
     pub fn remove_handle(&self, fh: u64) {
@@ -504,27 +601,35 @@ impl Image {
         })
     }
 
-    /// `inactivate`: mark inactive (later writes get EROFS), wait for every
-    /// write admitted before, sync, drop the cached pages, and verify that no
-    /// dirty or writeback page is left. In this order: a sync before the
-    /// mark would let writes admitted between the two stay dirty here and be
-    /// written back over the destination's data later. A failed sync puts
-    /// the image back to active so the source can keep running.
+    /// `inactivate`: write back and drop the FUSE inode's pages, start
+    /// deciding (later writes wait), wait for every write admitted before,
+    /// sync, drop the backing's cached pages, and verify that no dirty or
+    /// writeback page is left; then inactive (the waiting writes get EROFS)
+    /// or, on failure, active again (they are admitted). In this order: a
+    /// sync before the mark would let writes admitted between the two stay
+    /// dirty here and be written back over the destination's data later.
     pub fn inactivate(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("inactivate", || {
             // Dirty pages of mappings in the FUSE inode are written back
-            // through the daemon while writes are still admitted; once the
-            // image is inactive they could only fail with EROFS.
+            // through the daemon, and the inode's pages dropped (unmapped),
+            // while writes are still admitted. Once the decision starts,
+            // nothing here may wait for a write of the FUSE inode: its
+            // writeback waits for the decision. The drop by node id would
+            // write dirty pages back and wait, so it comes first, and the
+            // steps below only count what a mapping dirtied since.
             if let Some(fuse) = self.fuse_cache(ctx) {
                 fuse.writeback(self)
                     .map_err(|e| Self::fuse_failed(e, "cannot write back"))?;
+                if ctx.settings.drop_cache() {
+                    fuse.drop_pages(self)
+                        .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
+                }
             }
-            self.inactive.store(true, Ordering::SeqCst);
+            let decision = Decision::begin(self);
             self.drain_writes();
             let result = self.inactivate_steps(ctx);
-            if result.is_err() {
-                self.inactive.store(false, Ordering::SeqCst);
-            } else {
+            decision.end(result.is_err());
+            if result.is_ok() {
                 self.counters.inactivations.fetch_add(1, Ordering::Relaxed);
             }
             result
@@ -549,6 +654,7 @@ impl Image {
             return Ok(self.fencing_outcome(ctx));
         }
         let mut left = sys::PageCounts::default();
+        let mut mapped_dirty = 0;
         for _ in 0..3 {
             self.sync_everything(ctx.settings)?;
             if ctx.settings.drop_cache() {
@@ -557,17 +663,17 @@ impl Image {
                 })?;
             }
             left = sys::cachestat(file.as_fd()).unwrap_or_default();
+            // The FUSE inode's pages were written back and dropped before
+            // the decision; dirty ones now were written through a mapping
+            // since (counted, never written back here: see `inactivate`).
             if let Some(fuse) = self.fuse_cache(ctx) {
-                if ctx.settings.drop_cache() {
-                    fuse.drop_pages(self)
-                        .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
-                }
                 let f = fuse
                     .page_counts(self)
                     .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
                 left.dirty += f.dirty;
                 left.writeback += f.writeback;
                 left.cached += f.cached;
+                mapped_dirty = f.dirty + f.writeback;
             }
             if left.dirty + left.writeback == 0 {
                 return Ok(self.fencing_outcome(ctx));
@@ -578,10 +684,17 @@ impl Image {
             errno: Some(libc::EBUSY),
             resident_pages: left.cached,
             detail: format!(
-                "{} dirty and {} writeback pages written on this host after the sync; \
+                "{} dirty and {} writeback pages written on this host after the sync{}; \
                  a writer outside the daemon's fencing is still writing{}; stop it before handing over",
                 left.dirty,
                 left.writeback,
+                if mapped_dirty > 0 {
+                    format!(
+                        " ({mapped_dirty} of them by a mapping of the image through this mount)"
+                    )
+                } else {
+                    String::new()
+                },
                 if writers.is_empty() {
                     format!(" (holders: {})", self.holders_text())
                 } else {
@@ -624,7 +737,7 @@ impl Image {
     pub fn activate(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("activate", || {
             self.invalidate_steps(ctx, false)?;
-            self.inactive.store(false, Ordering::SeqCst);
+            self.decide(true);
             self.clear_sticky_error();
             self.counters.activations.fetch_add(1, Ordering::Relaxed);
             Ok(self.fencing_outcome(ctx))
@@ -1038,6 +1151,38 @@ impl Image {
                 "failures": c.failures.lock().expect("failures lock").clone(),
             },
         })
+    }
+}
+
+/// An `inactivate` decision in progress. Writes arriving meanwhile wait
+/// for it; if the command unwinds without deciding (a panic), dropping this
+/// puts the image back to active, so no writer waits forever and none is
+/// refused by a fence that was never established.
+struct Decision<'a> {
+    image: &'a Image,
+    ended: bool,
+}
+
+impl<'a> Decision<'a> {
+    fn begin(image: &'a Image) -> Decision<'a> {
+        image.begin_deciding();
+        Decision {
+            image,
+            ended: false,
+        }
+    }
+
+    fn end(mut self, active: bool) {
+        self.ended = true;
+        self.image.decide(active);
+    }
+}
+
+impl Drop for Decision<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.image.decide(true);
+        }
     }
 }
 

@@ -132,6 +132,31 @@ pub fn reopen(opath: BorrowedFd<'_>, flags: i32) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// The path of `fd`'s file relative to the directory `root`, as the kernel
+/// names both now (their `/proc/self/fd` links, which follow renames made
+/// on this host). None when the file is not beneath `root`, the name is not
+/// UTF-8, or the file is deleted. Only a hint: the caller must check that
+/// the path leads to the file.
+pub fn path_beneath(root: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<String> {
+    let link = |fd: BorrowedFd<'_>| {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .ok()?
+            .into_os_string()
+            .into_string()
+            .ok()
+    };
+    let (root, file) = (link(root)?, link(fd)?);
+    if file.ends_with(" (deleted)") {
+        return None;
+    }
+    let rel = if root == "/" {
+        file.strip_prefix('/')?
+    } else {
+        file.strip_prefix(&root)?.strip_prefix('/')?
+    };
+    (!rel.is_empty()).then(|| rel.to_string())
+}
+
 /// Clears O_NONBLOCK on an open file description.
 pub fn clear_nonblock(fd: BorrowedFd<'_>) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
