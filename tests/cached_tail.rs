@@ -387,16 +387,16 @@ fn crash_inside_a_tail_append_leaves_no_padding() {
     crash_inside_write(1100, 1100, 100, 1101);
 }
 
-/// An append that spans whole blocks (1100 -> 6100 bytes). The kernel
+/// An append that spans whole pages (1100 -> 10100 bytes). The kernel
 /// sends it as two writes, split after the first page (which it does not
-/// hold up to date); the crash comes inside the second, which ends the
-/// file.
+/// hold up to date); the crash comes inside the second, [4096, 10100),
+/// which ends the file (a whole page, then a partial one).
 #[test]
 fn crash_inside_a_long_unaligned_append_leaves_no_padding() {
     if !common::require_root() || !common::have_tool("strace") {
         return;
     }
-    crash_inside_write(1100, 1100, 5000, 4097);
+    crash_inside_write(1100, 1100, 9000, 4097);
 }
 
 /// A write past end of file after a hole (1100 bytes, write at 3000).

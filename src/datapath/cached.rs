@@ -340,15 +340,16 @@ pub fn write(
     write_blocks(file, block, &locks.ranges, offset, data)
 }
 
-/// Writes `data` at `offset` to a regular file: the whole blocks it covers
-/// through the O_DIRECT fd `file`, the bytes of blocks it covers only partly
-/// exactly as given through the buffered `edges` fd (`None` for a read-only
-/// handle: `EBADF`, as the O_DIRECT fd would say). The pieces go in file
-/// order, so the file grows through true lengths only (a crash between
-/// them leaves a shorter write, never bytes nobody wrote). A write that
-/// grows the file holds the size lock exclusively; the blocks it touches are
-/// locked against this daemon's other writes of them, so two overlapping
-/// writes end as one or the other, never a mix of their pieces.
+/// Writes `data` at `offset` to a regular file: the whole blocks (and
+/// pages) it covers through the O_DIRECT fd `file`, the bytes of blocks or
+/// pages it covers only partly exactly as given through the buffered
+/// `edges` fd (`None` for a read-only handle: `EBADF`, as the O_DIRECT fd
+/// would say). The pieces go in file order, so the file grows through true
+/// lengths only (a crash between them leaves a shorter write, never bytes
+/// nobody wrote). A write that grows the file holds the size lock
+/// exclusively; the blocks (pages) it touches are locked against this
+/// daemon's other writes of them, so two overlapping writes end as one or
+/// the other, never a mix of their pieces.
 pub fn write_file(
     file: &File,
     edges: Option<&File>,
@@ -370,12 +371,16 @@ pub fn write_file(
         _growing = Some(locks.resize());
         old = file.metadata()?.len();
     }
+    // The buffered pieces cover whole pages where they can: a partial page
+    // costs the filesystem a read and a write of the whole page anyway, so
+    // an O_DIRECT write of another part of it would be one I/O more.
+    let unit = block.max(sys::page_size() as u64);
     let _range = locks
         .ranges
-        .lock(align_down(offset, block), align_up(end, block));
-    // [offset, first): head; [first, last): whole blocks; [last, end): tail.
-    let first = align_up(offset, block).min(end);
-    let last = align_down(end, block).max(first);
+        .lock(align_down(offset, unit), align_up(end, unit));
+    // [offset, first): head; [first, last): whole units; [last, end): tail.
+    let first = align_up(offset, unit).min(end);
+    let last = align_down(end, unit).max(first);
     let piece = |at: u64, to: u64| &data[(at - offset) as usize..(to - offset) as usize];
     let mut done = 0usize;
     let mut exact = false;
