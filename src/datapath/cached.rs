@@ -17,11 +17,11 @@
 //! may be shared with other hosts (NFS, two mounts of one directory) whose
 //! writes and truncates land between any two syscalls of this daemon. So a
 //! regular file's write never rewrites bytes it was not asked to write: its
-//! whole blocks go by O_DIRECT, and the bytes in blocks it covers only
-//! partly (the head and tail of an unaligned write, the tail at end of file)
-//! are written exactly, with `pwrite` on a second, buffered fd of the same
-//! file ("edges" fd), whose pages are then written out and dropped before the
-//! write returns. No read-modify-write (which would write back another
+//! whole blocks go by O_DIRECT, and the bytes in blocks (pages) it covers
+//! only partly (the head and tail of an unaligned write, the tail at end of
+//! file) are written exactly, with `pwrite` on a second, buffered fd of the
+//! same file ("edges" fd), whose pages are then written out and dropped
+//! before the write returns. No read-modify-write (which would write back another
 //! host's bytes of the block as read before), no padded block past end of
 //! file and no cut-back `ftruncate` (which would undo another host's
 //! truncate or write past the old end, and which a crash would skip, leaving
@@ -386,7 +386,7 @@ pub fn write_file(
     let mut exact = false;
     let res = (|| -> io::Result<()> {
         if first == last {
-            // No whole block: one exact write of it all.
+            // No whole page: one exact write of it all.
             exact = true;
             done = write_all_at(edges, offset, data)?;
             return Ok(());
