@@ -29,6 +29,7 @@ fi
 # qemu-system-x86 + qemu-utils: real VMM and image tools; mergerfs: the
 # NFS-like two-client bed; vmtouch + util-linux (fincore, losetup): page-cache
 # tools; e2fsprogs: small failing backing filesystems; shellcheck: scripts;
+# strace: holds a daemon's syscalls to widen race windows (tests/cached_tail.rs);
 # python3-prometheus-client: the text parser that checks `migsafe ctl metrics`;
 # socat: QMP from examples/qemu-migrate.sh; libvirt-daemon +
 # libvirt-daemon-driver-qemu + libvirt-clients: a private libvirtd and virsh
@@ -37,7 +38,7 @@ fi
 apt-get install -y -q --no-install-recommends --allow-downgrades \
   "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" \
   fuse3 fio mergerfs vmtouch util-linux \
-  e2fsprogs shellcheck python3 python3-prometheus-client socat kmod procps \
+  e2fsprogs strace shellcheck python3 python3-prometheus-client socat kmod procps \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 # Loop devices are the two-host test bed.
 modprobe loop 2>/dev/null || true

@@ -833,14 +833,14 @@ fn cached_falls_back_to_relay_where_o_direct_is_refused() {
     drop(m);
 }
 
-/// While one thread appends unaligned pieces to a cached regular file, the
-/// file is a whole block longer for a moment after each O_DIRECT write of
-/// the padded last block, until the daemon cuts it back. Nobody going
-/// through the mount may see that length. No append ends on a 512-byte
-/// boundary, and the kernel splits a write only at page boundaries, so an
-/// end of file seen by an O_DIRECT read (served by the daemon) or by `stat`
-/// that is a multiple of 512 but not of 4096 is a padded one (on ext4,
-/// which reports 512-byte O_DIRECT alignment).
+/// While one thread appends unaligned pieces to a cached regular file,
+/// nobody going through the mount may see the file padded to a whole block
+/// (as an O_DIRECT write of the last block would make it; the daemon writes
+/// a partial last block exactly, datapath/cached.rs). No append ends on a
+/// 512-byte boundary, and the kernel splits a write only at page
+/// boundaries, so an end of file seen by an O_DIRECT read (served by the
+/// daemon) or by `stat` that is a multiple of 512 but not of 4096 is a
+/// padded one (on ext4, which reports 512-byte O_DIRECT alignment).
 #[test]
 fn cached_readers_never_see_a_padded_length() {
     if !common::require_root() {

@@ -8,18 +8,31 @@
 //! logical block size, but the kernel sends writes as the caller made them
 //! (write-through, no FUSE writeback cache) and O_DIRECT callers' reads as
 //! they came. Unaligned requests are served through an aligned bounce
-//! buffer; a write that covers a block only partly reads that block, patches
-//! it and writes it back, and holds the byte range locked meanwhile, so a
-//! concurrent write to the same block is never lost.
+//! buffer; on a device, a write that covers a block only partly reads that
+//! block, patches it and writes it back (a device takes whole blocks only),
+//! and holds the byte range locked meanwhile, so a concurrent write of this
+//! daemon to the same block is never lost.
 //!
-//! Regular files (`--io cached`) also grow and shrink. A whole-block
-//! O_DIRECT write of a block that ends past end of file makes the file too
-//! long, so such a write is cut back to its true size right after it
-//! (`ftruncate`), and every operation that changes the size (those writes,
-//! truncate, fallocate) runs alone: it holds the image's size lock
-//! exclusively, while reads, attribute reads and writes that stay inside the
-//! file hold it shared and run in parallel. No reader, `stat` or other write
-//! ever sees the padded length in between.
+//! Regular files (`--io cached`) also grow and shrink, and their storage
+//! may be shared with other hosts (NFS, two mounts of one directory) whose
+//! writes and truncates land between any two syscalls of this daemon. So a
+//! regular file's write never rewrites bytes it was not asked to write: its
+//! whole blocks go by O_DIRECT, and the bytes in blocks (pages) it covers
+//! only partly (the head and tail of an unaligned write, the tail at end of
+//! file) are written exactly, with `pwrite` on a second, buffered fd of the
+//! same file ("edges" fd), whose pages are then written out and dropped
+//! before the write returns. No read-modify-write (which would write back another
+//! host's bytes of the block as read before), no padded block past end of
+//! file and no cut-back `ftruncate` (which would undo another host's
+//! truncate or write past the old end, and which a crash would skip, leaving
+//! the padding): the file only ever holds bytes somebody wrote, and has the
+//! length they made it.
+//!
+//! A write that grows the file runs alone: it holds the image's size lock
+//! exclusively (as truncate and fallocate do), while reads, attribute reads
+//! and writes inside the file hold it shared and run in parallel, so nobody
+//! going through this mount sees the file between the pieces of a growing
+//! write.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -72,9 +85,10 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
-/// An image's locks for the cached path: the byte ranges of
-/// read-modify-writes in progress, and the size lock (see the module
-/// comment).
+/// An image's locks for the cached path, within this daemon only (another
+/// host's writes and truncates take none of them, which is why nothing here
+/// depends on them for what lands on storage): the blocks of writes in
+/// progress, and the size lock (see the module comment).
 #[derive(Debug, Default)]
 pub struct Locks {
     pub ranges: RangeLock,
@@ -89,7 +103,9 @@ impl Locks {
     }
 
     /// Held by every operation that changes the size of a regular file
-    /// (truncate, fallocate, writes that end in or past the last block).
+    /// (truncate, fallocate, writes that end past end of file), and by
+    /// fallocate of a device (a block punched or zeroed between the read
+    /// and the write of a read-modify-write would be undone).
     pub fn resize(&self) -> RwLockWriteGuard<'_, ()> {
         self.size.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -107,20 +123,41 @@ fn align_up(v: u64, block: u64) -> u64 {
 /// says why it cannot be (then the caller serves the image by relay, with
 /// `file` as it was). `flags` are the backing flags it was opened with;
 /// `whole_blocks` refuses a `--device` entry that does not end on a block.
+/// With `edges` (a writable handle of a regular file) it also opens the
+/// file's buffered write-only "edges" fd (see the module comment), returned
+/// beside the O_DIRECT one.
 ///
 /// A write-only fd is reopened read-write by the daemon: a write that
-/// covers a block only partly must read it first. The caller's write access
-/// was checked by its own open, and no read reaches the daemon through a
-/// write-only handle.
+/// covers a block of a device only partly must read it first. The caller's
+/// write access was checked by its own open, and no read reaches the daemon
+/// through a write-only handle.
 pub fn prepare(
     file: File,
     flags: i32,
     whole_blocks: impl FnOnce(u64) -> Result<(), String>,
-) -> Result<File, (File, io::Error)> {
+    edges: bool,
+) -> Result<(File, Option<File>), (File, io::Error)> {
     let block = sys::dio_block(file.as_fd());
     if let Err(why) = whole_blocks(block) {
         return Err((file, io::Error::other(why)));
     }
+    // Write-only: a partial-page write through it never makes an NFS
+    // client read the rest of the page (it sends the bytes written).
+    let edges = if edges {
+        let eflags = (flags & !(libc::O_ACCMODE | libc::O_DIRECT)) | libc::O_WRONLY;
+        match sys::reopen(file.as_fd(), eflags) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let e = io::Error::new(
+                    e.kind(),
+                    format!("cannot open the buffered fd for partial blocks: {e}"),
+                );
+                return Err((file, e));
+            }
+        }
+    } else {
+        None
+    };
     if let Some(a) = sys::dio_align(file.as_fd())
         && a.mem > sys::BUF_ALIGN as u64
     {
@@ -168,7 +205,7 @@ pub fn prepare(
             io::Error::new(e.kind(), format!("O_DIRECT read failed: {e}")),
         ));
     }
-    Ok(file)
+    Ok((file, edges))
 }
 
 /// Reads `[start, end)` (block aligned) into `buf`; bytes past the end of
@@ -194,8 +231,10 @@ fn read_blocks(file: &File, block: u64, start: u64, buf: &mut [u8]) -> io::Resul
 
 /// Reads up to `size` bytes at `offset` from an O_DIRECT backing fd;
 /// `reply` gets the bytes, short exactly at the end of the backing. The
-/// size lock is held shared for the read, so it never sees a write's padded
-/// length (the reply is sent after it is released).
+/// size lock is held shared for the read, so it never sees a growing write
+/// half done (the reply is sent after it is released). Pages a write left
+/// in the backing's cache cannot make it read old bytes: the kernel writes
+/// a range's dirty pages back before an O_DIRECT read of it.
 pub fn read<R>(
     file: &File,
     block: u64,
@@ -225,16 +264,16 @@ pub fn read<R>(
 }
 
 /// The read-modify-write of the blocks `data` at `offset` touches, with
-/// their range locked. Returns what the caller asked for that made it to
-/// the backing, and where the bytes written to the backing end (past the
-/// caller's end when the last block was padded).
+/// their range locked (devices only: a regular file's write never rewrites
+/// bytes it was not given, see the module comment). Returns what the caller
+/// asked for that made it to the backing.
 fn write_blocks(
     file: &File,
     block: u64,
     ranges: &RangeLock,
     offset: u64,
     data: &[u8],
-) -> (io::Result<usize>, u64) {
+) -> io::Result<usize> {
     let end_byte = offset + data.len() as u64;
     let start = align_down(offset, block);
     let end = align_up(end_byte, block);
@@ -243,21 +282,16 @@ fn write_blocks(
         let mut buf = cell.borrow_mut();
         let buf = buf.get((end - start) as usize);
         let head = (offset - start) as usize;
-        if head != 0
-            && let Err(e) = read_blocks(file, block, start, &mut buf[..block as usize])
-        {
-            return (Err(e), 0);
+        if head != 0 {
+            read_blocks(file, block, start, &mut buf[..block as usize])?;
         }
-        if end_byte != end
-            && (end - block >= start + block || head == 0)
-            && let Err(e) = read_blocks(
+        if end_byte != end && (end - block >= start + block || head == 0) {
+            read_blocks(
                 file,
                 block,
                 end - block,
                 &mut buf[(end - block - start) as usize..],
-            )
-        {
-            return (Err(e), 0);
+            )?;
         }
         buf[head..head + data.len()].copy_from_slice(data);
         let mut done = 0usize;
@@ -266,12 +300,28 @@ fn write_blocks(
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return (Err(e), start + done as u64),
+                Err(e) => return Err(e),
             }
         }
-        let written = done.saturating_sub(head).min(data.len());
-        (Ok(written), start + done as u64)
+        Ok(done.saturating_sub(head).min(data.len()))
     })
+}
+
+/// Writes all of `buf` at `offset`, retrying short writes; returns how much
+/// was written, short only where the backing stopped taking bytes. An
+/// error after some progress is returned as the progress.
+fn write_all_at(file: &File, offset: u64, buf: &[u8]) -> io::Result<usize> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match file.write_at(&buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
 }
 
 /// Writes `data` at `offset` through an O_DIRECT backing fd of a device:
@@ -287,17 +337,22 @@ pub fn write(
         return Ok(0);
     }
     let _size = locks.shared();
-    write_blocks(file, block, &locks.ranges, offset, data).0
+    write_blocks(file, block, &locks.ranges, offset, data)
 }
 
-/// Writes `data` at `offset` through an O_DIRECT backing fd of a regular
-/// file. A write whose blocks end inside the file runs with the size lock
-/// shared; one whose last block reaches past end of file runs alone, and
-/// afterwards cuts the file back to `max(old size, end of what was
-/// written)`: the padding of its last block must not become file data.
-/// A write that fails leaves the old size.
+/// Writes `data` at `offset` to a regular file: the whole blocks (and
+/// pages) it covers through the O_DIRECT fd `file`, the bytes of blocks or
+/// pages it covers only partly exactly as given through the buffered
+/// `edges` fd (`None` for a read-only handle: `EBADF`, as the O_DIRECT fd
+/// would say). The pieces go in file order, so the file grows through true
+/// lengths only (a crash between them leaves a shorter write, never bytes
+/// nobody wrote). A write that grows the file holds the size lock
+/// exclusively; the blocks (pages) it touches are locked against this
+/// daemon's other writes of them, so two overlapping writes end as one or
+/// the other, never a mix of their pieces.
 pub fn write_file(
     file: &File,
+    edges: Option<&File>,
     block: u64,
     locks: &Locks,
     offset: u64,
@@ -306,24 +361,85 @@ pub fn write_file(
     if data.is_empty() {
         return Ok(0);
     }
-    let block_end = align_up(offset + data.len() as u64, block);
-    {
-        let _size = locks.shared();
-        if block_end <= file.metadata()?.len() {
-            return write_blocks(file, block, &locks.ranges, offset, data).0;
+    let edges = edges.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+    let end = offset + data.len() as u64;
+    let mut _inside = Some(locks.shared());
+    let mut _growing = None;
+    let mut old = file.metadata()?.len();
+    if end > old {
+        _inside = None;
+        _growing = Some(locks.resize());
+        old = file.metadata()?.len();
+    }
+    // The buffered pieces cover whole pages where they can: a partial page
+    // costs the filesystem a read and a write of the whole page anyway, so
+    // an O_DIRECT write of another part of it would be one I/O more.
+    let unit = block.max(sys::page_size() as u64);
+    let _range = locks
+        .ranges
+        .lock(align_down(offset, unit), align_up(end, unit));
+    // [offset, first): head; [first, last): whole units; [last, end): tail.
+    let first = align_up(offset, unit).min(end);
+    let last = align_down(end, unit).max(first);
+    let piece = |at: u64, to: u64| &data[(at - offset) as usize..(to - offset) as usize];
+    let mut done = 0usize;
+    let mut exact = false;
+    let res = (|| -> io::Result<()> {
+        if first == last {
+            // No whole page: one exact write of it all.
+            exact = true;
+            done = write_all_at(edges, offset, data)?;
+            return Ok(());
         }
+        if first > offset {
+            exact = true;
+            done = write_all_at(edges, offset, piece(offset, first))?;
+            if offset + (done as u64) < first {
+                return Ok(());
+            }
+        }
+        let whole = piece(first, last);
+        let n = BOUNCE.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let buf = buf.get(whole.len());
+            buf.copy_from_slice(whole);
+            write_all_at(file, first, buf)
+        })?;
+        done += n;
+        if n < whole.len() || last == end {
+            return Ok(());
+        }
+        exact = true;
+        done += write_all_at(edges, last, piece(last, end))?;
+        Ok(())
+    })();
+    if exact {
+        // From the old end of file on: a write past it makes the
+        // filesystem zero the rest of the old last block, in the cache.
+        settle(edges, offset.min(old), end)?;
     }
-    let _size = locks.resize();
-    let old = file.metadata()?.len();
-    let (res, reached) = write_blocks(file, block, &locks.ranges, offset, data);
-    let want = match &res {
-        Ok(n) => old.max(offset + *n as u64),
-        Err(_) => old,
-    };
-    if reached > want {
-        file.set_len(want)?;
+    match res {
+        Err(_) if done > 0 => Ok(done),
+        Err(e) => Err(e),
+        Ok(()) => Ok(done),
     }
-    res
+}
+
+/// After exact writes through the buffered edges fd: the range's pages
+/// written out (a writeback error fails the write, as it would have failed
+/// an O_DIRECT write) and dropped, so the backing's own cache holds nothing
+/// of the image when the write returns.
+fn settle(edges: &File, from: u64, to: u64) -> io::Result<()> {
+    let fd = edges.as_fd();
+    sys::write_out_range(fd, from, to - from)?;
+    // DONTNEED drops only whole pages inside its range: round out.
+    let page = sys::page_size() as u64;
+    let lo = align_down(from, page);
+    let hi = align_up(to, page);
+    if let Err(e) = sys::fadvise_dontneed_range(fd, lo, hi - lo) {
+        log::warn!("cannot drop the backing's pages at {lo}..{hi} after a write: {e}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -345,6 +461,66 @@ mod tests {
             drop(_b);
             t.join().unwrap();
         });
+    }
+
+    /// Regular-file writes of every shape (inside one block, head + whole
+    /// blocks + tail, aligned, past end of file after a hole, overwrites
+    /// across the end) leave exactly the model's bytes and length, and the
+    /// backing's page cache empty, after each write.
+    #[test]
+    fn file_writes_are_exact_and_leave_no_backing_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        let open = || {
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap()
+        };
+        let (file, edges) = match prepare(open(), libc::O_RDWR, |_| Ok(()), true) {
+            Ok(p) => p,
+            Err((_, e)) => {
+                eprintln!("SKIPPED: no O_DIRECT in {}: {e}", dir.path().display());
+                return;
+            }
+        };
+        let edges = edges.expect("edges fd");
+        let block = sys::dio_block(file.as_fd());
+        let locks = Locks::default();
+        let mut model: Vec<u8> = Vec::new();
+        let b = block as usize;
+        let writes = [
+            (0, 100),
+            (100, 1),
+            (1000, 3 * b + 17),
+            (5 * b, 2 * b),
+            (9 * b + 300, 50),
+            (2 * b - 10, 20),
+            (11 * b - 7, b + 14),
+            (3, 12 * b),
+        ];
+        for (i, &(offset, len)) in writes.iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (i * 31 + j * 7) as u8 | 1).collect();
+            let n = write_file(&file, Some(&edges), block, &locks, offset as u64, &data).unwrap();
+            assert_eq!(n, len, "write {i}: short");
+            if model.len() < offset + len {
+                model.resize(offset + len, 0);
+            }
+            model[offset..offset + len].copy_from_slice(&data);
+            if let Ok(c) = sys::cachestat(file.as_fd()) {
+                assert_eq!(c.cached, 0, "write {i}: pages left in the backing's cache");
+            }
+            let got = std::fs::read(&path).unwrap();
+            assert_eq!(got.len(), model.len(), "write {i}: length");
+            assert!(got == model, "write {i} ({len} at {offset}): bytes differ");
+            // This test's own read filled the cache: empty it again.
+            sys::fadvise_dontneed(open().as_fd()).unwrap();
+        }
+        let ro = write_file(&file, None, block, &locks, 0, b"x").unwrap_err();
+        assert_eq!(ro.raw_os_error(), Some(libc::EBADF));
     }
 
     #[test]

@@ -195,6 +195,7 @@ impl MigsafeFs {
             }
         }
         let mut file = file;
+        let mut edges = None;
         if data_path == DataPath::Cached {
             // The backing's own page cache must hold nothing of the image:
             // the FUSE inode's is the one cache. A backing that refuses
@@ -202,8 +203,14 @@ impl MigsafeFs {
             // inside a block (an aligned write of its last block would grow
             // it), is served by relay, whose one cache is the backing's.
             let whole = |block| image.device().map_or(Ok(()), |d| d.whole_blocks(block));
-            file = match datapath::cached::prepare(file, backing_flags(flags), whole) {
-                Ok(f) => f,
+            // A regular file's partial blocks are written exactly, through
+            // a buffered fd of its own (datapath/cached.rs).
+            let want_edges = !image.is_device() && flags & libc::O_ACCMODE != libc::O_RDONLY;
+            file = match datapath::cached::prepare(file, backing_flags(flags), whole, want_edges) {
+                Ok((f, e)) => {
+                    edges = e;
+                    f
+                }
                 Err((f, e)) => {
                     log::info!(
                         "open {}: cached data path unavailable ({e}); using relay",
@@ -220,14 +227,16 @@ impl MigsafeFs {
         let keep_cache = image.open_handle_count() > 0
             || self.settings.on_open() != OnOpen::Invalidate
             || !self.settings.drop_cache();
-        let handle = Arc::new(Handle::new(
+        let mut handle = Handle::new(
             image.clone(),
             Arc::new(file),
             data_path,
             flags,
             req.pid(),
             passthrough.clone(),
-        ));
+        );
+        handle.edges = edges;
+        let handle = Arc::new(handle);
         let fh = self.add_handle(Open::File(handle.clone()));
         image.add_handle(fh, handle.clone());
         if handle.writable && handle.opened_inactive {
@@ -479,7 +488,15 @@ impl MigsafeFs {
                 datapath::cached::write(&h.file, h.block, &h.image.io_locks, offset, data)
             }
             DataPath::Cached => {
-                datapath::cached::write_file(&h.file, h.block, &h.image.io_locks, offset, data)
+                let edges = h.edges.as_ref();
+                datapath::cached::write_file(
+                    &h.file,
+                    edges,
+                    h.block,
+                    &h.image.io_locks,
+                    offset,
+                    data,
+                )
             }
             _ => datapath::relay_write(&h.file, offset, data, h.direct),
         }
@@ -642,7 +659,8 @@ impl MigsafeFs {
             h.image.grow_allowed(offset.saturating_add(length))?;
         }
         // Punching or zeroing a block between the read and the write of a
-        // cached read-modify-write would be undone: alone, as size changes.
+        // cached device's read-modify-write would be undone: alone, as size
+        // changes.
         let res = {
             let _resize = h.image.io_locks.resize();
             sys::fallocate(h.file.as_fd(), mode, offset, length)

@@ -214,7 +214,7 @@ impl MigsafeFs {
             return Ok(attr::device(inode.nodeid, &dev.node_stat()?, dev.size()));
         }
         let fd = inode.fd.as_ref().ok_or(Errno::EIO)?;
-        // Never the padded length of a cached write in progress.
+        // Never the length of a growing cached write half done.
         let _size = inode.image().map(|img| img.io_locks.shared());
         let st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&**fd))?;
         Ok(attr::from_stat(inode.nodeid, &st))

@@ -119,8 +119,8 @@ impl MigsafeFs {
             if let Some(fd) = &inode.fd {
                 image.set_live_fd(fd);
             }
-            // The kernel takes the size from a lookup too: never the padded
-            // length of a cached write in progress (datapath/cached.rs).
+            // The kernel takes the size from a lookup too: never the length
+            // of a growing cached write half done (datapath/cached.rs).
             let _size = image.io_locks.shared();
             st = sys::fstat_fd(fd.as_fd())?;
         }

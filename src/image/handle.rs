@@ -21,6 +21,10 @@ pub struct Handle {
     /// caller's access mode and O_DIRECT/O_SYNC flags).
     pub file: Arc<File>,
     pub data_path: DataPath,
+    /// Cached path, writable handle of a regular file: a buffered
+    /// write-only fd of the same backing file, for the bytes of writes that
+    /// cover a block only partly (datapath/cached.rs). None otherwise.
+    pub edges: Option<File>,
     pub direct: bool,
     pub writable: bool,
     /// The alignment O_DIRECT on the backing needs (STATX_DIOALIGN, else
@@ -60,6 +64,7 @@ impl Handle {
             image,
             file,
             data_path,
+            edges: None,
             direct: flags & libc::O_DIRECT != 0,
             writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             block,
