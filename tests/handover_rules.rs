@@ -1064,3 +1064,59 @@ fn one_proc_pass_per_command_and_none_without_writers() {
         passes.len()
     );
 }
+
+/// Issue 20: the page-cache holders (a pass over every process's fds and
+/// mappings) are named once, in the failing outcome that reports them, not
+/// at every retry of the residency check. Before, an activate that failed
+/// on a mapped page read every process's maps three times.
+#[test]
+fn holders_of_surviving_pages_are_scanned_once() {
+    if !common::require_root() || !common::have_tool("strace") {
+        return;
+    }
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    make_file(&back.join("vm.img"), MIB, b'A');
+    let m = Mount::start(dir.path(), &back, &[]);
+    fs::metadata(m.path("vm.img")).unwrap();
+    let _idle = common::IdleProcs::spawn(50);
+    // A mapped, touched page of the backing survives every drop.
+    let f = File::open(back.join("vm.img")).unwrap();
+    let len = std::num::NonZeroUsize::new(PAGE).unwrap();
+    // SAFETY: a fresh read-only shared mapping of one page of a 1 MiB file
+    // nobody truncates, unmapped below.
+    let p = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &f,
+            0,
+        )
+    }
+    .expect("mmap");
+    // SAFETY: inside the one-page mapping.
+    assert_eq!(
+        unsafe { std::ptr::read_volatile(p.as_ptr() as *const u8) },
+        b'A'
+    );
+
+    let trace = OpenTrace::attach(m.pid().expect("daemon pid"), dir.path().join("trace"));
+    let (res, out) = ctl_write_read(&m.ctl("activate"), "vm.img\n");
+    let passes = trace.passes("maps");
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { nix::sys::mman::munmap(p, PAGE) }.unwrap();
+    assert_eq!(res, Err(libc::EBUSY), "a mapped page must refuse: {out}");
+    assert!(
+        out.contains(&format!("{}(", std::process::id())) && out.contains(":mmap)"),
+        "the mapping process is named: {out:?}"
+    );
+    assert!(
+        passes.len() >= 50,
+        "the trace must see the holder scan: {passes:?}"
+    );
+    let most = passes.values().max().copied().unwrap_or(0);
+    assert_eq!(most, 1, "every process's maps were read {most} times");
+}

@@ -763,10 +763,21 @@ impl Image {
             let mut attempt = 1;
             loop {
                 let last = attempt >= VERIFY_ATTEMPTS;
-                match self.verify_dropped(&file, last) {
-                    Ok(_) => break,
-                    Err(failed) if last || failed.errno != Some(libc::EBUSY) => return Err(failed),
-                    Err(_) => {}
+                // Attempts before the last only ask whether pages are left;
+                // naming their holders (a /proc pass over every process's
+                // fds and mappings) is for the outcome that reports them.
+                let left = || {
+                    let size = cache::file_size(&file)?;
+                    cache::page_counts(&file, size).map(|(c, _)| c.cached)
+                };
+                if last || !left().is_ok_and(|cached| cached > 0) {
+                    match self.verify_dropped(&file, last) {
+                        Ok(_) => break,
+                        Err(failed) if last || failed.errno != Some(libc::EBUSY) => {
+                            return Err(failed);
+                        }
+                        Err(_) => {}
+                    }
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10 * attempt as u64));
                 cache::evict(&file).map_err(|e| {
