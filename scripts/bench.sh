@@ -49,6 +49,14 @@ Options:
   --ctl              control-op timings: activate on a 100 GiB sparse image
                      (0 / 1 GiB / 8 GiB cached) vs `vmtouch -e; fincore`,
                      and open latency with invalidate-on-open on vs off
+  --ctl-scale        control ops against the host's process count: activate
+                     and inactivate of one uncached 1 GiB image (none open;
+                     and activate with it held open read-only through the
+                     mount), `activate *` and `inactivate *` over --images
+                     images, with --procs idle processes added (part of --ctl)
+  --procs N          idle `sleep` processes to add for --ctl-scale (default 0;
+                     killed by pid at the end, also on error or ^C)
+  --images N         images for the `*` rows of --ctl-scale (default 500)
   --rss              daemon memory with 1000 images (ls -l) and 64 handles
   --all              --blockdev --ctl --rss
   -h, --help         this text
@@ -88,6 +96,9 @@ JSON_OUT=""
 DO_FILE=1
 DO_BLOCKDEV=0
 DO_CTL=0
+DO_CTL_SCALE=0
+PROCS=0
+IMAGES=500
 DO_RSS=0
 EXTRA_MOUNT_ARGS=()
 
@@ -116,9 +127,12 @@ while (($#)); do
 	--json) need_arg "$@"; JSON_OUT=$2; shift 2 ;;
 	--blockdev) DO_BLOCKDEV=1; shift ;;
 	--no-file) DO_FILE=0; shift ;;
-	--ctl) DO_CTL=1; shift ;;
+	--ctl) DO_CTL=1; DO_CTL_SCALE=1; shift ;;
+	--ctl-scale) DO_CTL_SCALE=1; shift ;;
+	--procs) need_arg "$@"; PROCS=$2; shift 2 ;;
+	--images) need_arg "$@"; IMAGES=$2; shift 2 ;;
 	--rss) DO_RSS=1; shift ;;
-	--all) DO_BLOCKDEV=1; DO_CTL=1; DO_RSS=1; shift ;;
+	--all) DO_BLOCKDEV=1; DO_CTL=1; DO_CTL_SCALE=1; DO_RSS=1; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; die "unknown argument: $1" ;;
 	esac
@@ -130,6 +144,8 @@ fi
 [[ $RUNTIME =~ ^[0-9]+$ && $RUNTIME -ge 1 ]] || die "--runtime must be a positive integer (seconds)"
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || die "--reps must be a positive integer"
 [[ -z $THREADS || $THREADS =~ ^[0-9]+$ ]] || die "--threads must be an integer"
+[[ $PROCS =~ ^[0-9]+$ ]] || die "--procs must be a non-negative integer"
+[[ $IMAGES =~ ^[0-9]+$ && $IMAGES -ge 1 ]] || die "--images must be a positive integer"
 SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad --size: $SIZE"
 ((SIZE_BYTES >= 64 * 1024 * 1024)) || die "--size must be at least 64M"
 SIZE_BYTES=$((SIZE_BYTES / 1048576 * 1048576))
@@ -214,12 +230,32 @@ teardown() {
 	TARGET_FILE=()
 }
 HOLDER_PIDS=()
+IDLE_PIDFILE=""  # pids of the idle processes of --procs, one a line
+
+# Kill the idle processes of --procs by pid (they are ours: spawned by the
+# helper, which wrote each pid as it spawned it).
+stop_idle() {
+	[[ -n $IDLE_PIDFILE && -s $IDLE_PIDFILE ]] || return 0
+	local n
+	n=$(wc -l <"$IDLE_PIDFILE")
+	xargs -r kill -KILL <"$IDLE_PIDFILE" 2>/dev/null || true
+	# gone from /proc before the next stage counts or scans processes
+	local i left
+	for ((i = 0; i < 600; i++)); do
+		left=$({ xargs -r ps -o pid= -p <"$IDLE_PIDFILE" 2>/dev/null || true; } | wc -l)
+		((left == 0)) && break
+		sleep 0.1
+	done
+	log "   killed $n idle processes by pid ($left still in /proc)"
+	: >"$IDLE_PIDFILE"
+}
 
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
 	set +e
+	stop_idle
 	teardown
 	if [[ -n $WORK && -d $WORK ]]; then
 		# never descend into something still mounted
@@ -334,6 +370,44 @@ def cmd_ctltime(ctlfile, image):
             ms = tok[3:]
     print("%.3f\t%s\t%s\t%s" % ((t1 - t0) / 1e6, ms, err, res.replace("\t", " ")))
 
+def cmd_ctlmany(ctlfile, what):
+    """Write WHAT (e.g. "*") to a .ctl command file; print wall ms, "-",
+    errno name and a summary of the result lines."""
+    fd = os.open(ctlfile, os.O_RDWR)
+    err = "-"
+    t0 = time.perf_counter_ns()
+    try:
+        os.write(fd, (what + "\n").encode())
+    except OSError as e:
+        err = errno.errorcode.get(e.errno, str(e.errno))
+    t1 = time.perf_counter_ns()
+    res = b""
+    while True:
+        chunk = os.pread(fd, 1 << 20, len(res))
+        if not chunk:
+            break
+        res += chunk
+    os.close(fd)
+    lines = res.decode(errors="replace").splitlines()
+    ok = sum(1 for l in lines if " result=ok " in l)
+    partial = sum(1 for l in lines if "fencing=partial" in l)
+    ms = sorted(int(t[3:]) for l in lines for t in l.split() if t.startswith("ms=") and t[3:].isdigit())
+    print("%.3f\t-\t%s\t%d lines: %d ok, %d fencing=partial, %d error; per-image ms max %s" % (
+        (t1 - t0) / 1e6, err, len(lines), ok, partial, len(lines) - ok, ms[-1] if ms else "-"))
+
+def cmd_idle(n, pidfile):
+    """Spawn N idle `sleep infinity` processes, appending each pid to PIDFILE
+    as it is spawned (so an interrupted run still kills every one)."""
+    sleep = "/bin/sleep" if os.path.exists("/bin/sleep") else "/usr/bin/sleep"
+    with open(pidfile, "a") as f:
+        for _ in range(int(n)):
+            pid = os.posix_spawn(sleep, [sleep, "infinity"], os.environ)
+            f.write("%d\n" % pid)
+            f.flush()
+
+def cmd_nprocs():
+    print(sum(1 for e in os.listdir("/proc") if e.isdigit()))
+
 def cmd_mantime(path):
     # (vmtouch -e is posix_fadvise DONTNEED on the whole file; fincore is mincore)
     """Time the by-hand way: vmtouch -e FILE; fincore FILE."""
@@ -391,7 +465,7 @@ def med(v):
 
 def cmd_report(tsv, csv_out, json_out, meta_json):
     meta = json.loads(meta_json)
-    fio, ctl, opn, rss, notes = [], [], [], [], []
+    fio, ctl, opn, rss, notes, scale = [], [], [], [], [], []
     for line in open(tsv):
         f = line.rstrip("\n").split("\t")
         if f[0] == "fio":
@@ -403,6 +477,10 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
             _, level, method, rep, wall, dms, err, res = f
             ctl.append(dict(level=level, method=method, rep=int(rep), wall_ms=float(wall),
                             daemon_ms=dms, errno=err, result=res))
+        elif f[0] == "ctlscale":
+            _, procs, method, rep, wall, dms, err, res = f
+            scale.append(dict(procs=int(procs), method=method, rep=int(rep), wall_ms=float(wall),
+                              errno=err, result=res))
         elif f[0] == "open":
             _, what, rep, medu, p90, mean, close = f
             opn.append(dict(what=what, rep=int(rep), median_us=float(medu), p90_us=float(p90),
@@ -485,6 +563,22 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
         bad = [c for c in ctl if c["errno"] != "-"]
         for c in bad[:6]:
             p("  ! %s %s rep%d: %s %s" % (c["level"], c["method"], c["rep"], c["errno"], c["result"][:300]))
+    if scale:
+        p("")
+        p("== control ops vs processes on the host (wall ms: median (min-max)) ==")
+        p("%-10s %-52s %-28s %s" % ("processes", "method", "wall ms (min-max)", "result"))
+        methods = []
+        for c in scale:
+            if c["method"] not in methods:
+                methods.append(c["method"])
+        for m in methods:
+            v = [c for c in scale if c["method"] == m]
+            w = [c["wall_ms"] for c in v]
+            procs = "%d" % med([c["procs"] for c in v])
+            res = sorted(set(("ok" if c["errno"] == "-" else c["errno"]) + (
+                " (" + c["result"] + ")" if c["result"].startswith(tuple("0123456789")) else "") for c in v))
+            p("%-10s %-52s %-28s %s" % (procs, m, "%.2f (%.2f-%.2f) n=%d" % (med(w), min(w), max(w), len(w)),
+                                        "; ".join(res)[:160]))
     if opn:
         p("")
         p("== open(2)+close latency of an uncached 100 GiB image, %s opens per rep, median of reps ==" % meta.get("opens", "?"))
@@ -582,7 +676,8 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
                 return [clean(v) for v in o]
             return o
         with open(json_out, "w") as f:
-            json.dump(clean(dict(meta=meta, aggregated=agg, runs=fio, ctl=ctl, open=opn, rss=rss, notes=notes)),
+            json.dump(clean(dict(meta=meta, aggregated=agg, runs=fio, ctl=ctl, ctl_scale=scale, open=opn,
+                                 rss=rss, notes=notes)),
                       f, indent=1)
             f.write("\n")
 
@@ -1044,6 +1139,54 @@ stage_ctl() {
 	teardown
 }
 
+stage_ctl_scale() {
+	local sdir=$WORK/ctlscale mnt=$WORK/mnt-ctlscale rep i line n want
+	mkdir -p "$sdir"
+	log "== control ops vs process count: $IMAGES sparse 1 GiB images, $PROCS idle processes added"
+	py mkfiles "$sdir" "$IMAGES" $((1 << 30))
+	IDLE_PIDFILE=$WORK/idle.pids
+	: >"$IDLE_PIDFILE"
+	if ((PROCS > 0)); then
+		py idle "$PROCS" "$IDLE_PIDFILE"
+		log "   spawned $(wc -l <"$IDLE_PIDFILE") idle processes"
+	fi
+	start_migsafe ctlscale "$sdir" "$mnt" ||
+		{ note "ctl-scale: migsafe mount failed; stage skipped"; stop_idle; teardown; return 0; }
+	# every image known to the mount, as `*` reports the images it has seen
+	ls -l "$mnt" >/dev/null
+	n=$(py nprocs)
+	log "   processes on the host: $n (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+	note "ctl-scale: $n processes on the host, loadavg $(cut -d' ' -f1-3 /proc/loadavg) at the start"
+	one() { # method ctl image
+		line=$(py ctltime "$mnt/.ctl/$2" "$3")
+		printf 'ctlscale\t%s\t%s\t%s\t%s\n' "$n" "$1" "$rep" "$line" >>"$RESULTS"
+		log "   $1 rep$rep: ${line:0:200}"
+	}
+	for ((rep = 1; rep <= REPS; rep++)); do
+		for ((i = 0; i < 5; i++)); do
+			one "activate one uncached image (none open)" activate img0000.raw
+			one "inactivate one uncached image (none open)" inactivate img0000.raw
+		done
+		if hold ro "$mnt/img0001.raw"; then
+			for ((i = 0; i < 5; i++)); do
+				one "activate one image held open ro through the mount" activate img0001.raw
+				one "inactivate one image held open ro through the mount" inactivate img0001.raw
+			done
+			release_holders
+		else
+			note "ctl-scale: could not hold img0001.raw open"
+		fi
+		for want in activate inactivate; do
+			line=$(py ctlmany "$mnt/.ctl/$want" '*')
+			printf 'ctlscale\t%s\t%s\t%s\t%s\n' "$n" "$want * ($IMAGES images, none open)" "$rep" "$line" >>"$RESULTS"
+			log "   $want * rep$rep: $line"
+		done
+	done
+	log "   ctl-scale daemon CPU total: $(cpu_ticks "$LAST_PID") ticks"
+	teardown
+	stop_idle
+}
+
 stage_rss() {
 	local rdir=$WORK/rss mnt mode pid i kb files=()
 	mkdir -p "$rdir/backing"
@@ -1080,6 +1223,7 @@ log "== work dir $WORK; migsafe $MIGSAFE; image $(numfmt --to=iec "$SIZE_BYTES")
 ((DO_FILE)) && stage_file
 ((DO_BLOCKDEV)) && stage_blockdev
 ((DO_CTL)) && stage_ctl
+((DO_CTL_SCALE)) && stage_ctl_scale
 ((DO_RSS)) && stage_rss
 
 META=$(

@@ -145,67 +145,135 @@ fn has_fd(pid: u32, id: Identity, mounts: &HashMap<u64, u64>) -> bool {
     })
 }
 
-/// Processes that hold the image open for writing where this daemon cannot
-/// fence them: directly on the backing (not through any migsafe mount), or
-/// through another FUSE mount of it, a crashed instance's included (after
-/// a crash the kernel still passes a passthrough fd's writes to the backing,
-/// and such a mount may be detached, so it is no longer in mountinfo).
-/// `rel_path` is the image's path below the mount root, `own_mounts` the
-/// mount ids of this daemon's own mount, whose users it does fence.
-/// Reads only /proc (fdinfo, the fd's link text), never the fd's target: a
-/// scan must not wait on a FUSE mount, this one or a dead one.
-pub fn find_unfenced_writers(id: Identity, rel_path: &str, own_mounts: &[u64]) -> Vec<Holder> {
-    let mounts = mount_devices();
-    let fuse_mounts = fuse_mount_ids();
-    let suffix = format!("/{rel_path}");
-    let mut out = Vec::new();
-    for pid in other_pids() {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-            continue;
-        };
-        let how = fds.flatten().find_map(|fd| {
-            let info = fs::read_to_string(fd.path()).ok()?;
-            let field = |name: &str, radix: u32| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
+/// One /proc pass shared by every image of one command (or one `status`):
+/// taken at the first image that needs it, so a command over 500 images
+/// costs one pass, not 500. What it reports is a snapshot of that moment,
+/// as every scan is (a writer may open or close right after).
+#[derive(Default)]
+pub struct WriterScan {
+    once: std::sync::OnceLock<OpenWriters>,
+}
+
+impl WriterScan {
+    pub fn new() -> WriterScan {
+        WriterScan::default()
+    }
+
+    /// Processes that hold the image open for writing where this daemon
+    /// cannot fence them: directly on the backing (not through any migsafe
+    /// mount), or through another FUSE mount of it, a crashed instance's
+    /// included (after a crash the kernel still passes a passthrough fd's
+    /// writes to the backing, and such a mount may be detached, so it is no
+    /// longer in mountinfo). `rel_path` is the image's path below the mount
+    /// root, `own_mounts` the mount ids of this daemon's own mount, whose
+    /// users it does fence.
+    pub fn unfenced(&self, id: Identity, rel_path: &str, own_mounts: &[u64]) -> Vec<Holder> {
+        self.once
+            .get_or_init(OpenWriters::scan)
+            .unfenced(id, rel_path, own_mounts)
+    }
+}
+
+/// One writable fd of another process, as its fdinfo shows it.
+struct WritableFd {
+    pid: u32,
+    fd: u32,
+    mnt: u64,
+}
+
+/// Every writable fd of every other process, by inode number, with the
+/// mount tables needed to tell which file the inode number belongs to.
+struct OpenWriters {
+    by_ino: HashMap<u64, Vec<WritableFd>>,
+    /// mount id -> device number.
+    mounts: HashMap<u64, u64>,
+    fuse_mounts: Vec<u64>,
+}
+
+impl OpenWriters {
+    /// Reads `/proc/PID/fdinfo/*` (`mnt_id`, `ino`, `flags`) of every
+    /// process but this one, keeping the fds open for writing. Reads only
+    /// /proc, never an fd's target: a scan must not wait on a FUSE mount,
+    /// this one or a dead one. Processes that vanish or deny access
+    /// mid-scan are skipped.
+    fn scan() -> OpenWriters {
+        let mut by_ino: HashMap<u64, Vec<WritableFd>> = HashMap::new();
+        // pos, flags, mnt_id and ino are the first lines of every fdinfo:
+        // one read of a small buffer (3 syscalls per fd: open, read, close).
+        let mut buf = [0u8; 256];
+        for pid in other_pids() {
+            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+                continue;
             };
-            let (mnt, ino, flags) = (
-                field("mnt_id:", 10)?,
-                field("ino:", 10)?,
-                field("flags:", 8)?,
-            );
-            if ino != id.ino
-                || flags as i32 & libc::O_ACCMODE == libc::O_RDONLY
-                || own_mounts.contains(&mnt)
-            {
-                return None;
+            for fd in fds.flatten() {
+                let Some(num) = fd.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Ok(mut f) = fs::File::open(fd.path()) else {
+                    continue;
+                };
+                let Ok(n) = std::io::Read::read(&mut f, &mut buf) else {
+                    continue;
+                };
+                drop(f);
+                let info = String::from_utf8_lossy(&buf[..n]);
+                let field = |name: &str, radix: u32| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .and_then(|v| u64::from_str_radix(v.trim(), radix).ok())
+                };
+                let (Some(mnt), Some(ino), Some(flags)) =
+                    (field("mnt_id:", 10), field("ino:", 10), field("flags:", 8))
+                else {
+                    continue;
+                };
+                if flags as i32 & libc::O_ACCMODE == libc::O_RDONLY {
+                    continue;
+                }
+                by_ino
+                    .entry(ino)
+                    .or_default()
+                    .push(WritableFd { pid, fd: num, mnt });
             }
-            if mounts.get(&mnt) == Some(&id.dev) {
-                return Some("backing-writer");
+        }
+        OpenWriters {
+            by_ino,
+            mounts: mount_devices(),
+            fuse_mounts: fuse_mount_ids(),
+        }
+    }
+
+    fn unfenced(&self, id: Identity, rel_path: &str, own_mounts: &[u64]) -> Vec<Holder> {
+        let suffix = format!("/{rel_path}");
+        let mut out: Vec<Holder> = Vec::new();
+        for w in self.by_ino.get(&id.ino).into_iter().flatten() {
+            if own_mounts.contains(&w.mnt) || out.iter().any(|h| h.pid == w.pid) {
+                continue;
             }
-            if mounts.contains_key(&mnt) && !fuse_mounts.contains(&mnt) {
-                return None;
-            }
-            // Another FUSE mount, or a detached one: the same image if the
-            // fd's path ends with the image's path.
-            let link = fs::read_link(format!(
-                "/proc/{pid}/fd/{}",
-                fd.file_name().to_string_lossy()
-            ))
-            .ok()?;
-            let link = link.to_string_lossy();
-            (link.ends_with(&suffix) || link == rel_path).then_some("writer-through-another-mount")
-        });
-        if let Some(how) = how {
+            let how = if self.mounts.get(&w.mnt) == Some(&id.dev) {
+                "backing-writer"
+            } else if self.mounts.contains_key(&w.mnt) && !self.fuse_mounts.contains(&w.mnt) {
+                continue;
+            } else {
+                // Another FUSE mount, or a detached one: the same image if
+                // the fd's path ends with the image's path.
+                let Ok(link) = fs::read_link(format!("/proc/{}/fd/{}", w.pid, w.fd)) else {
+                    continue;
+                };
+                let link = link.to_string_lossy();
+                if !(link.ends_with(&suffix) || link == rel_path) {
+                    continue;
+                }
+                "writer-through-another-mount"
+            };
             out.push(Holder {
-                pid,
-                comm: comm_of(pid),
+                pid: w.pid,
+                comm: comm_of(w.pid),
                 how,
             });
         }
+        out
     }
-    out
 }
 
 /// Mount ids of the migsafe mounts in this process's mountinfo (type

@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 
 use crate::sys::{self, PageCounts};
 
-pub use holders::{Holder, Identity, find_holders, find_unfenced_writers};
+pub use holders::{Holder, Identity, WriterScan, find_holders};
 pub use incarnation::Incarnation;
 
 /// mincore is done in windows this size, like QEMU's check, so a huge image

@@ -88,11 +88,14 @@ impl Job {
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
         let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
         let fuse = super::fuse_cache::MountCache::new(&self.mountpoint, &self.invalidator);
+        // One /proc pass at most for all images of this command.
+        let writers = crate::cache::WriterScan::new();
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
             fuse: Some(&fuse),
             own_mounts: &own_mounts,
+            writers: &writers,
         };
         let mut first_errno = None;
         let mut text = String::new();
@@ -296,6 +299,8 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
     let own = crate::mountinfo::ids_at(&plane.mountpoint);
     let fuse = super::fuse_cache::MountCache::new(&plane.mountpoint, &plane.invalidator);
     let fuse = Some(&fuse as &dyn crate::image::FuseCache);
+    // One /proc pass at most for the whole document.
+    let writers = crate::cache::WriterScan::new();
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()
@@ -303,11 +308,13 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         .filter(|img| !plane.registry.forget_if_deleted(img))
         .map(|img| {
             if let Some(dev) = img.device() {
-                return img.status_json(Some(dev.size()), None, &own, fuse);
+                return img.status_json(Some(dev.size()), None, &own, &writers, fuse);
             }
             match img.open_backing(libc::O_RDONLY) {
-                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None, &own, fuse),
-                Err(e) => img.status_json(None, Some(e), &own, fuse),
+                Ok(f) => {
+                    img.status_json(crate::cache::file_size(&f).ok(), None, &own, &writers, fuse)
+                }
+                Err(e) => img.status_json(None, Some(e), &own, &writers, fuse),
             }
         })
         .collect();

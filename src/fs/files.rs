@@ -77,11 +77,14 @@ impl MigsafeFs {
         let invalidate = |img: &Image| self.invalidate_attrs_async(img);
         // Inside the open request: the FUSE inode's cache is dropped by the
         // reply (no FOPEN_KEEP_CACHE on a first open), never from here.
+        // Its steps name no writers: the scan is never taken.
+        let writers = crate::cache::WriterScan::new();
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
             fuse: None,
             own_mounts: &[],
+            writers: &writers,
         };
         let outcome = image.invalidate_on_open(&ctx);
         match outcome.errno {

@@ -18,7 +18,9 @@ use serde_json::json;
 pub mod handle;
 
 use crate::backing::Device;
-use crate::cache::{self, Identity, Incarnation, Report, format_ranges, holders::format_holders};
+use crate::cache::{
+    self, Identity, Incarnation, Report, WriterScan, format_ranges, holders::format_holders,
+};
 use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
@@ -125,6 +127,9 @@ pub struct CommandContext<'a> {
     /// writers elsewhere (the backing itself, another or a crashed
     /// instance's mount) are named as unfenced.
     pub own_mounts: &'a [u64],
+    /// The one /proc pass that names those writers, shared by every image
+    /// of the command and taken only if an image needs it.
+    pub writers: &'a WriterScan,
 }
 
 /// The page cache of an image's FUSE inode, as control commands (on worker
@@ -499,9 +504,10 @@ impl Image {
 
     /// `fencing partial: ...` naming every writer the daemon cannot fence:
     /// its own writable passthrough handles (opened before or after
-    /// inactivate) and, with `own_mounts`, processes writing the backing
-    /// outside this mount. Empty when fencing is full.
-    fn unfenced_report(&self, own_mounts: Option<&[u64]>) -> String {
+    /// inactivate) and, with `outside` (own mount ids and the command's
+    /// shared scan), processes writing the backing outside this mount.
+    /// Empty when fencing is full.
+    fn unfenced_report(&self, outside: Option<(&[u64], &WriterScan)>) -> String {
         let mut list: Vec<String> = self
             .unfenced_writers()
             .iter()
@@ -513,9 +519,11 @@ impl Image {
                 )
             })
             .collect();
-        if let Some(own) = own_mounts {
+        if let Some((own, scan)) = outside
+            && self.may_be_written_elsewhere()
+        {
             list.extend(
-                cache::find_unfenced_writers(self.identity, &self.path(), own)
+                scan.unfenced(self.identity, &self.path(), own)
                     .iter()
                     .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
             );
@@ -527,6 +535,32 @@ impl Image {
             "fencing partial: writers the daemon cannot fence: {}",
             list.join(", ")
         )
+    }
+
+    /// False only when the kernel says that no file of the backing inode is
+    /// open for writing on this host, by anyone (this daemon included): then
+    /// no process can be writing it outside this mount, and the /proc scan
+    /// that would name such writers is skipped (docs/DESIGN.md §3, "Writers
+    /// outside the mount"). A block device, a backing without leases, or a
+    /// failed open: true (the scan decides).
+    fn may_be_written_elsewhere(&self) -> bool {
+        if self.is_device() {
+            return true;
+        }
+        let probe = match self.open_backing(libc::O_RDONLY) {
+            Ok(f) => f,
+            Err(_) => return true,
+        };
+        match sys::open_for_write_anywhere(probe.as_fd()) {
+            Ok(open) => open,
+            Err(e) => {
+                log::debug!(
+                    "image {}: cannot ask the kernel for writable opens ({e}); scanning /proc",
+                    self.path()
+                );
+                true
+            }
+        }
     }
 
     /// Syncs one backing fd with the mount's sync rule, recording a failure
@@ -679,7 +713,7 @@ impl Image {
                 return Ok(self.fencing_outcome(ctx));
             }
         }
-        let writers = self.unfenced_report(Some(ctx.own_mounts));
+        let writers = self.unfenced_report(Some((ctx.own_mounts, ctx.writers)));
         Err(Outcome {
             errno: Some(libc::EBUSY),
             resident_pages: left.cached,
@@ -707,7 +741,7 @@ impl Image {
 
     /// Ok, naming the writers that fencing cannot stop, if any.
     fn fencing_outcome(&self, ctx: &CommandContext<'_>) -> Outcome {
-        let report = self.unfenced_report(Some(ctx.own_mounts));
+        let report = self.unfenced_report(Some((ctx.own_mounts, ctx.writers)));
         Outcome {
             unfenced: !report.is_empty(),
             detail: report,
@@ -887,10 +921,21 @@ impl Image {
             let mut attempt = 1;
             loop {
                 let last = attempt >= VERIFY_ATTEMPTS;
-                match self.verify_dropped(&file, last) {
-                    Ok(_) => break,
-                    Err(failed) if last || failed.errno != Some(libc::EBUSY) => return Err(failed),
-                    Err(_) => {}
+                // Attempts before the last only ask whether pages are left;
+                // naming their holders (a /proc pass over every process's
+                // fds and mappings) is for the outcome that reports them.
+                let left = || {
+                    let size = cache::file_size(&file)?;
+                    cache::page_counts(&file, size).map(|(c, _)| c.cached)
+                };
+                if last || !left().is_ok_and(|cached| cached > 0) {
+                    match self.verify_dropped(&file, last) {
+                        Ok(_) => break,
+                        Err(failed) if last || failed.errno != Some(libc::EBUSY) => {
+                            return Err(failed);
+                        }
+                        Err(_) => {}
+                    }
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10 * attempt as u64));
                 cache::evict(&file).map_err(|e| {
@@ -1066,6 +1111,7 @@ impl Image {
         size: Option<u64>,
         missing: Option<std::io::Error>,
         own_mounts: &[u64],
+        writers: &WriterScan,
         fuse: Option<&dyn FuseCache>,
     ) -> serde_json::Value {
         let (state, sticky, last) = {
@@ -1116,7 +1162,7 @@ impl Image {
             });
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let unfenced = self.unfenced_report(Some(own_mounts));
+        let unfenced = self.unfenced_report(Some((own_mounts, writers)));
         json!({
             "path": self.path(),
             "error": missing.map(|e| format!(
@@ -1305,6 +1351,7 @@ mod tests {
             invalidate_attrs: &|_| {},
             fuse: None,
             own_mounts: &[],
+            writers: Box::leak(Box::new(WriterScan::new())),
         }
     }
 

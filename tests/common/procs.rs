@@ -61,3 +61,35 @@ pub fn as_nobody<S: AsRef<OsStr>>(argv: &[S]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `n` idle processes (`sleep 600`), as the other processes of a busy
+/// virtualization host; killed and reaped by pid on drop, also on panic.
+pub struct IdleProcs(Vec<std::process::Child>);
+
+impl IdleProcs {
+    pub fn spawn(n: usize) -> IdleProcs {
+        let mut procs = IdleProcs(Vec::with_capacity(n));
+        for _ in 0..n {
+            let child = Command::new("sleep")
+                .arg("600")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn an idle process");
+            procs.0.push(child);
+        }
+        procs
+    }
+}
+
+impl Drop for IdleProcs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
