@@ -156,9 +156,13 @@ pub fn generate_assets(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
     std::fs::write(comp.join("migsafe"), out)
 }
 
-/// The bash completion script of `cmd`.
-pub fn write_bash_completion(mut cmd: clap::Command, out: &mut dyn Write) {
-    clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "migsafe", out);
+/// The bash completion script of `cmd`, without its hidden subcommands
+/// (clap_complete would offer them).
+pub fn write_bash_completion(cmd: clap::Command, out: &mut dyn Write) {
+    let mut visible = clap::Command::new("migsafe")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommands(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    clap_complete::generate(clap_complete::Shell::Bash, &mut visible, "migsafe", out);
 }
 
 /// clap_mangen's sections, with the after-help text as sections of their
