@@ -461,6 +461,19 @@ fn package_installs_serves_upgrades_without_restart_and_removes() {
         "{found}"
     );
 
+    // bash, with the installed completion, completes ctl command names.
+    if Path::new("/usr/share/bash-completion/bash_completion").exists() {
+        let offered = run(Command::new("bash").arg("-c").arg(
+            "source /usr/share/bash-completion/bash_completion\n\
+             source /usr/share/bash-completion/completions/migsafe\n\
+             COMP_WORDS=(migsafe ctl /run/migsafe ac); COMP_CWORD=3\n\
+             COMP_LINE='migsafe ctl /run/migsafe ac'; COMP_POINT=${#COMP_LINE}\n\
+             _migsafe migsafe ac /run/migsafe\n\
+             echo \"${COMPREPLY[@]}\"",
+        ));
+        assert_eq!(offered.trim(), "activate");
+    }
+
     // Upgrade to this build: both instances keep serving, on the same
     // daemons, through the files the VMs hold open; the admin's edit of
     // the conffile stays.
