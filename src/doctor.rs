@@ -381,30 +381,56 @@ fn qemu() -> Line {
         );
     };
     let version = first_line(&bin.to_string_lossy(), &["--version"]).unwrap_or_default();
-    // The file driver's help names drop-cache and its default.
-    let help = Command::new(&bin)
-        .args(["-blockdev", "driver=file,help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default();
-    match help.lines().find(|l| l.contains("drop-cache")) {
-        Some(l) if l.contains("default: on") || l.contains("default: true") => ok(
+    // QEMU's schema (QMP query-qmp-schema, from a QEMU with no machine)
+    // has the file driver's drop-cache member where the option exists; its
+    // documented default is on (since QEMU 4.0).
+    let schema = qmp_schema(&bin);
+    match schema {
+        Some(text) if text.contains("\"drop-cache\"") => ok(
             "qemu",
-            format!("{version}; drop-cache is on by default (QEMU drops the image's cached pages on incoming migration)"),
+            format!("{version}; drop-cache is on by default (QEMU drops an image's cached pages when an incoming migration activates it)"),
         ),
-        Some(l) => not_ok(
+        Some(_) => not_ok(
             "qemu",
             Level::Warn,
-            format!("{version}; {}", l.trim()),
-            "leave drop-cache on for images on migsafe (it is QEMU's default)".into(),
+            format!("{version}; its file driver has no drop-cache option"),
+            "rely on migsafe activate (it drops and verifies the destination's pages) before resuming the guest".into(),
         ),
         None => not_ok(
             "qemu",
             Level::Warn,
-            format!("{version}; its file driver names no drop-cache option"),
-            "rely on migsafe activate (it drops and verifies the destination's pages) before resuming the guest".into(),
+            format!("{version}; its QMP schema could not be read"),
+            format!("check that {} -machine none -qmp stdio starts", bin.display()),
         ),
     }
+}
+
+/// The QMP schema of `bin`, from a QEMU started without a machine.
+fn qmp_schema(bin: &Path) -> Option<String> {
+    use std::io::Write;
+    let mut child = Command::new(bin)
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            "stdio",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdin = child.stdin.take()?;
+    let _ = stdin.write_all(
+        b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-qmp-schema\"}\n{\"execute\":\"quit\"}\n",
+    );
+    drop(stdin);
+    let out = child.wait_with_output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.contains("\"return\"").then_some(text)
 }
 
 fn libvirt() -> Line {

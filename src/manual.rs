@@ -78,7 +78,8 @@ Examples:
   migsafe mount /srv/nfs/images /run/migsafe
   migsafe mount --daemon -o allow_other --device lun0=/dev/sdb \\
     /var/lib/migsafe/empty /run/migsafe-san
-  fstab: /srv/nfs/images /run/migsafe fuse.migsafe allow_other,_netdev 0 0
+  /etc/fstab:
+    /srv/nfs/images /run/migsafe fuse.migsafe allow_other,_netdev 0 0
 ";
 
 pub const CTL_AFTER_HELP: &str = "\

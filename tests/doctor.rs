@@ -78,6 +78,22 @@ fn doctor_on_this_machine_passes() {
     }
     assert_eq!(doc["ok"], true);
     assert_eq!(code, 0);
+    // QEMU 7.2 (what install-deps.sh installs) has drop-cache, on by default.
+    if Path::new("/usr/bin/qemu-system-x86_64").exists() {
+        let l = line(&doc, "qemu");
+        assert_eq!(l["level"], "ok", "{doc:#}");
+        assert!(
+            l["what"].as_str().unwrap().contains("drop-cache is on"),
+            "{doc:#}"
+        );
+    }
+    // libvirt 9.0 (Debian 12) has no shared_filesystems: --unsafe it is.
+    let qemu_conf = fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default();
+    if Path::new("/usr/bin/virsh").exists() && !qemu_conf.contains("shared_filesystems") {
+        let l = line(&doc, "libvirt");
+        assert_eq!(l["level"], "warn", "{doc:#}");
+        assert!(l["next"].as_str().unwrap().contains("--unsafe"), "{doc:#}");
+    }
     let out = Command::new(BIN).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
