@@ -10,6 +10,12 @@ if ! cargo deb --version >/dev/null 2>&1; then
   echo "scripts/package.sh: cargo-deb is missing: run scripts/install-deps.sh (or cargo install cargo-deb --locked --version 3.8.0)" >&2
   exit 1
 fi
+# Without dpkg-shlibdeps, cargo-deb's $auto finds no library dependencies
+# and the package would not depend on libc6.
+if ! command -v dpkg-shlibdeps >/dev/null; then
+  echo "scripts/package.sh: dpkg-shlibdeps is missing: apt-get install dpkg-dev" >&2
+  exit 1
+fi
 cargo build --release --locked --quiet
 rm -rf target/assets
 target/release/migsafe generate-assets target/assets

@@ -446,7 +446,7 @@ fn libvirt() -> Line {
             "libvirt",
             Level::Warn,
             format!("libvirt {version}: no shared_filesystems setting; virsh migrate --live refuses disks on FUSE mounts"),
-            "migrate with virsh migrate --live --unsafe (VIRSH_MIGRATE_OPTS=--unsafe examples/virsh-migrate.sh), every disk on the migsafe mount".into(),
+            "migrate with virsh migrate --live --unsafe (VIRSH_MIGRATE_OPTS=--unsafe /usr/share/doc/migsafe/examples/virsh-migrate.sh), every disk on the migsafe mount".into(),
         );
     }
     let set = conf
