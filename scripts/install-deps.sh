@@ -35,11 +35,22 @@ fi
 # libvirt-daemon-driver-qemu + libvirt-clients: a private libvirtd and virsh
 # for the libvirt hook test (not libvirt-daemon-system: it pulls in systemd
 # upgrades and the default network, and the test runs its own daemon).
+# The package test (tests/package.rs): lintian checks the .deb, dpkg-dev's
+# dpkg-shlibdeps gives cargo-deb the library dependencies, man-db renders
+# the man pages, bash-completion runs the completion script.
 apt-get install -y -q --no-install-recommends --allow-downgrades \
   "qemu-system-x86=$qemu_version" "qemu-utils=$qemu_version" \
   fuse3 fio mergerfs vmtouch util-linux \
   e2fsprogs strace shellcheck python3 python3-prometheus-client socat kmod procps \
-  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients \
+  lintian dpkg-dev man-db bash-completion
+# cargo-deb builds the Debian package (scripts/package.sh). Pinned, built
+# from crates.io with its own lock file (a few minutes on 2 cores, once:
+# a second run finds it installed).
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+  cargo install cargo-deb --locked --version "$cargo_deb_version"
+fi
 # Loop devices are the two-host test bed.
 modprobe loop 2>/dev/null || true
 echo "scripts/install-deps.sh: QEMU $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), qemu-img $(qemu-img --version | head -1 | awk '{print $3}')"

@@ -8,7 +8,14 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 cargo build --quiet
+# tests/package.rs installs the .deb on this machine and purges it again.
+pkg_before=$(dpkg-query -W -f '${Status}' migsafe 2>/dev/null || true)
 cargo test "$@"
+pkg_after=$(dpkg-query -W -f '${Status}' migsafe 2>/dev/null || true)
+if [ "$pkg_after" != "$pkg_before" ]; then
+  echo "scripts/test.sh: tests left the migsafe package in state '$pkg_after' (was '$pkg_before')" >&2
+  exit 1
+fi
 leftover=$(awk '$3 ~ /^fuse/ && $2 ~ /migsafe-test-/ {print $2}' /proc/mounts)
 if [ -n "$leftover" ]; then
   echo "scripts/test.sh: tests left mounts behind: $leftover" >&2

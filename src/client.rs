@@ -566,6 +566,13 @@ impl<'a> Family<'a> {
 
 /// The metrics text for a mount, from its `status` document: everything the
 /// daemon already counts, so no daemon of this version needs to change.
+///
+/// Rendered here rather than with a Prometheus client crate: those
+/// (`prometheus-client`) encode only a registry of live metric objects, so a
+/// one-shot rendering from a JSON document would build and fill a registry
+/// per call, and their OpenMetrics output renames counters (`_total`) and
+/// ends in `# EOF`; the text here is checked by Prometheus's own parser
+/// (python3-prometheus-client) in tests/ctl_client.rs.
 pub fn render_metrics(mountpoint: &str, doc: &serde_json::Value) -> String {
     let mut s = String::new();
     let mnt = [("mountpoint", mountpoint)];

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use migsafe::client;
 use migsafe::fs::{DataPath, IoMode};
@@ -14,7 +14,8 @@ use migsafe::settings::Key;
 #[command(
     name = "migsafe",
     version,
-    about = "Safe shared-storage VM live migration with host page cache"
+    about = "Safe shared-storage VM live migration with host page cache",
+    after_long_help = migsafe::manual::TOP_AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -123,9 +124,11 @@ struct MountCmd {
 #[derive(Subcommand)]
 enum Cmd {
     /// Mount BACKING_DIR on MOUNTPOINT and serve it (foreground unless --daemon).
+    #[command(after_long_help = migsafe::manual::MOUNT_AFTER_HELP)]
     Mount(Box<MountCmd>),
     /// Drive migration control of a mount: activate|inactivate|invalidate|flush|check IMAGE...,
     /// status, metrics (Prometheus text, for node_exporter's textfile collector), set KEY VALUE.
+    #[command(after_long_help = migsafe::manual::CTL_AFTER_HELP)]
     Ctl {
         /// Control directory name used by the mount.
         #[arg(long, default_value = ".ctl")]
@@ -133,9 +136,14 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Mountpoint of a migsafe mount.
         mountpoint: PathBuf,
-        /// activate|inactivate|invalidate|flush|check IMAGE... | status | metrics | set KEY VALUE
-        #[arg(required = true, num_args = 1..)]
+        /// What to do (the values are listed so that --help and shell
+        /// completion know them).
+        #[arg(value_parser = migsafe::manual::ctl_commands())]
+        command: String,
+        /// IMAGE... (paths relative to the mount root, or '*') for the five
+        /// image commands, KEY VALUE for set, nothing for status and metrics.
         args: Vec<String>,
     },
     /// Page-cache residency of files or block devices (like fincore/vmtouch).
@@ -148,6 +156,18 @@ enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check this host for what migsafe needs: kernel features, /dev/fuse,
+    /// fuse3's helpers, the installed unit and binary, QEMU and libvirt.
+    #[command(after_long_help = migsafe::manual::DOCTOR_AFTER_HELP)]
+    Doctor {
+        /// One JSON document (for configuration management).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the man pages and shell completions generated from this
+    /// command line into DIR (man8/, completions/): used to build the package.
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
@@ -218,9 +238,8 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
     })
 }
 
-fn run_ctl(mountpoint: PathBuf, ctl_name: &str, json: bool, args: &[String]) -> i32 {
-    let (verb, rest) = args.split_first().expect("clap requires one");
-    match verb.as_str() {
+fn run_ctl(mountpoint: PathBuf, ctl_name: &str, json: bool, verb: &str, rest: &[String]) -> i32 {
+    match verb {
         v if client::COMMANDS.contains(&v) => {
             if rest.is_empty() {
                 eprintln!(
@@ -265,6 +284,8 @@ fn mount_helper_args() -> Vec<std::ffi::OsString> {
         "mount",
         "ctl",
         "residency",
+        "doctor",
+        "generate-assets",
         "help",
         "--help",
         "-h",
@@ -297,9 +318,20 @@ fn main() -> ExitCode {
             ctl_name,
             json,
             mountpoint,
+            command,
             args,
-        } => run_ctl(mountpoint, &ctl_name, json, &args),
+        } => run_ctl(mountpoint, &ctl_name, json, &command, &args),
         Cmd::Residency { evict, json, files } => migsafe::residency::run(&files, evict, json),
+        Cmd::Doctor { json } => migsafe::doctor::run(json),
+        Cmd::GenerateAssets { dir } => {
+            match migsafe::manual::generate_assets(Cli::command(), &dir) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("migsafe generate-assets: {}: {e}", dir.display());
+                    1
+                }
+            }
+        }
     };
     ExitCode::from(code as u8)
 }

@@ -412,6 +412,10 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
 /// A `Type=notify` unit counts as started only on `READY=1`, which is sent
 /// once the mount is live, so units ordered after it (libvirtd) never see an
 /// empty mountpoint. Without `NOTIFY_SOCKET` it does nothing.
+///
+/// Written here rather than with the `sd-notify` crate: its 0.5 connects to
+/// `NOTIFY_SOCKET` as a path, so an abstract `@name` socket (which systemd
+/// may pass, and tests/operator.rs uses) never gets READY=1.
 fn sd_notify(state: &str) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::ffi::OsStrExt;

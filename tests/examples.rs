@@ -1,4 +1,4 @@
-//! The shell scripts in examples/ and scripts/ parse (`bash -n`) and pass
+//! The shell scripts in examples/, scripts/ and debian/ parse (`bash -n`) and pass
 //! shellcheck when it is installed, and the two-host demo runs for real: it
 //! must show the stale read without `activate` and the fresh read with it, and
 //! leave nothing mounted or attached.
@@ -22,6 +22,10 @@ fn shell_scripts() -> Vec<PathBuf> {
                 out.push(p);
             }
         }
+    }
+    // The package's maintainer scripts (no .sh suffix).
+    for name in ["postinst", "prerm", "postrm"] {
+        out.push(root.join("debian").join(name));
     }
     out.sort();
     out
