@@ -5,6 +5,7 @@
 
 pub mod holders;
 pub mod invalidator;
+pub mod settle;
 
 use std::fs::File;
 use std::io;
@@ -13,10 +14,11 @@ use std::os::fd::AsFd;
 use crate::sys::{self, PageCounts};
 
 pub use holders::{Holder, Identity, find_holders, find_unfenced_writers};
+pub use settle::Settle;
 
 /// mincore is done in windows this size, like QEMU's check, so a huge image
 /// never needs one huge mapping.
-const WINDOW: u64 = 128 << 20;
+pub(crate) const WINDOW: u64 = 128 << 20;
 
 /// How many resident ranges a report lists; an operator needs the first few,
 /// not millions.

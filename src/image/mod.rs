@@ -21,9 +21,15 @@ use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
 
-/// How often `invalidate` drops and re-checks before reporting resident
-/// pages (10, 20 ms apart).
+/// Probes after which step 4 of `invalidate` refuses pages that stay dirty,
+/// or uptodate through every drop while a process maps the image: waiting
+/// does not make those go.
 const VERIFY_ATTEMPTS: u32 = 3;
+
+/// How long step 4 of `invalidate` waits for reads in flight to land (and
+/// pinned pages to be let go) before refusing with EBUSY. A read of a
+/// healthy backing takes milliseconds; a hung NFS server is not waited out.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where an image's bytes live.
 #[derive(Debug)]
@@ -610,7 +616,7 @@ impl Image {
                     });
                 }
             }
-            self.verify_dropped(&file, false)
+            self.verify_dropped(&file)
         })
     }
 
@@ -722,25 +728,18 @@ impl Image {
             // invalidates the attributes too).
             (ctx.invalidate_attrs)(self);
         }
-        // 4. Verify nothing stayed resident. Pages a process just let go of
-        // (an unmapped mlock, a folio still in a per-CPU LRU batch, readahead
-        // completing) can outlive one DONTNEED by a few milliseconds: drop
-        // and look again a few times before failing. Pages that are really
-        // held (mapped and touched) survive every retry.
+        // 4. Verify that no page read from storage before the drop is left
+        // (docs/DESIGN.md §3): wait for reads in flight to land and drop
+        // again, until every page is gone or read again since.
         if ctx.settings.drop_cache() && ctx.settings.check_cache_dropped() && !nothing_cached {
-            let mut attempt = 1;
-            loop {
-                let last = attempt >= VERIFY_ATTEMPTS;
-                match self.verify_dropped(&file, last) {
-                    Ok(_) => break,
-                    Err(failed) if last || failed.errno != Some(libc::EBUSY) => return Err(failed),
-                    Err(_) => {}
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10 * attempt as u64));
-                cache::evict(&file).map_err(|e| {
-                    Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
-                })?;
-                attempt += 1;
+            let waited = self.settle_dropped(&file)?;
+            // Relay mappings fill the FUSE inode from the backing: a fault
+            // between the FUSE drop above and the backing's last drop may
+            // have copied a stale backing page into it. Drop it again now
+            // that the backing holds only current pages.
+            if waited && let Some(fuse) = self.fuse_cache(ctx) {
+                fuse.drop_pages(self)
+                    .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
             }
         }
         // 5. Re-read the size.
@@ -761,41 +760,19 @@ impl Image {
         self.state.lock().expect("state lock").sticky_error = None;
     }
 
-    /// Fails with EBUSY naming resident pages, ranges and holders, or with
-    /// the errno that made verification impossible ("cannot verify" is never
-    /// a pass).
-    ///
-    /// `allow_reread`: DONTNEED skips only pages that are dirty, under
-    /// writeback, mapped or pinned; every other page it drops. So clean pages
-    /// found after repeated drops while no process maps the file were read
-    /// from storage again after a drop (another opener, a udev probe of a
-    /// fresh LUN): they are current, not stale, and do not fail the check.
-    /// Dirty or mapped pages still do.
-    fn verify_dropped(&self, file: &File, allow_reread: bool) -> Result<Outcome, Outcome> {
-        let report = Report::of(file, self.identity).map_err(|e| {
-            Outcome::failed(
-                sys::errno_of(&e),
-                format!("cannot verify that the page cache was dropped: {e}"),
-            )
-        })?;
+    /// `check`: fails with EBUSY naming resident pages (also pages under
+    /// read, which cachestat counts), ranges and holders, or with the errno
+    /// that made verification impossible ("cannot verify" is never a pass).
+    fn verify_dropped(&self, file: &File) -> Result<Outcome, Outcome> {
+        let report = Report::of(file, self.identity).map_err(|e| Self::cannot_verify(&e))?;
         if report.counts.cached == 0 {
             return Ok(Outcome::default());
         }
-        let mapped = report.holders.iter().any(|h| h.how == "mmap");
         let holders = if report.holders.is_empty() {
             "none found".to_string()
         } else {
             format_holders(&report.holders)
         };
-        if allow_reread && !mapped && report.counts.dirty + report.counts.writeback == 0 {
-            log::info!(
-                "image {}: {} clean pages were read from storage again after the drop (holders {holders}); \
-                 they are current, not stale",
-                self.path(),
-                report.counts.cached
-            );
-            return Ok(Outcome::default());
-        }
         Err(Outcome {
             errno: Some(libc::EBUSY),
             resident_pages: report.counts.cached,
@@ -809,6 +786,99 @@ impl Image {
             ),
             unfenced: false,
         })
+    }
+
+    fn cannot_verify(e: &std::io::Error) -> Outcome {
+        Outcome::failed(
+            sys::errno_of(e),
+            format!("cannot verify that the page cache was dropped: {e}"),
+        )
+    }
+
+    /// Step 4: drops and probes until no page read from storage before the
+    /// command is left (`cache::Settle` has the rule), waiting with a short
+    /// backoff for reads in flight to land. Returns whether it found
+    /// anything after the first drop (reads in flight, pages read again).
+    ///
+    /// The line between "read again after the drop" and "stale": a page is
+    /// current once its index was seen absent, or seen not uptodate after
+    /// being seen uptodate, at a probe of this command; until then it may
+    /// have been read before the source's last write. EBUSY when that is
+    /// not established within SETTLE_LIMIT, at once for dirty pages and for
+    /// pages a mapping keeps through VERIFY_ATTEMPTS drops.
+    fn settle_dropped(&self, file: &File) -> Result<bool, Outcome> {
+        let start = Instant::now();
+        let size = cache::file_size(file).map_err(|e| Self::cannot_verify(&e))?;
+        let mut settle = cache::Settle::new();
+        let mut backoff = std::time::Duration::from_millis(1);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let (counts, method) =
+                cache::page_counts(file, size).map_err(|e| Self::cannot_verify(&e))?;
+            if counts.cached == 0 {
+                return Ok(attempt > 1);
+            }
+            settle
+                .probe(file, size, method)
+                .map_err(|e| Self::cannot_verify(&e))?;
+            let dirty = counts.dirty + counts.writeback > 0;
+            if settle.is_done() && !dirty {
+                let level = if attempt > 1 {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
+                    "image {}: {} pages cached after the drop were read from storage again \
+                     since the command started; they are current, not stale",
+                    self.path(),
+                    counts.cached
+                );
+                return Ok(true);
+            }
+            let (in_flight, _) = settle.under_read();
+            let give_up = start.elapsed() >= SETTLE_LIMIT
+                || (attempt >= VERIFY_ATTEMPTS && dirty)
+                || (attempt == VERIFY_ATTEMPTS
+                    && in_flight == 0
+                    && cache::find_holders(self.identity)
+                        .iter()
+                        .any(|h| h.how == "mmap"));
+            if give_up {
+                return Err(self.settle_failed(&settle, counts));
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
+            cache::evict(file)
+                .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}")))?;
+        }
+    }
+
+    /// EBUSY naming what step 4 could not clear: pages under read since
+    /// before the command, pages kept through every drop, dirty pages, and
+    /// who holds the image.
+    fn settle_failed(&self, settle: &cache::Settle, counts: sys::PageCounts) -> Outcome {
+        let (in_flight, flight_ranges) = settle.under_read();
+        let (kept, kept_ranges) = settle.resident();
+        Outcome {
+            errno: Some(libc::EBUSY),
+            resident_pages: counts.cached,
+            detail: format!(
+                "{} pages still resident ({} dirty, {} writeback): {in_flight} under read since \
+                 before the command (first ranges {}), {kept} kept through every drop (first \
+                 ranges {}); holders {}{}; retry once the backing answers and nothing maps the image",
+                counts.cached,
+                counts.dirty,
+                counts.writeback,
+                format_ranges(&flight_ranges),
+                format_ranges(&kept_ranges),
+                self.holders_text(),
+                self.handle_summary()
+            ),
+            unfenced: false,
+        }
     }
 
     fn handle_summary(&self) -> String {

@@ -1,0 +1,302 @@
+//! The handover while the destination's backing is slow: a read of the image
+//! that B's backing started before the source wrote is still in flight when
+//! B activates (docs/DESIGN.md §3, step 4). On the mergerfs bed (two
+//! `cache.files=full` mounts of one directory, the NFS model of §1), B's
+//! mergerfs answers every `pread64` 3 s late (strace delay injection), so
+//! B's page of the image is in the page cache, locked and not uptodate, while
+//! A writes, fsyncs and inactivates. The delayed read then lands with the
+//! bytes it read before A's write.
+//!
+//! Required: once `activate` says ok, B reads the new bytes through the fd
+//! that had the read in flight and through a new one; or `activate` says
+//! EBUSY, and a retry after the read landed succeeds and B reads the new
+//! bytes. Negative control in the same test: the same steps without
+//! activate leave B reading the old bytes.
+
+mod common;
+
+use common::{
+    ChildGuard, KMount, Mount, ctl_write_read, evict, hold_open, make_file, read_at, residency,
+    scratch,
+};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+const LEN: usize = 64 << 10;
+/// How late B's backing answers each read.
+const DELAY_US: u64 = 3_000_000;
+
+fn all(buf: &[u8], byte: u8) -> bool {
+    buf.iter().all(|&b| b == byte)
+}
+
+fn describe(buf: &[u8]) -> String {
+    let a = buf.iter().filter(|&&b| b == b'A').count();
+    let b = buf.iter().filter(|&&b| b == b'B').count();
+    format!("{} bytes: {a} x 'A' (old), {b} x 'B' (new)", buf.len())
+}
+
+/// The pid of the mergerfs process serving `mnt`.
+fn mergerfs_pid(mnt: &Path) -> u32 {
+    let want = mnt.to_string_lossy().into_owned();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("mergerfs")) && args.contains(&want) {
+            return pid;
+        }
+    }
+    panic!("no mergerfs process serves {want}");
+}
+
+/// strace attached to every thread of `pid`, delaying the return of each
+/// `pread64` by DELAY_US; detached (killed by its own pid) on drop.
+fn slow_preads(pid: u32, log: &Path) -> ChildGuard {
+    let child = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=pread64"])
+        .arg("-e")
+        .arg(format!("inject=pread64:delay_exit={DELAY_US}"))
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stderr(File::create(log).unwrap())
+        .spawn()
+        .expect("spawn strace");
+    let guard = ChildGuard(child);
+    // Attached once every thread of the process is traced.
+    let threads = fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let traced = fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                fs::read_to_string(t.path().join("status"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")
+                    })
+            })
+            .count();
+        if traced >= threads {
+            return guard;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strace did not attach to {pid}: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pages of `backing` in the page cache but not uptodate: under read.
+fn pages_under_read(backing: &Path) -> u64 {
+    let r = residency(backing);
+    let uptodate: u64 = r.json["files"][0]["resident_ranges"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|p| (p[1].as_u64().unwrap() - p[0].as_u64().unwrap()).div_ceil(4096))
+                .sum()
+        })
+        .unwrap_or(0);
+    r.cached.saturating_sub(uptodate)
+}
+
+struct Bed {
+    // Drop order: migsafe mounts, then the mergerfs mounts, then the dir.
+    m1: Mount,
+    m2: Mount,
+    _host_a: KMount,
+    host_b: KMount,
+    dir: tempfile::TempDir,
+}
+
+impl Bed {
+    fn new(dst_io: &str) -> Bed {
+        let dir = scratch();
+        let shared = dir.path().join("nfs");
+        fs::create_dir(&shared).unwrap();
+        make_file(&shared.join("disk.img"), 16 * MIB, b'A');
+        let host_a = KMount::mergerfs(&shared, &dir.path().join("host-a"));
+        let host_b = KMount::mergerfs(&shared, &dir.path().join("host-b"));
+        let m1 = Mount::start(dir.path(), &host_a.path, &["--io", "relay"]);
+        let m2 = Mount::start(dir.path(), &host_b.path, &["--io", dst_io]);
+        Bed {
+            m1,
+            m2,
+            _host_a: host_a,
+            host_b,
+            dir,
+        }
+    }
+}
+
+/// One handover at `off` with B's read of it in flight; `activate`: whether
+/// B activates while the read is in flight (false = the negative control).
+fn round(bed: &Bed, dst_io: &str, off: u64, activate: bool) {
+    let disk1 = bed.m1.path("disk.img");
+    let disk2 = bed.m2.path("disk.img");
+    let backing_b = bed.host_b.path.join("disk.img");
+    evict(&backing_b);
+    let f2 = File::open(&disk2).unwrap();
+    let strace = slow_preads(
+        mergerfs_pid(&bed.host_b.path),
+        &bed.dir.path().join("strace.log"),
+    );
+
+    // B starts reading; its backing answers 3 s late.
+    let reader = {
+        let f2 = f2.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; LEN];
+            f2.read_exact_at(&mut buf, off).unwrap();
+            buf
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pages_under_read(&backing_b) == 0 {
+        assert!(
+            Instant::now() < deadline && !reader.is_finished(),
+            "bed: B's read never showed up as under read in {}",
+            backing_b.display()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Give B's mergerfs the moment it needs to enter pread64 (the bytes are
+    // read at entry, returned at exit); the reader's result below proves it.
+    thread::sleep(Duration::from_millis(300));
+
+    // A writes, fsyncs and inactivates while B's read is in flight.
+    {
+        let f = fs::OpenOptions::new().write(true).open(&disk1).unwrap();
+        f.write_all_at(&vec![b'B'; LEN], off).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (res, out) = ctl_write_read(&bed.m1.ctl("inactivate"), "disk.img\n");
+    assert_eq!(res, Ok(()), "inactivate on A: {out}");
+    assert!(
+        !reader.is_finished(),
+        "bed: B's read landed before A had inactivated; the delay is too short"
+    );
+
+    let mut activated = None;
+    if activate {
+        let t = Instant::now();
+        let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
+        eprintln!(
+            "{dst_io}: activate with a read in flight: {res:?} after {} ms, read {}: {}",
+            t.elapsed().as_millis(),
+            if reader.is_finished() {
+                "landed"
+            } else {
+                "still in flight"
+            },
+            out.trim()
+        );
+        activated = Some((res, out));
+    }
+    let in_flight = reader.join().unwrap();
+    assert!(
+        all(&in_flight, b'A'),
+        "bed: the in-flight read must carry the bytes read before A's write: {}",
+        describe(&in_flight)
+    );
+    // B's backing answers promptly again.
+    drop(strace);
+
+    let read_both = |what: &str| {
+        let mut same = vec![0u8; LEN];
+        f2.read_exact_at(&mut same, off).unwrap();
+        let new = read_at(&disk2, off, LEN);
+        eprintln!(
+            "{dst_io} {what}: same fd {}; new fd {}",
+            describe(&same),
+            describe(&new)
+        );
+        (same, new)
+    };
+    match activated {
+        None => {
+            // NEGATIVE CONTROL: without activate, B serves the old bytes.
+            let (same, new) = read_both("without activate");
+            assert!(
+                all(&same, b'A') && all(&new, b'A'),
+                "NEGATIVE CONTROL FAILED ({dst_io}): without activate B did not read the old \
+                 bytes (same fd {}, new fd {}); the bed proves nothing",
+                describe(&same),
+                describe(&new)
+            );
+            let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
+            assert_eq!(res, Ok(()), "activate once the read landed: {out}");
+        }
+        Some((Ok(()), out)) => {
+            assert!(out.contains("result=ok"), "activate read-back: {out:?}");
+        }
+        Some((Err(libc::EBUSY), out)) => {
+            assert!(
+                out.contains("under read"),
+                "EBUSY must name the pages under read: {out}"
+            );
+            let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
+            assert_eq!(res, Ok(()), "activate retried after the read landed: {out}");
+        }
+        Some((Err(e), out)) => panic!("activate failed with errno {e}: {out}"),
+    }
+    let (same, new) = read_both("after activate");
+    assert!(
+        all(&same, b'B') && all(&new, b'B'),
+        "{dst_io}: after activate said ok, B read old bytes: same fd {}, new fd {}\nB log:\n{}",
+        describe(&same),
+        describe(&new),
+        bed.m2.log_text()
+    );
+    // A takes the image back for the next round.
+    let (res, out) = ctl_write_read(&bed.m1.ctl("activate"), "disk.img\n");
+    assert_eq!(res, Ok(()), "re-activate A: {out}");
+}
+
+fn slow_backing_handover(dst_io: &str) {
+    let bed = Bed::new(dst_io);
+    // Both VMMs hold the image open (later opens are not first opens).
+    let _vmm_b = hold_open(&bed.m2.path("disk.img"));
+    let _vmm_a = hold_open(&bed.m1.path("disk.img"));
+    assert!(
+        bed.m2.log_text().contains(&format!("data path={dst_io}")),
+        "B must use the {dst_io} data path; log:\n{}",
+        bed.m2.log_text()
+    );
+    round(&bed, dst_io, 4 << 20, false);
+    round(&bed, dst_io, 10 << 20, true);
+}
+
+#[test]
+fn activate_waits_out_a_slow_backing_read_relay() {
+    if !common::require_root() || !common::have_tool("mergerfs") || !common::have_tool("strace") {
+        return;
+    }
+    slow_backing_handover("relay");
+}
+
+#[test]
+fn activate_waits_out_a_slow_backing_read_passthrough() {
+    if !common::require_root() || !common::have_tool("mergerfs") || !common::have_tool("strace") {
+        return;
+    }
+    slow_backing_handover("passthrough");
+}
