@@ -519,7 +519,9 @@ impl Image {
                     Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
                 })?;
             }
-            left = sys::cachestat(file.as_fd()).unwrap_or_default();
+            // "Cannot verify" is a failure: a count that cannot be made is
+            // not "0 dirty".
+            left = self.dirty_left(&file)?;
             if let Some(fuse) = self.fuse_cache(ctx) {
                 if ctx.settings.drop_cache() {
                     fuse.drop_pages(self)
@@ -553,6 +555,36 @@ impl Image {
             ),
             unfenced: !writers.is_empty(),
         })
+    }
+
+    /// The backing's page counts after inactivate's sync and drop, or the
+    /// failure that says they cannot be known. Without cachestat(2) dirty
+    /// pages cannot be told from clean ones: resident pages then fail too.
+    fn dirty_left(&self, file: &File) -> Result<sys::PageCounts, Outcome> {
+        let cannot = |e: std::io::Error| {
+            Outcome::failed(
+                sys::errno_of(&e),
+                format!(
+                    "cannot verify that no dirty page is left on this host: {e}; \
+                     the image stays active"
+                ),
+            )
+        };
+        let size = cache::file_size(file).map_err(cannot)?;
+        let (counts, method) = cache::page_counts(file, size).map_err(cannot)?;
+        if method == cache::Method::Mincore && counts.cached > 0 {
+            return Err(Outcome {
+                errno: Some(libc::EBUSY),
+                resident_pages: counts.cached,
+                detail: format!(
+                    "{} pages still resident after the sync and drop, and without cachestat(2) \
+                     dirty pages cannot be told from clean ones: cannot verify; the image stays active",
+                    counts.cached
+                ),
+                unfenced: false,
+            });
+        }
+        Ok(counts)
     }
 
     /// Ok, naming the writers that fencing cannot stop, if any.
@@ -674,7 +706,7 @@ impl Image {
                 Err(e) => {
                     return Err(Outcome::failed(
                         sys::errno_of(&e),
-                        format!("cannot read page-cache state: {e}"),
+                        format!("cannot verify the page-cache state: {e}"),
                     ));
                 }
             }
