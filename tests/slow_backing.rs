@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 const LEN: usize = 64 << 10;
-/// How late B's backing answers each read.
+/// How late B's backing answers each read: well inside activate's 10 s
+/// limit for reads in flight, and well past it.
 const DELAY_US: u64 = 3_000_000;
+const LONG_DELAY_US: u64 = 16_000_000;
 
 fn all(buf: &[u8], byte: u8) -> bool {
     buf.iter().all(|&b| b == byte)
@@ -63,12 +65,12 @@ fn mergerfs_pid(mnt: &Path) -> u32 {
 }
 
 /// strace attached to every thread of `pid`, delaying the return of each
-/// `pread64` by DELAY_US; detached (killed by its own pid) on drop.
-fn slow_preads(pid: u32, log: &Path) -> ChildGuard {
+/// `pread64` by `delay_us`; detached (killed by its own pid) on drop.
+fn slow_preads(pid: u32, delay_us: u64, log: &Path) -> ChildGuard {
     let child = Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=pread64"])
         .arg("-e")
-        .arg(format!("inject=pread64:delay_exit={DELAY_US}"))
+        .arg(format!("inject=pread64:delay_exit={delay_us}"))
         .arg("-p")
         .arg(pid.to_string())
         .stdin(Stdio::null())
@@ -147,9 +149,17 @@ impl Bed {
     }
 }
 
-/// One handover at `off` with B's read of it in flight; `activate`: whether
-/// B activates while the read is in flight (false = the negative control).
-fn round(bed: &Bed, dst_io: &str, off: u64, activate: bool) {
+/// One handover at `off` with B's read of it in flight, B's backing
+/// answering `delay_us` late; `activate`: whether B activates while the read
+/// is in flight (false = the negative control). Returns that activate's
+/// result.
+fn round(
+    bed: &Bed,
+    dst_io: &str,
+    off: u64,
+    delay_us: u64,
+    activate: bool,
+) -> Option<Result<(), i32>> {
     let disk1 = bed.m1.path("disk.img");
     let disk2 = bed.m2.path("disk.img");
     let backing_b = bed.host_b.path.join("disk.img");
@@ -157,6 +167,7 @@ fn round(bed: &Bed, dst_io: &str, off: u64, activate: bool) {
     let f2 = File::open(&disk2).unwrap();
     let strace = slow_preads(
         mergerfs_pid(&bed.host_b.path),
+        delay_us,
         &bed.dir.path().join("strace.log"),
     );
 
@@ -195,7 +206,7 @@ fn round(bed: &Bed, dst_io: &str, off: u64, activate: bool) {
         "bed: B's read landed before A had inactivated; the delay is too short"
     );
 
-    let mut activated = None;
+    let mut activated: Option<(Result<(), i32>, String)> = None;
     if activate {
         let t = Instant::now();
         let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
@@ -231,6 +242,7 @@ fn round(bed: &Bed, dst_io: &str, off: u64, activate: bool) {
         );
         (same, new)
     };
+    let first = activated.as_ref().map(|(res, _)| *res);
     match activated {
         None => {
             // NEGATIVE CONTROL: without activate, B serves the old bytes.
@@ -269,6 +281,7 @@ fn round(bed: &Bed, dst_io: &str, off: u64, activate: bool) {
     // A takes the image back for the next round.
     let (res, out) = ctl_write_read(&bed.m1.ctl("activate"), "disk.img\n");
     assert_eq!(res, Ok(()), "re-activate A: {out}");
+    first
 }
 
 fn slow_backing_handover(dst_io: &str) {
@@ -281,8 +294,8 @@ fn slow_backing_handover(dst_io: &str) {
         "B must use the {dst_io} data path; log:\n{}",
         bed.m2.log_text()
     );
-    round(&bed, dst_io, 4 << 20, false);
-    round(&bed, dst_io, 10 << 20, true);
+    round(&bed, dst_io, 4 << 20, DELAY_US, false);
+    round(&bed, dst_io, 10 << 20, DELAY_US, true);
 }
 
 #[test]
@@ -299,4 +312,24 @@ fn activate_waits_out_a_slow_backing_read_passthrough() {
         return;
     }
     slow_backing_handover("passthrough");
+}
+
+/// A read in flight that does not land within activate's limit (10 s):
+/// activate must refuse with EBUSY naming the pages under read, and succeed
+/// once the read has landed (the retry inside `round`), B then reading the
+/// new bytes.
+#[test]
+fn activate_refuses_a_read_in_flight_past_its_limit() {
+    if !common::require_root() || !common::have_tool("mergerfs") || !common::have_tool("strace") {
+        return;
+    }
+    let bed = Bed::new("relay");
+    let _vmm_b = hold_open(&bed.m2.path("disk.img"));
+    let _vmm_a = hold_open(&bed.m1.path("disk.img"));
+    let first = round(&bed, "relay", 6 << 20, LONG_DELAY_US, true);
+    assert_eq!(
+        first,
+        Some(Err(libc::EBUSY)),
+        "activate with a read in flight for 16 s must refuse after its 10 s limit"
+    );
 }

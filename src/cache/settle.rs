@@ -216,3 +216,33 @@ fn present_runs(fd: BorrowedFd<'_>, lo: u64, hi: u64) -> io::Result<Vec<(u64, u6
     }
     Ok(merged)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The rule on a real file: pages resident at every probe stay pending,
+    //! a drop clears them.
+    use super::*;
+
+    #[test]
+    fn pages_stay_pending_until_seen_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        let size = 64 << 10;
+        let mut s = Settle::new();
+        s.probe(&f, size, Method::Cachestat).unwrap();
+        let (kept, ranges) = s.resident();
+        assert_eq!(kept, 16, "the written pages are resident and uptodate");
+        assert_eq!(ranges, vec![(0, 64 << 10)]);
+        assert_eq!(s.under_read().0, 0);
+        // Not dropped: still the same uptodate pages, nothing cleared.
+        s.probe(&f, size, Method::Cachestat).unwrap();
+        assert!(!s.is_done());
+        assert_eq!(s.resident().0, 16);
+        super::super::evict(&f).unwrap();
+        s.probe(&f, size, Method::Cachestat).unwrap();
+        assert!(s.is_done(), "dropped pages are cleared: {s:?}");
+    }
+}

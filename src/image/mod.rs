@@ -849,6 +849,11 @@ impl Image {
             let (counts, method) =
                 cache::page_counts(file, size).map_err(|e| Self::cannot_verify(&e))?;
             if counts.cached == 0 {
+                log::debug!(
+                    "image {}: nothing cached after the drop ({attempt} probes in {} ms)",
+                    self.path(),
+                    start.elapsed().as_millis()
+                );
                 return Ok(attempt > 1);
             }
             settle
@@ -864,9 +869,10 @@ impl Image {
                 log::log!(
                     level,
                     "image {}: {} pages cached after the drop were read from storage again \
-                     since the command started; they are current, not stale",
+                     since the command started; they are current, not stale ({attempt} probes in {} ms)",
                     self.path(),
-                    counts.cached
+                    counts.cached,
+                    start.elapsed().as_millis()
                 );
                 return Ok(true);
             }
@@ -894,18 +900,30 @@ impl Image {
     fn settle_failed(&self, settle: &cache::Settle, counts: sys::PageCounts) -> Outcome {
         let (in_flight, flight_ranges) = settle.under_read();
         let (kept, kept_ranges) = settle.resident();
+        let mut what = Vec::new();
+        if in_flight > 0 {
+            what.push(format!(
+                "{in_flight} under read since before the command (first ranges {})",
+                format_ranges(&flight_ranges)
+            ));
+        }
+        if kept > 0 {
+            what.push(format!(
+                "{kept} kept through every drop (first ranges {})",
+                format_ranges(&kept_ranges)
+            ));
+        }
         Outcome {
             errno: Some(libc::EBUSY),
             resident_pages: counts.cached,
             detail: format!(
-                "{} pages still resident ({} dirty, {} writeback): {in_flight} under read since \
-                 before the command (first ranges {}), {kept} kept through every drop (first \
-                 ranges {}); holders {}{}; retry once the backing answers and nothing maps the image",
+                "{} pages still resident ({} dirty, {} writeback){}{}; holders {}{}; \
+                 retry once the backing answers and nothing maps or writes the image",
                 counts.cached,
                 counts.dirty,
                 counts.writeback,
-                format_ranges(&flight_ranges),
-                format_ranges(&kept_ranges),
+                if what.is_empty() { "" } else { ": " },
+                what.join(", "),
                 self.holders_text(),
                 self.handle_summary()
             ),
