@@ -2,7 +2,7 @@
 //! that B's backing started before the source wrote is still in flight when
 //! B activates (docs/DESIGN.md §3, step 4). On the mergerfs bed (two
 //! `cache.files=full` mounts of one directory, the NFS model of §1), B's
-//! mergerfs answers every `pread64` 3 s late (strace delay injection), so
+//! mergerfs answers every `pread64` 7 s late (strace delay injection), so
 //! B's page of the image is in the page cache, locked and not uptodate, while
 //! A writes, fsyncs and inactivates. The delayed read then lands with the
 //! bytes it read before A's write.
@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 const LEN: usize = 64 << 10;
-/// How late B's backing answers each read: well inside activate's 10 s
-/// limit for reads in flight, and well past it.
-const DELAY_US: u64 = 3_000_000;
+/// How late B's backing answers each read: inside activate's 10 s limit
+/// for reads in flight (and long enough for A's write, fsync and
+/// inactivate on a loaded machine), and well past it.
+const DELAY_US: u64 = 7_000_000;
 const LONG_DELAY_US: u64 = 16_000_000;
 
 fn all(buf: &[u8], byte: u8) -> bool {
@@ -171,7 +172,7 @@ fn round(
         &bed.dir.path().join("strace.log"),
     );
 
-    // B starts reading; its backing answers 3 s late.
+    // B starts reading; its backing answers `delay_us` late.
     let reader = {
         let f2 = f2.try_clone().unwrap();
         thread::spawn(move || {

@@ -764,12 +764,12 @@ impl Image {
         // (docs/DESIGN.md §3): wait for reads in flight to land and drop
         // again, until every page is gone or read again since.
         if ctx.settings.drop_cache() && ctx.settings.check_cache_dropped() && !nothing_cached {
-            let waited = self.settle_dropped(&file)?;
+            self.settle_dropped(&file)?;
             // Relay mappings fill the FUSE inode from the backing: a fault
-            // between the FUSE drop above and the backing's last drop may
-            // have copied a stale backing page into it. Drop it again now
-            // that the backing holds only current pages.
-            if waited && let Some(fuse) = self.fuse_cache(ctx) {
+            // between the FUSE drop above and the moment the backing held
+            // only current pages may have copied a stale backing page into
+            // it. Drop it again now.
+            if let Some(fuse) = self.fuse_cache(ctx) {
                 fuse.drop_pages(self)
                     .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
             }
@@ -829,16 +829,15 @@ impl Image {
 
     /// Step 4: drops and probes until no page read from storage before the
     /// command is left (`cache::Settle` has the rule), waiting with a short
-    /// backoff for reads in flight to land. Returns whether it found
-    /// anything after the first drop (reads in flight, pages read again).
+    /// backoff for reads in flight to land.
     ///
     /// The line between "read again after the drop" and "stale": a page is
     /// current once its index was seen absent, or seen not uptodate after
     /// being seen uptodate, at a probe of this command; until then it may
     /// have been read before the source's last write. EBUSY when that is
-    /// not established within SETTLE_LIMIT, at once for dirty pages and for
-    /// pages a mapping keeps through VERIFY_ATTEMPTS drops.
-    fn settle_dropped(&self, file: &File) -> Result<bool, Outcome> {
+    /// not established within SETTLE_LIMIT, and after VERIFY_ATTEMPTS probes
+    /// for dirty pages and for pages kept while a process maps the image.
+    fn settle_dropped(&self, file: &File) -> Result<(), Outcome> {
         let start = Instant::now();
         let size = cache::file_size(file).map_err(|e| Self::cannot_verify(&e))?;
         let mut settle = cache::Settle::new();
@@ -854,7 +853,7 @@ impl Image {
                     self.path(),
                     start.elapsed().as_millis()
                 );
-                return Ok(attempt > 1);
+                return Ok(());
             }
             settle
                 .probe(file, size, method)
@@ -874,7 +873,7 @@ impl Image {
                     counts.cached,
                     start.elapsed().as_millis()
                 );
-                return Ok(true);
+                return Ok(());
             }
             let (in_flight, _) = settle.under_read();
             let give_up = start.elapsed() >= SETTLE_LIMIT
