@@ -334,3 +334,118 @@ fn activate_refuses_a_read_in_flight_past_its_limit() {
         "activate with a read in flight for 16 s must refuse after its 10 s limit"
     );
 }
+
+/// Races as races: B's backing answers every read 150 ms late while a
+/// reader on B keeps re-reading a block, dropping its backing pages first
+/// (as memory pressure would), so reads of it are in flight nearly all the
+/// time, also while `activate` runs. Each iteration A writes a new
+/// generation, fsyncs and inactivates; B activates, which must succeed (a
+/// process steadily re-reading the image must not make it fail: every page
+/// it reads again was read after the command started), and B must then read
+/// that generation through a long-open fd and a new one.
+///
+/// Bed check instead of a stale-read control (which needs a read issued
+/// before A's write still in flight at activate: the single-shot tests
+/// above): reads of the block must be seen under read just before activate
+/// in most iterations, or the loop raced nothing. Before step 4 waited for
+/// such reads with a read of its own, this loop made activate fail with
+/// EBUSY after 10 s: probes caught the block under read every time.
+fn reread_race(dst_io: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ITERATIONS: usize = 12;
+    let bed = Bed::new(dst_io);
+    let _vmm_b = hold_open(&bed.m2.path("disk.img"));
+    let _vmm_a = hold_open(&bed.m1.path("disk.img"));
+    let off: u64 = 12 << 20;
+    let disk1 = bed.m1.path("disk.img");
+    let disk2 = bed.m2.path("disk.img");
+    let backing_b = bed.host_b.path.join("disk.img");
+    let _strace = slow_preads(
+        mergerfs_pid(&bed.host_b.path),
+        150_000,
+        &bed.dir.path().join("strace-loop.log"),
+    );
+    let stop = AtomicBool::new(false);
+    let raced = thread::scope(|s| {
+        let _stop = common::SetOnDrop(&stop);
+        s.spawn(|| {
+            let f = File::open(&disk2).unwrap();
+            let raw = File::open(&backing_b).unwrap();
+            let mut buf = vec![0u8; LEN];
+            while !stop.load(Ordering::Relaxed) {
+                let _ = nix::fcntl::posix_fadvise(
+                    &raw,
+                    off as i64,
+                    LEN as i64,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                );
+                let _ = f.read_at(&mut buf, off);
+            }
+        });
+        let same = File::open(&disk2).unwrap();
+        let mut raced = 0;
+        for i in 0..ITERATIONS {
+            let generation = b'a' + i as u8;
+            {
+                let f = fs::OpenOptions::new().write(true).open(&disk1).unwrap();
+                f.write_all_at(&vec![generation; LEN], off).unwrap();
+                f.sync_all().unwrap();
+            }
+            let (res, out) = ctl_write_read(&bed.m1.ctl("inactivate"), "disk.img\n");
+            assert_eq!(res, Ok(()), "iteration {i}: inactivate on A: {out}");
+            if pages_under_read(&backing_b) > 0 {
+                raced += 1;
+            }
+            let t = Instant::now();
+            let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
+            eprintln!(
+                "{dst_io} iteration {i}: activate {res:?} in {} ms",
+                t.elapsed().as_millis()
+            );
+            assert_eq!(
+                res,
+                Ok(()),
+                "iteration {i}: a reader re-reading through a slow backing failed activate: {out}"
+            );
+            let mut a = vec![0u8; LEN];
+            same.read_exact_at(&mut a, off).unwrap();
+            let b = read_at(&disk2, off, LEN);
+            let old = |buf: &[u8]| buf.iter().filter(|&&x| x != generation).count();
+            assert!(
+                old(&a) == 0 && old(&b) == 0,
+                "iteration {i}: after activate said ok, B read an older generation: {} of {LEN} \
+                 bytes through the open fd, {} through a new fd\nB log:\n{}",
+                old(&a),
+                old(&b),
+                bed.m2.log_text()
+            );
+            let (res, out) = ctl_write_read(&bed.m1.ctl("activate"), "disk.img\n");
+            assert_eq!(res, Ok(()), "iteration {i}: re-activate A: {out}");
+        }
+        raced
+    });
+    eprintln!(
+        "{dst_io}: reads in flight just before activate in {raced} of {ITERATIONS} iterations"
+    );
+    assert!(
+        raced * 2 >= ITERATIONS,
+        "bed: reads in flight just before activate in only {raced} of {ITERATIONS} iterations; \
+         the loop raced nothing"
+    );
+}
+
+#[test]
+fn activate_races_slow_rereads_relay() {
+    if !common::require_root() || !common::have_tool("mergerfs") || !common::have_tool("strace") {
+        return;
+    }
+    reread_race("relay");
+}
+
+#[test]
+fn activate_races_slow_rereads_passthrough() {
+    if !common::require_root() || !common::have_tool("mergerfs") || !common::have_tool("strace") {
+        return;
+    }
+    reread_race("passthrough");
+}

@@ -30,6 +30,9 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use super::{MAX_RANGES, Method, WINDOW};
 use crate::sys;
@@ -96,6 +99,23 @@ impl Settle {
             }
         }
         Ok(())
+    }
+
+    /// The first index never seen uptodate: a read that may have begun
+    /// before the command, still in flight.
+    pub fn first_under_read(&self) -> Option<u64> {
+        self.pending
+            .iter()
+            .find(|(_, uptodate)| !**uptodate)
+            .map(|(&i, _)| i)
+    }
+
+    /// Records that index `i` was uptodate at a moment of this command (a
+    /// read of it returned data, see `wait_for_read`).
+    pub fn saw_uptodate(&mut self, i: u64) {
+        if let Some(u) = self.pending.get_mut(&i) {
+            *u = true;
+        }
     }
 
     /// Pages never seen uptodate (reads that may have begun before the
@@ -179,6 +199,34 @@ impl Settle {
             }
         }
         runs
+    }
+}
+
+/// Waits, at most `timeout`, for the read in flight on page `index` of
+/// `file` to land, by reading one byte of that page: a read that finds the
+/// page under read waits for it, and a read that returns a byte copied it
+/// from an uptodate page, so the index was uptodate at that moment. Probing
+/// alone cannot tell a page that a reader keeps dropping and reading again
+/// (under read at nearly every probe) from one long read; this can.
+///
+/// True when a byte came back; false at end of file or when `timeout`
+/// passed first: the read then goes on in a helper thread, which ends when
+/// the backing answers. The read is made without readahead, so a page that
+/// is absent by then costs one page read.
+pub fn wait_for_read(file: &File, index: u64, timeout: Duration) -> io::Result<bool> {
+    let f = file.try_clone()?;
+    sys::fadvise_random(f.as_fd())?;
+    let offset = index * sys::page_size() as u64;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("settle-read".into())
+        .spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = tx.send(f.read_at(&mut byte, offset));
+        })?;
+    match rx.recv_timeout(timeout) {
+        Ok(read) => Ok(read? > 0),
+        Err(_) => Ok(false),
     }
 }
 

@@ -828,8 +828,9 @@ impl Image {
     }
 
     /// Step 4: drops and probes until no page read from storage before the
-    /// command is left (`cache::Settle` has the rule), waiting with a short
-    /// backoff for reads in flight to land.
+    /// command is left (`cache::Settle` has the rule), waiting for reads in
+    /// flight to land (`cache::settle::wait_for_read`) and backing off
+    /// briefly between drops of pages kept uptodate.
     ///
     /// The line between "read again after the drop" and "stale": a page is
     /// current once its index was seen absent, or seen not uptodate after
@@ -886,8 +887,31 @@ impl Image {
             if give_up {
                 return Err(self.settle_failed(&settle, counts));
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
+            // A page never seen uptodate: wait for its read to land (a read
+            // of our own joins it) rather than hope a probe catches it
+            // uptodate between a reader's drops. Otherwise (pages kept
+            // uptodate) back off before the next drop.
+            let waited = match settle.first_under_read() {
+                Some(i) => {
+                    let left = SETTLE_LIMIT.saturating_sub(start.elapsed());
+                    match cache::settle::wait_for_read(file, i, left) {
+                        Ok(true) => {
+                            settle.saw_uptodate(i);
+                            true
+                        }
+                        Ok(false) => false,
+                        Err(e) => {
+                            log::debug!("image {}: waiting for a read: {e}", self.path());
+                            false
+                        }
+                    }
+                }
+                None => false,
+            };
+            if !waited {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
+            }
             cache::evict(file)
                 .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}")))?;
         }

@@ -76,6 +76,17 @@ pub fn fadvise_dontneed(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// `posix_fadvise(POSIX_FADV_RANDOM)`: reads through this open file read
+/// only the pages asked for, no readahead.
+pub fn fadvise_random(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; no memory is passed.
+    let ret = unsafe { libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
 /// Residency of one window of a file, from `mmap(PROT_NONE)` + `mincore(2)`,
 /// the method QEMU uses: a PROT_NONE mapping never faults pages in, so looking
 /// does not change what is resident.
