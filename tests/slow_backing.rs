@@ -107,6 +107,19 @@ fn slow_preads(pid: u32, delay_us: u64, log: &Path) -> ChildGuard {
     }
 }
 
+/// Whether a thread of `pid` is in pread64 (or stopped at its exit).
+fn in_pread(pid: u32) -> bool {
+    let nr = libc::SYS_pread64.to_string();
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks.flatten().any(|t| {
+                fs::read_to_string(t.path().join("syscall"))
+                    .is_ok_and(|s| s.split_whitespace().next() == Some(nr.as_str()))
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// Pages of `backing` in the page cache but not uptodate: under read.
 fn pages_under_read(backing: &Path) -> u64 {
     let r = residency(backing);
@@ -190,9 +203,17 @@ fn round(
         );
         thread::sleep(Duration::from_millis(5));
     }
-    // Give B's mergerfs the moment it needs to enter pread64 (the bytes are
-    // read at entry, returned at exit); the reader's result below proves it.
-    thread::sleep(Duration::from_millis(300));
+    // B's mergerfs has read the bytes once a thread of it sits in pread64
+    // (read at entry, held at exit by strace); the reader's result below
+    // proves they are the old ones.
+    let mergerfs = mergerfs_pid(&bed.host_b.path);
+    while !in_pread(mergerfs) {
+        assert!(
+            Instant::now() < deadline && !reader.is_finished(),
+            "bed: B's mergerfs never entered pread64"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
 
     // A writes, fsyncs and inactivates while B's read is in flight.
     {

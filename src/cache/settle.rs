@@ -110,12 +110,19 @@ impl Settle {
             .map(|(&i, _)| i)
     }
 
-    /// Records that index `i` was uptodate at a moment of this command (a
-    /// read of it returned data, see `wait_for_read`).
-    pub fn saw_uptodate(&mut self, i: u64) {
-        if let Some(u) = self.pending.get_mut(&i) {
+    /// Looks at index `i` alone, right after `wait_for_read` returned: if
+    /// it is uptodate now, that is recorded (mincore, not the read's return,
+    /// is the observation: a read of a file opened for direct I/O by its
+    /// filesystem returns without the page cache).
+    pub fn look_at(&mut self, file: &File, i: u64) -> io::Result<()> {
+        let page = sys::page_size() as u64;
+        let uptodate = sys::mincore_window(file.as_fd(), i * page, page as usize)?;
+        if uptodate.first() == Some(&true)
+            && let Some(u) = self.pending.get_mut(&i)
+        {
             *u = true;
         }
+        Ok(())
     }
 
     /// Pages never seen uptodate (reads that may have begun before the
@@ -204,10 +211,10 @@ impl Settle {
 
 /// Waits, at most `timeout`, for the read in flight on page `index` of
 /// `file` to land, by reading one byte of that page: a read that finds the
-/// page under read waits for it, and a read that returns a byte copied it
-/// from an uptodate page, so the index was uptodate at that moment. Probing
+/// page under read waits for it, and returns once it is uptodate. Probing
 /// alone cannot tell a page that a reader keeps dropping and reading again
-/// (under read at nearly every probe) from one long read; this can.
+/// (under read at nearly every probe) from one long read; a look right
+/// after this returns (`Settle::look_at`) catches it uptodate.
 ///
 /// True when a byte came back; false at end of file or when `timeout`
 /// passed first: the read then goes on in a helper thread, which ends when

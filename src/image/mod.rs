@@ -896,7 +896,9 @@ impl Image {
                     let left = SETTLE_LIMIT.saturating_sub(start.elapsed());
                     match cache::settle::wait_for_read(file, i, left) {
                         Ok(true) => {
-                            settle.saw_uptodate(i);
+                            settle
+                                .look_at(file, i)
+                                .map_err(|e| Self::cannot_verify(&e))?;
                             true
                         }
                         Ok(false) => false,
