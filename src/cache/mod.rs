@@ -6,6 +6,7 @@
 pub mod holders;
 pub mod incarnation;
 pub mod invalidator;
+pub mod settle;
 
 use std::fs::File;
 use std::io;
@@ -15,10 +16,11 @@ use crate::sys::{self, PageCounts};
 
 pub use holders::{Holder, Identity, WriterScan, find_holders};
 pub use incarnation::Incarnation;
+pub use settle::Settle;
 
 /// mincore is done in windows this size, like QEMU's check, so a huge image
 /// never needs one huge mapping.
-const WINDOW: u64 = 128 << 20;
+pub(crate) const WINDOW: u64 = 128 << 20;
 
 /// How many resident ranges a report lists; an operator needs the first few,
 /// not millions.

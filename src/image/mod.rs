@@ -25,8 +25,9 @@ use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
 
-/// How often `invalidate` drops and re-checks before reporting resident
-/// pages (10, 20 ms apart).
+/// Probes after which step 4 of `invalidate` refuses pages that stay dirty,
+/// or uptodate through every drop while a process maps the image: waiting
+/// does not make those go.
 const VERIFY_ATTEMPTS: u32 = 3;
 
 /// An image's phases: writes are admitted, wait for a decision, or are
@@ -34,6 +35,10 @@ const VERIFY_ATTEMPTS: u32 = 3;
 const ACTIVE: u8 = 0;
 const DECIDING: u8 = 1;
 const INACTIVE: u8 = 2;
+/// How long step 4 of `invalidate` waits for reads in flight to land (and
+/// pinned pages to be let go) before refusing with EBUSY. A read of a
+/// healthy backing takes milliseconds; a hung NFS server is not waited out.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where an image's bytes live.
 #[derive(Debug)]
@@ -696,7 +701,9 @@ impl Image {
                     Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
                 })?;
             }
-            left = sys::cachestat(file.as_fd()).unwrap_or_default();
+            // "Cannot verify" is a failure: a count that cannot be made is
+            // not "0 dirty".
+            left = self.dirty_left(&file)?;
             // The FUSE inode's pages were written back and dropped before
             // the decision; dirty ones now were written through a mapping
             // since (counted, never written back here: see `inactivate`).
@@ -737,6 +744,36 @@ impl Image {
             ),
             unfenced: !writers.is_empty(),
         })
+    }
+
+    /// The backing's page counts after inactivate's sync and drop, or the
+    /// failure that says they cannot be known. Without cachestat(2) dirty
+    /// pages cannot be told from clean ones: resident pages then fail too.
+    fn dirty_left(&self, file: &File) -> Result<sys::PageCounts, Outcome> {
+        let cannot = |e: std::io::Error| {
+            Outcome::failed(
+                sys::errno_of(&e),
+                format!(
+                    "cannot verify that no dirty page is left on this host: {e}; \
+                     the image stays active"
+                ),
+            )
+        };
+        let size = cache::file_size(file).map_err(cannot)?;
+        let (counts, method) = cache::page_counts(file, size).map_err(cannot)?;
+        if method == cache::Method::Mincore && counts.cached > 0 {
+            return Err(Outcome {
+                errno: Some(libc::EBUSY),
+                resident_pages: counts.cached,
+                detail: format!(
+                    "{} pages still resident after the sync and drop, and without cachestat(2) \
+                     dirty pages cannot be told from clean ones: cannot verify; the image stays active",
+                    counts.cached
+                ),
+                unfenced: false,
+            });
+        }
+        Ok(counts)
     }
 
     /// Ok, naming the writers that fencing cannot stop, if any.
@@ -800,7 +837,7 @@ impl Image {
                     });
                 }
             }
-            self.verify_dropped(&file, false)
+            self.verify_dropped(&file)
         })
     }
 
@@ -858,7 +895,7 @@ impl Image {
                 Err(e) => {
                     return Err(Outcome::failed(
                         sys::errno_of(&e),
-                        format!("cannot read page-cache state: {e}"),
+                        format!("cannot verify the page-cache state: {e}"),
                     ));
                 }
             }
@@ -912,36 +949,18 @@ impl Image {
             // invalidates the attributes too).
             (ctx.invalidate_attrs)(self);
         }
-        // 4. Verify nothing stayed resident. Pages a process just let go of
-        // (an unmapped mlock, a folio still in a per-CPU LRU batch, readahead
-        // completing) can outlive one DONTNEED by a few milliseconds: drop
-        // and look again a few times before failing. Pages that are really
-        // held (mapped and touched) survive every retry.
+        // 4. Verify that no page read from storage before the drop is left
+        // (docs/DESIGN.md §3): wait for reads in flight to land and drop
+        // again, until every page is gone or read again since.
         if ctx.settings.drop_cache() && ctx.settings.check_cache_dropped() && !nothing_cached {
-            let mut attempt = 1;
-            loop {
-                let last = attempt >= VERIFY_ATTEMPTS;
-                // Attempts before the last only ask whether pages are left;
-                // naming their holders (a /proc pass over every process's
-                // fds and mappings) is for the outcome that reports them.
-                let left = || {
-                    let size = cache::file_size(&file)?;
-                    cache::page_counts(&file, size).map(|(c, _)| c.cached)
-                };
-                if last || !left().is_ok_and(|cached| cached > 0) {
-                    match self.verify_dropped(&file, last) {
-                        Ok(_) => break,
-                        Err(failed) if last || failed.errno != Some(libc::EBUSY) => {
-                            return Err(failed);
-                        }
-                        Err(_) => {}
-                    }
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10 * attempt as u64));
-                cache::evict(&file).map_err(|e| {
-                    Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
-                })?;
-                attempt += 1;
+            self.settle_dropped(&file)?;
+            // Relay mappings fill the FUSE inode from the backing: a fault
+            // between the FUSE drop above and the moment the backing held
+            // only current pages may have copied a stale backing page into
+            // it. Drop it again now.
+            if let Some(fuse) = self.fuse_cache(ctx) {
+                fuse.drop_pages(self)
+                    .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
             }
         }
         // 5. Re-read the size.
@@ -962,41 +981,19 @@ impl Image {
         self.state.lock().expect("state lock").sticky_error = None;
     }
 
-    /// Fails with EBUSY naming resident pages, ranges and holders, or with
-    /// the errno that made verification impossible ("cannot verify" is never
-    /// a pass).
-    ///
-    /// `allow_reread`: DONTNEED skips only pages that are dirty, under
-    /// writeback, mapped or pinned; every other page it drops. So clean pages
-    /// found after repeated drops while no process maps the file were read
-    /// from storage again after a drop (another opener, a udev probe of a
-    /// fresh LUN): they are current, not stale, and do not fail the check.
-    /// Dirty or mapped pages still do.
-    fn verify_dropped(&self, file: &File, allow_reread: bool) -> Result<Outcome, Outcome> {
-        let report = Report::of(file, self.identity).map_err(|e| {
-            Outcome::failed(
-                sys::errno_of(&e),
-                format!("cannot verify that the page cache was dropped: {e}"),
-            )
-        })?;
+    /// `check`: fails with EBUSY naming resident pages (also pages under
+    /// read, which cachestat counts), ranges and holders, or with the errno
+    /// that made verification impossible ("cannot verify" is never a pass).
+    fn verify_dropped(&self, file: &File) -> Result<Outcome, Outcome> {
+        let report = Report::of(file, self.identity).map_err(|e| Self::cannot_verify(&e))?;
         if report.counts.cached == 0 {
             return Ok(Outcome::default());
         }
-        let mapped = report.holders.iter().any(|h| h.how == "mmap");
         let holders = if report.holders.is_empty() {
             "none found".to_string()
         } else {
             format_holders(&report.holders)
         };
-        if allow_reread && !mapped && report.counts.dirty + report.counts.writeback == 0 {
-            log::info!(
-                "image {}: {} clean pages were read from storage again after the drop (holders {holders}); \
-                 they are current, not stale",
-                self.path(),
-                report.counts.cached
-            );
-            return Ok(Outcome::default());
-        }
         Err(Outcome {
             errno: Some(libc::EBUSY),
             resident_pages: report.counts.cached,
@@ -1010,6 +1007,157 @@ impl Image {
             ),
             unfenced: false,
         })
+    }
+
+    fn cannot_verify(e: &std::io::Error) -> Outcome {
+        Outcome::failed(
+            sys::errno_of(e),
+            format!("cannot verify that the page cache was dropped: {e}"),
+        )
+    }
+
+    /// Step 4: drops and probes until no page read from storage before the
+    /// command is left (`cache::Settle` has the rule), waiting for reads in
+    /// flight to land (`cache::settle::wait_for_read`) and backing off
+    /// briefly between drops of pages kept uptodate.
+    ///
+    /// The line between "read again after the drop" and "stale": a page is
+    /// current once its index was seen absent, or seen not uptodate after
+    /// being seen uptodate, at a probe of this command; until then it may
+    /// have been read before the source's last write. EBUSY when that is
+    /// not established within SETTLE_LIMIT, and after VERIFY_ATTEMPTS probes
+    /// for dirty pages and for pages kept while a process maps the image.
+    fn settle_dropped(&self, file: &File) -> Result<(), Outcome> {
+        let start = Instant::now();
+        let size = cache::file_size(file).map_err(|e| Self::cannot_verify(&e))?;
+        let mut settle = cache::Settle::new();
+        let mut backoff = std::time::Duration::from_millis(1);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let (counts, method) =
+                cache::page_counts(file, size).map_err(|e| Self::cannot_verify(&e))?;
+            if counts.cached == 0 {
+                log::debug!(
+                    "image {}: nothing cached after the drop ({attempt} probes in {} ms)",
+                    self.path(),
+                    start.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            settle
+                .probe(file, size, method)
+                .map_err(|e| Self::cannot_verify(&e))?;
+            let dirty = counts.dirty + counts.writeback > 0;
+            if settle.is_done() && !dirty {
+                let level = if attempt > 1 {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
+                    "image {}: {} pages cached after the drop were read from storage again \
+                     since the command started; they are current, not stale ({attempt} probes in {} ms)",
+                    self.path(),
+                    counts.cached,
+                    start.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            let (in_flight, _) = settle.under_read();
+            // Who holds the pages is asked at most once per command (a /proc
+            // pass over every process's fds and mappings): here, to learn
+            // whether a mapping keeps them, and the same answer names them.
+            let mut holders = None;
+            let give_up = start.elapsed() >= SETTLE_LIMIT
+                || (attempt >= VERIFY_ATTEMPTS && dirty)
+                || (attempt == VERIFY_ATTEMPTS
+                    && in_flight == 0
+                    && holders
+                        .insert(cache::find_holders(self.identity))
+                        .iter()
+                        .any(|h| h.how == "mmap"));
+            if give_up {
+                let holders = holders.unwrap_or_else(|| cache::find_holders(self.identity));
+                return Err(self.settle_failed(&settle, counts, &holders));
+            }
+            // A page never seen uptodate: wait for its read to land (a read
+            // of our own joins it) rather than hope a probe catches it
+            // uptodate between a reader's drops. Otherwise (pages kept
+            // uptodate) back off before the next drop.
+            let waited = match settle.first_under_read() {
+                Some(i) => {
+                    let left = SETTLE_LIMIT.saturating_sub(start.elapsed());
+                    match cache::settle::wait_for_read(file, i, left) {
+                        Ok(true) => {
+                            settle
+                                .look_at(file, i)
+                                .map_err(|e| Self::cannot_verify(&e))?;
+                            true
+                        }
+                        Ok(false) => false,
+                        Err(e) => {
+                            log::debug!("image {}: waiting for a read: {e}", self.path());
+                            false
+                        }
+                    }
+                }
+                None => false,
+            };
+            if !waited {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
+            }
+            cache::evict(file)
+                .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}")))?;
+        }
+    }
+
+    /// EBUSY naming what step 4 could not clear: pages under read since
+    /// before the command, pages kept through every drop, dirty pages, and
+    /// who holds the image.
+    fn settle_failed(
+        &self,
+        settle: &cache::Settle,
+        counts: sys::PageCounts,
+        holders: &[cache::Holder],
+    ) -> Outcome {
+        let (in_flight, flight_ranges) = settle.under_read();
+        let (kept, kept_ranges) = settle.resident();
+        let mut what = Vec::new();
+        if in_flight > 0 {
+            what.push(format!(
+                "{in_flight} under read since before the command (first ranges {})",
+                format_ranges(&flight_ranges)
+            ));
+        }
+        if kept > 0 {
+            what.push(format!(
+                "{kept} kept through every drop (first ranges {})",
+                format_ranges(&kept_ranges)
+            ));
+        }
+        Outcome {
+            errno: Some(libc::EBUSY),
+            resident_pages: counts.cached,
+            detail: format!(
+                "{} pages still resident ({} dirty, {} writeback){}{}; holders {}{}; \
+                 retry once the backing answers and nothing maps or writes the image",
+                counts.cached,
+                counts.dirty,
+                counts.writeback,
+                if what.is_empty() { "" } else { ": " },
+                what.join(", "),
+                if holders.is_empty() {
+                    "none found".to_string()
+                } else {
+                    format_holders(holders)
+                },
+                self.handle_summary()
+            ),
+            unfenced: false,
+        }
     }
 
     fn handle_summary(&self) -> String {

@@ -38,7 +38,14 @@ const SYS_CACHESTAT: libc::c_long = 451;
 /// `cachestat(2)` over the whole file (len 0 = to the end).
 /// Linux 6.5+; older kernels answer ENOSYS, callers fall back to mincore.
 pub fn cachestat(fd: BorrowedFd<'_>) -> io::Result<PageCounts> {
-    let range = CachestatRange { off: 0, len: 0 };
+    cachestat_range(fd, 0, 0)
+}
+
+/// `cachestat(2)` over the bytes `[off, off + len)` (len 0 = to the end).
+/// It counts every folio in the page cache, also one whose read is still in
+/// flight (locked, not uptodate), which mincore(2) does not report.
+pub fn cachestat_range(fd: BorrowedFd<'_>, off: u64, len: u64) -> io::Result<PageCounts> {
+    let range = CachestatRange { off, len };
     let mut out = RawCachestat::default();
     // SAFETY: both pointers reference live, correctly laid-out structs for the
     // duration of the call; flags must be 0.
@@ -94,6 +101,17 @@ pub fn fadvise_dontneed_range(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::
             libc::POSIX_FADV_DONTNEED,
         )
     };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// `posix_fadvise(POSIX_FADV_RANDOM)`: reads through this open file read
+/// only the pages asked for, no readahead.
+pub fn fadvise_random(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; no memory is passed.
+    let ret = unsafe { libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
     if ret != 0 {
         return Err(io::Error::from_raw_os_error(ret));
     }
