@@ -5,7 +5,7 @@ mod common;
 
 use common::{Mount, ctl_write, ctl_write_read, make_file, scratch, status};
 use std::fs::{self, OpenOptions};
-use std::io::{IoSlice, Write};
+use std::io::{IoSlice, Read, Write};
 use std::os::unix::fs::symlink;
 
 fn image_status(m: &Mount, path: &str) -> Option<serde_json::Value> {
@@ -108,4 +108,62 @@ fn image_paths_follow_renames_and_star_lists_lost_images() {
         "a symlink must not rename the image: {}",
         status(&m)
     );
+}
+
+/// A writev of whole lines, more segments than the kernel puts in one FUSE
+/// write: the kernel splits it at segment ends, which are line ends, and
+/// every piece runs as a request of its own. Reading the open file back
+/// must show the result of every line, not only the last piece's.
+#[test]
+fn every_line_of_a_writev_split_at_line_ends_has_its_result() {
+    if !common::require_root() {
+        return;
+    }
+    const LINES: usize = 1000;
+    let dir = scratch();
+    let back = dir.path().join("back");
+    fs::create_dir_all(&back).unwrap();
+    let names: Vec<String> = (0..LINES).map(|i| format!("i{i:04}.img")).collect();
+    for n in &names {
+        make_file(&back.join(n), 4096, b'i');
+    }
+    let m = Mount::start(dir.path(), &back, &[]);
+    let lines: Vec<String> = names.iter().map(|n| format!("{n}\n")).collect();
+    let slices: Vec<IoSlice<'_>> = lines.iter().map(|l| IoSlice::new(l.as_bytes())).collect();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.ctl("activate"))
+        .unwrap();
+    let total: usize = lines.iter().map(String::len).sum();
+    let n = f.write_vectored(&slices).expect("writev");
+    assert_eq!(n, total, "short writev");
+    let mut out = String::new();
+    f.read_to_string(&mut out).unwrap();
+    // The kernel did split it: the daemon logged several requests.
+    let requests = m.log_text().matches("activate (").count();
+    assert!(
+        requests > 1,
+        "the writev reached the daemon in one piece, so this test proves nothing; log:\n{}",
+        m.log_text()
+    );
+    let got: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        got.len(),
+        LINES,
+        "{requests} pieces: every line's result must be readable, got {} lines, first {:?}",
+        got.len(),
+        got.first()
+    );
+    for (line, name) in got.iter().zip(&names) {
+        assert!(
+            line.starts_with(&format!("image={name} result=ok ")),
+            "results in request order: {line:?} for {name}"
+        );
+    }
+    // A read ends one answer: the next write's results replace it.
+    f.write_all(b"i0000.img\n").unwrap();
+    let mut again = String::new();
+    f.read_to_string(&mut again).unwrap();
+    assert_eq!(again.lines().count(), 1, "{again:?}");
 }

@@ -8,7 +8,7 @@ pub mod fuse_cache;
 pub mod request;
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::cache::invalidator::AttrInvalidator;
@@ -89,17 +89,24 @@ pub struct ControlPlane {
     pub passthrough_active: AtomicBool,
 }
 
-/// Per-open state: the text a read returns (the last command's result
-/// lines, or the status snapshot taken at open) and a read cursor of its
-/// own. The kernel's file position has moved past the bytes the script
-/// wrote, yet `echo x >&3; cat <&3` must read the result from its start:
-/// so a write resets the cursor, reads advance it, and an explicit read at
-/// offset 0 (a rewind) restarts it.
+/// Per-open state: the text a read returns (the result lines of the
+/// commands written on this open file since it was last read, or the
+/// status snapshot taken at open) and a read cursor of its own. The
+/// kernel's file position has moved past the bytes the script wrote, yet
+/// `echo x >&3; cat <&3` must read the result from its start: so the first
+/// write after a read starts a new text at cursor 0, reads advance the
+/// cursor, and an explicit read at offset 0 (a rewind) restarts it.
+/// Results of writes with no read between them accumulate: the kernel
+/// splits a large `writev` at segment ends into several writes, each run
+/// as a request, and the script must read every line's result.
 #[derive(Debug)]
 pub struct CtlHandle {
     file: CtlFile,
     text: Mutex<Vec<u8>>,
     cursor: Mutex<usize>,
+    /// The text has been read since the last write: the next write's
+    /// results replace it.
+    answered: AtomicBool,
 }
 
 impl ControlPlane {
@@ -140,6 +147,7 @@ impl ControlPlane {
             file: *file,
             text: Mutex::new(text),
             cursor: Mutex::new(0),
+            answered: AtomicBool::new(false),
         };
         if *file != CtlFile::Status {
             return done(Ok(handle(Vec::new())));
@@ -158,6 +166,7 @@ impl ControlPlane {
             CtlFile::Setting(key) => format!("{}\n", self.settings.get(key)).into_bytes(),
             _ => h.text.lock().expect("ctl text lock").clone(),
         };
+        h.answered.store(true, Ordering::Relaxed);
         let mut cursor = h.cursor.lock().expect("ctl cursor lock");
         if offset == 0 {
             *cursor = 0;
@@ -171,6 +180,8 @@ impl ControlPlane {
     /// A write to a control file by `uid`. `done` gets the byte count or
     /// the errno; for commands it is called from a worker thread once the
     /// command has finished, so a slow sync never stalls the event loop.
+    /// The command's result lines are added to the open file's text (see
+    /// [`CtlHandle`]).
     pub fn write(
         &self,
         h: Arc<CtlHandle>,
@@ -204,8 +215,14 @@ impl ControlPlane {
                 let job = commands::Job::new(self, cmd, data);
                 on_worker(cmd.name(), done, move |done| {
                     let (errno, text) = job.run();
-                    *h.text.lock().expect("ctl text lock") = text.into_bytes();
-                    *h.cursor.lock().expect("ctl cursor lock") = 0;
+                    let mut all = h.text.lock().expect("ctl text lock");
+                    let mut cursor = h.cursor.lock().expect("ctl cursor lock");
+                    if h.answered.swap(false, Ordering::Relaxed) {
+                        all.clear();
+                        *cursor = 0;
+                    }
+                    all.extend_from_slice(text.as_bytes());
+                    drop((all, cursor));
                     done(match errno {
                         None => Ok(len),
                         Some(e) => Err(Error::Refused(e)),
