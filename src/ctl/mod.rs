@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::cache::invalidator::AttrInvalidator;
 use crate::datapath::IoMode;
 use crate::error::Error;
+use crate::image::turns::Turns;
 use crate::image::{Image, Registry};
 use crate::protocol;
 use crate::settings::{Key, Settings};
@@ -87,6 +88,11 @@ pub struct ControlPlane {
     /// Set once the kernel answered FUSE_INIT.
     pub passthrough_supported: AtomicBool,
     pub passthrough_active: AtomicBool,
+    /// Command requests in arrival order: each takes its tickets for its
+    /// images' command queues in this order, so commands on one image run
+    /// in the order their requests arrived. A ticket's number, logged at
+    /// arrival, says which of two requests reached the daemon first.
+    pub arrivals: Turns,
 }
 
 /// Per-open state: the text a read returns (the result lines of the
@@ -212,9 +218,16 @@ impl ControlPlane {
                 }
             }
             CtlFile::Command(cmd) => {
+                let ticket = self.arrivals.take();
+                log::info!(
+                    "{} request #{} received from uid {uid}: {} bytes",
+                    cmd.name(),
+                    ticket.number() + 1,
+                    data.len()
+                );
                 let job = commands::Job::new(self, cmd, data);
                 on_worker(cmd.name(), done, move |done| {
-                    let (errno, text) = job.run();
+                    let (errno, text) = job.run(ticket);
                     let mut all = h.text.lock().expect("ctl text lock");
                     let mut cursor = h.cursor.lock().expect("ctl cursor lock");
                     if h.answered.swap(false, Ordering::Relaxed) {

@@ -153,6 +153,7 @@ impl MigsafeFs {
             device_io: config.device_io,
             passthrough_supported: AtomicBool::new(false),
             passthrough_active: AtomicBool::new(false),
+            arrivals: Default::default(),
         });
         Ok(MigsafeFs {
             config,
