@@ -6,6 +6,7 @@
 pub mod commands;
 pub mod fuse_cache;
 pub mod request;
+pub mod workers;
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,6 +94,10 @@ pub struct ControlPlane {
     /// in the order their requests arrived. A ticket's number, logged at
     /// arrival, says which of two requests reached the daemon first.
     pub arrivals: Turns,
+    /// Held while a request takes its arrival ticket and joins the command
+    /// lane, so the lane's order is the tickets' order.
+    pub arrival_order: Mutex<()>,
+    pub workers: workers::Workers,
 }
 
 /// Per-open state: the text a read returns (the result lines of the
@@ -158,8 +163,13 @@ impl ControlPlane {
         if *file != CtlFile::Status {
             return done(Ok(handle(Vec::new())));
         }
+        let class = if self.check_writer(uid).is_ok() {
+            workers::Class::Owner
+        } else {
+            workers::Class::Other(uid)
+        };
         let plane = self.clone();
-        on_worker("status", done, move |done| {
+        self.workers.status(class, done, move |done| {
             let mut s =
                 serde_json::to_string_pretty(&commands::status_json(&plane)).unwrap_or_default();
             s.push('\n');
@@ -218,6 +228,7 @@ impl ControlPlane {
                 }
             }
             CtlFile::Command(cmd) => {
+                let _order = self.arrival_order.lock().expect("arrival lock");
                 let ticket = self.arrivals.take();
                 log::info!(
                     "{} request #{} received from uid {uid}: {} bytes",
@@ -226,7 +237,7 @@ impl ControlPlane {
                     data.len()
                 );
                 let job = commands::Job::new(self, cmd, data);
-                on_worker(cmd.name(), done, move |done| {
+                self.workers.command(done, move |done| {
                     let (errno, text) = job.run(ticket);
                     let mut all = h.text.lock().expect("ctl text lock");
                     let mut cursor = h.cursor.lock().expect("ctl cursor lock");
@@ -242,31 +253,6 @@ impl ControlPlane {
                     });
                 });
             }
-        }
-    }
-}
-
-/// Runs `work` on a thread of its own, handing it `done`, so a slow command
-/// never stalls the event loop. `done` stays reachable here if the thread
-/// cannot start (out of threads or memory): the caller then gets EAGAIN
-/// instead of a daemon that panics.
-fn on_worker<T, D>(name: &str, done: D, work: impl FnOnce(D) + Send + 'static)
-where
-    D: FnOnce(Result<T, Error>) + Send + 'static,
-{
-    let slot = Arc::new(Mutex::new(Some(done)));
-    let worker_slot = slot.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("migsafe-{name}"))
-        .spawn(move || {
-            if let Some(done) = worker_slot.lock().expect("reply lock").take() {
-                work(done);
-            }
-        });
-    if let Err(e) = spawned {
-        log::warn!("{name}: cannot start a worker thread: {e}");
-        if let Some(done) = slot.lock().expect("reply lock").take() {
-            done(Err(Error::Refused(libc::EAGAIN)));
         }
     }
 }
