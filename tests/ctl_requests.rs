@@ -234,6 +234,11 @@ fn commands_on_one_image_take_effect_in_arrival_order() {
                 );
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
+            // Control: the two overlap, else this round proves nothing.
+            assert!(
+                !a.is_finished(),
+                "round {round}: {first} returned before {second} was sent"
+            );
             let (res, out) = ctl_write_read(&m.ctl(second), "a.img\n");
             let (fres, fout) = a.join().unwrap();
             (res, out, fres, fout)
