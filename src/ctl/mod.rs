@@ -132,10 +132,12 @@ impl ControlPlane {
     }
 
     /// Opens control file `index` with open(2) `flags` for user `uid`;
-    /// `done` gets the handle. `status` is built at open, on a worker
-    /// thread: it measures the FUSE inode's cache of cached images through
-    /// a file of this mount, which a request handler must never open (the
-    /// open is a request to this daemon).
+    /// `done` gets the handle. `status` is built at open, on a status
+    /// worker (`workers`: bounded, root's and the mounting user's opens
+    /// first, EAGAIN for another user over its bound): it measures the FUSE
+    /// inode's cache of cached images through a file of this mount, which a
+    /// request handler must never open (the open is a request to this
+    /// daemon).
     pub fn open(
         self: &Arc<Self>,
         index: usize,
