@@ -124,6 +124,11 @@ fn explain(mountpoint: &Path, path: &Path, e: &std::io::Error) -> String {
                 .and_then(|p| p.file_name())
                 .unwrap_or_default()
         ),
+        Some(libc::EAGAIN) => format!(
+            "cannot open {}: the daemon of {mnt} is busy ({errno}): too many status reads \
+             or commands are waiting (another user flooding status?); try again",
+            path.display()
+        ),
         _ => format!(
             "cannot open {}: {e} ({errno}; is {mnt} a migsafe mount?)",
             path.display()

@@ -11,6 +11,7 @@ use super::ControlPlane;
 use super::request::{self, Target};
 use crate::cache::invalidator::AttrInvalidator;
 use crate::cache::{Identity, Incarnation};
+use crate::image::turns::Ticket;
 use crate::image::{CommandContext, Image, Outcome, Registry, Source};
 use crate::protocol::{self, key};
 use crate::settings::Settings;
@@ -67,12 +68,19 @@ impl Job {
     }
 
     /// Runs the command on every target; returns the errno of the first
-    /// failure (what write() fails with) and the read-back text.
-    pub fn run(self) -> (Option<i32>, String) {
+    /// failure (what write() fails with) and the read-back text. `arrival`
+    /// is the request's place in arrival order: once its targets are
+    /// resolved and every earlier request has queued on its images, it
+    /// queues on its own, so commands on one image run one at a time, in
+    /// arrival order. Every request queues on all its images at once and
+    /// images are served in ticket order, so two requests naming the same
+    /// images in different orders (or `*`) cannot deadlock.
+    pub fn run(self, arrival: Ticket) -> (Option<i32>, String) {
         let start = Instant::now();
         let targets = match request::parse(&self.data, &self.ctl_name) {
             Ok(t) => t,
             Err(bad) => {
+                drop(arrival);
                 log::warn!("{}: rejected request: {}", self.command.name(), bad.message);
                 return (
                     Some(bad.errno),
@@ -97,23 +105,30 @@ impl Job {
             own_mounts: &own_mounts,
             writers: &writers,
         };
+        let resolved: Vec<_> = targets.iter().flat_map(|t| self.resolve(t)).collect();
+        arrival.wait();
+        let queued: Vec<_> = resolved
+            .into_iter()
+            .map(|r| r.map(|image| (image.commands.take(), image)))
+            .collect();
+        drop(arrival);
         let mut first_errno = None;
         let mut text = String::new();
-        for target in &targets {
-            for resolved in self.resolve(target) {
-                let t0 = Instant::now();
-                let (name, outcome) = match resolved {
+        for entry in queued {
+            let (name, outcome, ms) = match entry {
+                Ok((turn, image)) => {
+                    turn.wait();
+                    let t0 = Instant::now();
+                    let outcome = self.apply(&image, &ctx);
+                    drop(turn);
                     // Named after the command: it may have found the image
                     // under a new name (renamed on the backing).
-                    Ok(image) => {
-                        let outcome = self.apply(&image, &ctx);
-                        (image.path(), outcome)
-                    }
-                    Err((name, outcome)) => (name, outcome),
-                };
-                first_errno = first_errno.or(outcome.errno);
-                text.push_str(&result_line(&name, &outcome, t0.elapsed().as_millis()));
-            }
+                    (image.path(), outcome, t0.elapsed().as_millis())
+                }
+                Err((name, outcome)) => (name, outcome, 0),
+            };
+            first_errno = first_errno.or(outcome.errno);
+            text.push_str(&result_line(&name, &outcome, ms));
         }
         match first_errno {
             None => log::info!(

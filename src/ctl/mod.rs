@@ -6,14 +6,16 @@
 pub mod commands;
 pub mod fuse_cache;
 pub mod request;
+pub mod workers;
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::cache::invalidator::AttrInvalidator;
 use crate::datapath::IoMode;
 use crate::error::Error;
+use crate::image::turns::Turns;
 use crate::image::{Image, Registry};
 use crate::protocol;
 use crate::settings::{Key, Settings};
@@ -87,19 +89,35 @@ pub struct ControlPlane {
     /// Set once the kernel answered FUSE_INIT.
     pub passthrough_supported: AtomicBool,
     pub passthrough_active: AtomicBool,
+    /// Command requests in arrival order: each takes its tickets for its
+    /// images' command queues in this order, so commands on one image run
+    /// in the order their requests arrived. A ticket's number, logged at
+    /// arrival, says which of two requests reached the daemon first.
+    pub arrivals: Turns,
+    /// Held while a request takes its arrival ticket and joins the command
+    /// lane, so the lane's order is the tickets' order.
+    pub arrival_order: Mutex<()>,
+    pub workers: workers::Workers,
 }
 
-/// Per-open state: the text a read returns (the last command's result
-/// lines, or the status snapshot taken at open) and a read cursor of its
-/// own. The kernel's file position has moved past the bytes the script
-/// wrote, yet `echo x >&3; cat <&3` must read the result from its start:
-/// so a write resets the cursor, reads advance it, and an explicit read at
-/// offset 0 (a rewind) restarts it.
+/// Per-open state: the text a read returns (the result lines of the
+/// commands written on this open file since it was last read, or the
+/// status snapshot taken at open) and a read cursor of its own. The
+/// kernel's file position has moved past the bytes the script wrote, yet
+/// `echo x >&3; cat <&3` must read the result from its start: so the first
+/// write after a read starts a new text at cursor 0, reads advance the
+/// cursor, and an explicit read at offset 0 (a rewind) restarts it.
+/// Results of writes with no read between them accumulate: the kernel
+/// splits a large `writev` at segment ends into several writes, each run
+/// as a request, and the script must read every line's result.
 #[derive(Debug)]
 pub struct CtlHandle {
     file: CtlFile,
     text: Mutex<Vec<u8>>,
     cursor: Mutex<usize>,
+    /// The text has been read since the last write: the next write's
+    /// results replace it.
+    answered: AtomicBool,
 }
 
 impl ControlPlane {
@@ -114,10 +132,12 @@ impl ControlPlane {
     }
 
     /// Opens control file `index` with open(2) `flags` for user `uid`;
-    /// `done` gets the handle. `status` is built at open, on a worker
-    /// thread: it measures the FUSE inode's cache of cached images through
-    /// a file of this mount, which a request handler must never open (the
-    /// open is a request to this daemon).
+    /// `done` gets the handle. `status` is built at open, on a status
+    /// worker (`workers`: bounded, root's and the mounting user's opens
+    /// first, EAGAIN for another user over its bound): it measures the FUSE
+    /// inode's cache of cached images through a file of this mount, which a
+    /// request handler must never open (the open is a request to this
+    /// daemon).
     pub fn open(
         self: &Arc<Self>,
         index: usize,
@@ -140,12 +160,18 @@ impl ControlPlane {
             file: *file,
             text: Mutex::new(text),
             cursor: Mutex::new(0),
+            answered: AtomicBool::new(false),
         };
         if *file != CtlFile::Status {
             return done(Ok(handle(Vec::new())));
         }
+        let class = if self.check_writer(uid).is_ok() {
+            workers::Class::Owner
+        } else {
+            workers::Class::Other(uid)
+        };
         let plane = self.clone();
-        on_worker("status", done, move |done| {
+        self.workers.status(class, done, move |done| {
             let mut s =
                 serde_json::to_string_pretty(&commands::status_json(&plane)).unwrap_or_default();
             s.push('\n');
@@ -158,6 +184,7 @@ impl ControlPlane {
             CtlFile::Setting(key) => format!("{}\n", self.settings.get(key)).into_bytes(),
             _ => h.text.lock().expect("ctl text lock").clone(),
         };
+        h.answered.store(true, Ordering::Relaxed);
         let mut cursor = h.cursor.lock().expect("ctl cursor lock");
         if offset == 0 {
             *cursor = 0;
@@ -171,6 +198,8 @@ impl ControlPlane {
     /// A write to a control file by `uid`. `done` gets the byte count or
     /// the errno; for commands it is called from a worker thread once the
     /// command has finished, so a slow sync never stalls the event loop.
+    /// The command's result lines are added to the open file's text (see
+    /// [`CtlHandle`]).
     pub fn write(
         &self,
         h: Arc<CtlHandle>,
@@ -201,42 +230,31 @@ impl ControlPlane {
                 }
             }
             CtlFile::Command(cmd) => {
+                let _order = self.arrival_order.lock().expect("arrival lock");
+                let ticket = self.arrivals.take();
+                log::info!(
+                    "{} request #{} received from uid {uid}: {} bytes",
+                    cmd.name(),
+                    ticket.number() + 1,
+                    data.len()
+                );
                 let job = commands::Job::new(self, cmd, data);
-                on_worker(cmd.name(), done, move |done| {
-                    let (errno, text) = job.run();
-                    *h.text.lock().expect("ctl text lock") = text.into_bytes();
-                    *h.cursor.lock().expect("ctl cursor lock") = 0;
+                self.workers.command(done, move |done| {
+                    let (errno, text) = job.run(ticket);
+                    let mut all = h.text.lock().expect("ctl text lock");
+                    let mut cursor = h.cursor.lock().expect("ctl cursor lock");
+                    if h.answered.swap(false, Ordering::Relaxed) {
+                        all.clear();
+                        *cursor = 0;
+                    }
+                    all.extend_from_slice(text.as_bytes());
+                    drop((all, cursor));
                     done(match errno {
                         None => Ok(len),
                         Some(e) => Err(Error::Refused(e)),
                     });
                 });
             }
-        }
-    }
-}
-
-/// Runs `work` on a thread of its own, handing it `done`, so a slow command
-/// never stalls the event loop. `done` stays reachable here if the thread
-/// cannot start (out of threads or memory): the caller then gets EAGAIN
-/// instead of a daemon that panics.
-fn on_worker<T, D>(name: &str, done: D, work: impl FnOnce(D) + Send + 'static)
-where
-    D: FnOnce(Result<T, Error>) + Send + 'static,
-{
-    let slot = Arc::new(Mutex::new(Some(done)));
-    let worker_slot = slot.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("migsafe-{name}"))
-        .spawn(move || {
-            if let Some(done) = worker_slot.lock().expect("reply lock").take() {
-                work(done);
-            }
-        });
-    if let Err(e) = spawned {
-        log::warn!("{name}: cannot start a worker thread: {e}");
-        if let Some(done) = slot.lock().expect("reply lock").take() {
-            done(Err(Error::Refused(libc::EAGAIN)));
         }
     }
 }

@@ -154,6 +154,9 @@ impl MigsafeFs {
             device_io: config.device_io,
             passthrough_supported: AtomicBool::new(false),
             passthrough_active: AtomicBool::new(false),
+            arrivals: Default::default(),
+            arrival_order: Default::default(),
+            workers: Default::default(),
         });
         Ok(MigsafeFs {
             config,

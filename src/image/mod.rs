@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 pub mod handle;
+pub mod turns;
 
 use crate::backing::Device;
 use crate::cache::{
@@ -208,6 +209,12 @@ pub struct Image {
     state: Mutex<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     pub counters: Counters,
+    /// Control commands on this image run one at a time, in the order
+    /// their requests arrived (the control plane takes the tickets; an
+    /// open's own invalidation does not queue here: it runs on a FUSE
+    /// request thread, which must never wait behind a command that may
+    /// itself need FUSE requests served).
+    pub commands: turns::Turns,
 }
 
 impl Image {
@@ -228,6 +235,7 @@ impl Image {
             state: Mutex::default(),
             handles: Mutex::default(),
             counters: Counters::default(),
+            commands: Default::default(),
         }
     }
 
