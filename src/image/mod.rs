@@ -899,7 +899,18 @@ impl Image {
                         unfenced: false,
                     });
                 }
-                Ok((c, _)) => nothing_cached = c.cached == 0,
+                // On tmpfs or ramfs the cached pages are the file itself,
+                // never a copy of storage another host writes: nothing to
+                // drop (DONTNEED cannot) and nothing that can be stale.
+                Ok((c, _)) => {
+                    nothing_cached = c.cached == 0
+                        || sys::is_memory_backed(file.as_fd()).map_err(|e| {
+                            Outcome::failed(
+                                sys::errno_of(&e),
+                                format!("cannot tell the backing's filesystem: {e}"),
+                            )
+                        })?
+                }
                 Err(e) => {
                     return Err(Outcome::failed(
                         sys::errno_of(&e),
