@@ -89,12 +89,17 @@ pub fn is_fuse(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(fs_magic(fd)? == libc::FUSE_SUPER_MAGIC)
 }
 
-/// Whether the filesystem of `fd` keeps files in memory only (tmpfs,
-/// ramfs): its page cache is the file itself, with no storage below that
-/// another host could write, and DONTNEED never drops it.
+/// Whether `fd` is a regular file on a filesystem that keeps files in
+/// memory only (tmpfs, ramfs): its page cache is the file itself, with no
+/// storage below that another host could write, and DONTNEED never drops
+/// it. A block device is never: `fstatfs` of one names the filesystem of
+/// its device node (devtmpfs, a tmpfs), not the device's storage.
 pub fn is_memory_backed(fd: BorrowedFd<'_>) -> io::Result<bool> {
     /// linux/magic.h; the libc crate does not name it.
     const RAMFS_MAGIC: libc::__fsword_t = 0x858458f6;
+    if super::fstat_fd(fd)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(false);
+    }
     let magic = fs_magic(fd)?;
     Ok(magic == libc::TMPFS_MAGIC || magic == RAMFS_MAGIC)
 }
