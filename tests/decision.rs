@@ -87,7 +87,9 @@ fn in_syscall(pid: u32, nr: i64) -> bool {
 }
 
 fn pwrite_errno(f: &fs::File, byte: u8) -> Option<i32> {
-    f.write_at(&[byte; 4096], 0).err().map(|e| e.raw_os_error().unwrap_or(0))
+    f.write_at(&[byte; 4096], 0)
+        .err()
+        .map(|e| e.raw_os_error().unwrap_or(0))
 }
 
 /// An image handed over (inactive, its writes refused) is handed over for
@@ -118,7 +120,11 @@ fn a_failed_second_inactivate_keeps_the_image_fenced() {
         assert!(r.is_err(), "second inactivate must fail under EIO: {out}");
         assert_eq!(field(&out, "result").as_deref(), Some("error"), "{out}");
     }
-    let f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
     assert_eq!(
         pwrite_errno(&f, 3),
         Some(libc::EROFS),
@@ -160,7 +166,10 @@ fn inactivate_never_waits_for_the_mount_it_holds_up() {
     // The command is deciding once it syncs.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !in_syscall(pid, libc::SYS_fsync) {
-        assert!(Instant::now() < deadline, "inactivate never reached its sync");
+        assert!(
+            Instant::now() < deadline,
+            "inactivate never reached its sync"
+        );
         sleep(Duration::from_millis(5));
     }
     // The image's first open through the mount, then three writers: more
@@ -190,7 +199,10 @@ fn inactivate_never_waits_for_the_mount_it_holds_up() {
         );
     };
     let writes: Vec<Option<i32>> = (0..3)
-        .map(|_| w_rx.recv_timeout(Duration::from_secs(30)).expect("a write hung"))
+        .map(|_| {
+            w_rx.recv_timeout(Duration::from_secs(30))
+                .expect("a write hung")
+        })
         .collect();
     // The decision and the writes agree.
     match r {
