@@ -119,6 +119,15 @@ struct MountCmd {
     /// Largest FUSE write request in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_write: u32,
+    /// Where the handover state that must survive the daemon is kept: which
+    /// images are inactive (fenced) and which have a sticky sync error. A
+    /// remount after a crash or restart restores them before serving. PATH,
+    /// or `none` to keep nothing. Default: /run/migsafe-state/MOUNT.json for
+    /// root, $XDG_RUNTIME_DIR/migsafe/MOUNT.json otherwise, MOUNT being the
+    /// mountpoint escaped as `systemd-escape --path` does. /run is emptied at
+    /// boot, when no VM of before runs any more.
+    #[arg(long, value_name = "PATH")]
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +244,7 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         pid_file: m.pid_file,
         log_file: m.log_file,
         max_write: m.max_write,
+        state_file: m.state_file,
     })
 }
 

@@ -34,6 +34,8 @@ pub struct MountArgs {
     /// foreground, syslog once detached).
     pub log_file: Option<PathBuf>,
     pub max_write: u32,
+    /// `--state-file`: None for the default place, `none` for no file.
+    pub state_file: Option<PathBuf>,
 }
 
 /// A start-up error: printed as one line, exit status 1.
@@ -175,6 +177,7 @@ fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, SessionACL),
             ("xattr", None) => args.xattr = true,
             ("log" | "log-file" | "log_file", Some(v)) => args.log_file = Some(PathBuf::from(v)),
             ("pid-file" | "pid_file", Some(v)) => args.pid_file = Some(PathBuf::from(v)),
+            ("state-file" | "state_file", Some(v)) => args.state_file = Some(PathBuf::from(v)),
             (k, Some(v)) if Key::from_name(&k.replace('_', "-")).is_some() => {
                 let key = Key::from_name(&k.replace('_', "-")).expect("checked");
                 args.settings.push((key, v.to_string()));
@@ -222,6 +225,69 @@ pub fn parse_device(v: &str) -> Result<(String, PathBuf), StartError> {
             "invalid device {v:?}: expected NAME=PATH, e.g. disk=/dev/sdb"
         )),
     }
+}
+
+/// The state file `args` ask for: `--state-file PATH`, none for `none`,
+/// else the default place for the daemon's user (see `--state-file`). It is
+/// named after the mountpoint, not the backing: one daemon serves a
+/// mountpoint at a time (a second mount there is refused), the same name
+/// the systemd unit instance has, while one backing may be mounted twice.
+/// The directory is not the systemd unit's RuntimeDirectory=: systemd
+/// removes that at every stop, and a fence must outlive a stop and start.
+fn state_file_path(args: &MountArgs) -> Option<PathBuf> {
+    if let Some(p) = &args.state_file {
+        if p.as_os_str() == "none" {
+            return None;
+        }
+        return Some(std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    }
+    let mountpoint =
+        std::fs::canonicalize(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
+    let name = format!("{}.json", systemd_escape_path(&mountpoint));
+    if nix::unistd::geteuid().is_root() {
+        return Some(Path::new("/run/migsafe-state").join(name));
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => Some(PathBuf::from(d).join("migsafe").join(name)),
+        _ => {
+            log::warn!(
+                "no state file: XDG_RUNTIME_DIR is not set; a restarted daemon will forget which images are inactive \
+                 (give --state-file PATH, or --state-file none to silence this)"
+            );
+            None
+        }
+    }
+}
+
+/// `systemd-escape --path`: `/run/vm images` -> `run-vm\x20images`.
+pub fn systemd_escape_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    let trimmed: Vec<&[u8]> = bytes
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    if trimmed.is_empty() {
+        return "-".into();
+    }
+    let mut out = String::new();
+    for (i, comp) in trimmed.iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        for (j, &b) in comp.iter().enumerate() {
+            let plain = b.is_ascii_alphanumeric()
+                || b == b':'
+                || b == b'_'
+                || (b == b'.' && !(i == 0 && j == 0));
+            if plain {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+    }
+    out
 }
 
 /// Mounts and serves; returns when the filesystem is unmounted.
@@ -283,6 +349,23 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             args.ctl_name
         );
     }
+    // Read (and checked) before detaching, so a state file that cannot be
+    // trusted stops the start where the operator sees why.
+    let state = match state_file_path(&args) {
+        Some(p) => {
+            if p.starts_with(&args.mountpoint)
+                || std::fs::canonicalize(&args.mountpoint)
+                    .is_ok_and(|m| p.parent().is_some_and(|d| d.starts_with(m)))
+            {
+                return err(format!(
+                    "--state-file {}: beneath the mountpoint, where the mount would hide it; choose a path outside it",
+                    p.display()
+                ));
+            }
+            Some(crate::image::state_file::StateFile::load(&p).map_err(StartError)?)
+        }
+        None => None,
+    };
     raise_fd_limit();
     if args.daemon {
         daemonize(&args)?;
@@ -311,6 +394,20 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     };
     let fs = MigsafeFs::new(config, settings, root, devices)
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;
+    if let Some((journal, records)) = state {
+        let path = journal.path().to_path_buf();
+        let n = records.len();
+        let r = fs
+            .registry
+            .restore(Arc::new(journal), records, &fs.root_fd, &fs.ctl.devices);
+        log::info!(
+            "state file {}: restored {} images inactive, {} sticky errors ({} of {n} records dropped)",
+            path.display(),
+            r.inactive,
+            r.sticky,
+            r.dropped
+        );
+    }
     let notifier_slot = fs.notifier.clone();
     let mut fuse_config = Config::default();
     fuse_config.n_threads = Some(args.threads);
@@ -830,5 +927,23 @@ pub fn report_start_error(msg: &str) {
     if let Some(fd) = READY_FD.lock().expect("ready lock").take() {
         use std::io::Write;
         let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_names_escape_like_systemd() {
+        // What `systemd-escape --path` prints for each.
+        for (path, want) in [
+            ("/run/migsafe", "run-migsafe"),
+            ("/srv/vm images/", "srv-vm\\x20images"),
+            ("/.hidden/a.b", "\\x2ehidden-a.b"),
+            ("/", "-"),
+        ] {
+            assert_eq!(systemd_escape_path(Path::new(path)), want, "{path}");
+        }
     }
 }

@@ -62,6 +62,39 @@ impl Incarnation {
     }
 }
 
+impl Incarnation {
+    /// The form a state file keeps (docs/DESIGN.md §3, "Durability"): the
+    /// handle in hex and the birth time, each null where unknown.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "handle": self.handle.as_ref().map(|h| h.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            "born": self.born.map(|(s, ns)| serde_json::json!([s, ns])),
+        })
+    }
+
+    /// The inverse of `to_json`; None for a value it never wrote.
+    pub fn from_json(v: &serde_json::Value) -> Option<Incarnation> {
+        let handle = match v.get("handle")? {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(h) if h.len() % 2 == 0 => Some(
+                (0..h.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                    .collect::<Option<Vec<u8>>>()?,
+            ),
+            _ => return None,
+        };
+        let born = match v.get("born")? {
+            serde_json::Value::Null => None,
+            serde_json::Value::Array(a) if a.len() == 2 => {
+                Some((a[0].as_i64()?, u32::try_from(a[1].as_u64()?).ok()?))
+            }
+            _ => return None,
+        };
+        Some(Incarnation { handle, born })
+    }
+}
+
 /// Whether device `dev` is a FUSE filesystem, asked once per device
 /// (`fstatfs` is a round trip to the server on NFS and FUSE).
 fn on_fuse(fd: BorrowedFd<'_>, dev: u64) -> bool {
@@ -122,5 +155,19 @@ mod tests {
         let (ino, first) = of(&path);
         assert_eq!(of(&path), (ino, first.clone()));
         assert!(first.handle.is_some(), "the test directory gives no handle");
+        assert_eq!(
+            Incarnation::from_json(&first.to_json()),
+            Some(first.clone())
+        );
+    }
+
+    #[test]
+    fn json_round_trips_and_rejects_garbage() {
+        let b = inc(None, Some((-3, 7)));
+        assert_eq!(Incarnation::from_json(&b.to_json()), Some(b));
+        let none = Incarnation::default();
+        assert_eq!(Incarnation::from_json(&none.to_json()), Some(none));
+        let bad = serde_json::json!({"handle": "zz", "born": null});
+        assert_eq!(Incarnation::from_json(&bad), None);
     }
 }

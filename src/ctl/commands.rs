@@ -342,6 +342,7 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
             "devices": plane.device_io.name(),
         },
         "ctl_name": plane.ctl_name,
+        "state_file": plane.registry.state_file(),
         "settings": plane.settings.to_json(),
         "images": images,
     })

@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 pub mod handle;
+pub mod state_file;
 pub mod turns;
 
 use crate::backing::Device;
@@ -25,6 +26,7 @@ use crate::cache::{
 use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
+use state_file::{Record, StateFile};
 
 /// Probes after which step 4 of `invalidate` refuses pages that stay dirty,
 /// or uptodate through every drop while a process maps the image: waiting
@@ -220,6 +222,12 @@ pub struct Image {
     /// request thread, which must never wait behind a command that may
     /// itself need FUSE requests served).
     pub commands: turns::Turns,
+    /// The mount's state file, where a fence and a sticky error are
+    /// recorded for a restarted daemon (none with `--state-file none`).
+    journal: std::sync::OnceLock<Arc<StateFile>>,
+    /// The state came from the state file at start, not from a command of
+    /// this daemon.
+    restored: std::sync::atomic::AtomicBool,
 }
 
 impl Image {
@@ -241,6 +249,8 @@ impl Image {
             handles: Mutex::default(),
             counters: Counters::default(),
             commands: Default::default(),
+            journal: Default::default(),
+            restored: Default::default(),
         }
     }
 
@@ -255,7 +265,69 @@ impl Image {
     }
 
     pub fn set_path(&self, path: String) {
-        *self.path.write().expect("path lock") = path;
+        {
+            let mut p = self.path.write().expect("path lock");
+            if *p == path {
+                return;
+            }
+            *p = path.clone();
+        }
+        // A recorded image found under a new name: a restarted daemon
+        // looks for it there (best effort: the old name fails the identity
+        // check and drops the record with a warning, never fences another
+        // file).
+        if let Err(e) = self.record_update("rename", |r| {
+            r.map(|mut r| {
+                r.path = path;
+                r
+            })
+        }) {
+            log::warn!(
+                "image {}: cannot record its new name in the state file: {e}",
+                self.path()
+            );
+        }
+    }
+
+    /// Changes this image's record in the state file (if the mount keeps
+    /// one) to what `f` makes of it; a record of another file that had the
+    /// same (dev, ino) counts as none. Ok once it is durable.
+    fn record_update(
+        &self,
+        command: &str,
+        f: impl FnOnce(Option<Record>) -> Option<Record>,
+    ) -> std::io::Result<()> {
+        let Some(journal) = self.journal.get() else {
+            return Ok(());
+        };
+        journal.update(self.identity, |old| {
+            let old = old.filter(|r| {
+                r.device == self.is_device() && r.incarnation.same_file(&self.incarnation)
+            });
+            f(old).map(|mut r| {
+                r.set_by = command.to_string();
+                r.at = state_file::now();
+                r
+            })
+        })
+    }
+
+    /// A fresh record of this image (active, no error).
+    fn new_record(&self) -> Record {
+        Record::new(
+            self.path(),
+            self.is_device(),
+            self.identity,
+            self.incarnation.clone(),
+        )
+    }
+
+    /// Where this image's state is recorded, for messages.
+    fn journal_path(&self) -> String {
+        self.journal
+            .get()
+            .map(|j| j.path().display().to_string())
+            .unwrap_or_default()
     }
 
     /// Records the O_PATH fd of the FUSE inode now standing for this image.
@@ -603,12 +675,27 @@ impl Image {
             self.counters.sync_errors.fetch_add(1, Ordering::Relaxed);
             // Two syncs failing at once: the first error stays, and both
             // callers report it.
-            let sticky = *self
-                .state
-                .lock()
-                .expect("state lock")
-                .sticky_error
-                .get_or_insert(errno);
+            let (sticky, first) = {
+                let mut st = self.state.lock().expect("state lock");
+                let first = st.sticky_error.is_none();
+                (*st.sticky_error.get_or_insert(errno), first)
+            };
+            // Recorded for a restarted daemon; the sync fails either way,
+            // so a record that cannot be written is only logged.
+            if first
+                && let Err(e) = self.record_update("sync", |r| {
+                    let mut r = r.unwrap_or_else(|| self.new_record());
+                    r.sticky_error = Some(sticky);
+                    Some(r)
+                })
+            {
+                log::error!(
+                    "image {}: cannot record its sticky error in the state file {}: {e}; \
+                     a restarted daemon would forget it",
+                    self.path(),
+                    self.journal_path()
+                );
+            }
             log::warn!(
                 "image {}: sync failed: {} ({e}); it stays failed with {} until activate",
                 self.path(),
@@ -685,11 +772,39 @@ impl Image {
             let decision = Decision::begin(self);
             self.drain_writes();
             let result = self.inactivate_steps(ctx);
-            decision.end(result.is_ok());
+            let handed_over = result.is_ok();
+            // The fence is recorded before the command says ok (and before
+            // the writes waiting for the decision get EROFS). A record that
+            // cannot be written fails the command, but the image stays
+            // fenced: its data is synced and the destination may already
+            // own it, so letting writes through would be the unsafe side.
+            let result = result.and_then(|o| self.record_fence().map(|()| o));
+            decision.end(handed_over);
             if result.is_ok() {
                 self.counters.inactivations.fetch_add(1, Ordering::Relaxed);
             }
             result
+        })
+    }
+
+    /// Records that the image is inactive, durably.
+    fn record_fence(&self) -> Result<(), Outcome> {
+        self.record_update("inactivate", |r| {
+            let mut r = r.unwrap_or_else(|| self.new_record());
+            r.path = self.path();
+            r.inactive = true;
+            Some(r)
+        })
+        .map(|()| self.restored.store(false, Ordering::Relaxed))
+        .map_err(|e| {
+            Outcome::failed(
+                sys::errno_of(&e),
+                format!(
+                    "the image is fenced here but its fence cannot be recorded in the state file {} ({e}); \
+                     a restarted daemon would forget it: make the state file writable and run inactivate again",
+                    self.journal_path()
+                ),
+            )
         })
     }
 
@@ -831,7 +946,19 @@ impl Image {
             self.invalidate_steps(ctx, false)?;
             self.decide(true);
             self.clear_sticky_error();
+            self.restored.store(false, Ordering::Relaxed);
             self.counters.activations.fetch_add(1, Ordering::Relaxed);
+            // A record left behind errs on the safe side: a restarted daemon
+            // brings the image back inactive, and the operator activates
+            // it again. So the command does not fail for it.
+            if let Err(e) = self.record_update("activate", |_| None) {
+                log::warn!(
+                    "image {}: active, but the state file {} still records it inactive or failed ({e}); \
+                     after a restart activate it again",
+                    self.path(),
+                    self.journal_path()
+                );
+            }
             Ok(self.fencing_outcome(ctx))
         })
     }
@@ -1357,6 +1484,7 @@ impl Image {
             "writeback_pages": counts.writeback,
             "fuse_cache": fuse_cache,
             "sticky_error": sticky,
+            "restored": self.restored.load(Ordering::Relaxed),
             "fencing": if unfenced.is_empty() { "full" } else { "partial" },
             "unfenced": if unfenced.is_empty() { None } else { Some(unfenced) },
             "open_handles": handles,
@@ -1426,9 +1554,148 @@ impl Drop for Decision<'_> {
 #[derive(Debug, Default)]
 pub struct Registry {
     images: Mutex<HashMap<Identity, Arc<Image>>>,
+    /// The state file every image records its fence and sticky error in.
+    journal: std::sync::OnceLock<Arc<StateFile>>,
+}
+
+/// What `Registry::restore` brought back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub inactive: usize,
+    pub sticky: usize,
+    pub dropped: usize,
 }
 
 impl Registry {
+    /// The state file's path, if the mount keeps one.
+    pub fn state_file(&self) -> Option<std::path::PathBuf> {
+        self.journal.get().map(|j| j.path().to_path_buf())
+    }
+
+    /// Brings back the state a previous daemon recorded (`records`, loaded
+    /// from `journal`), then records every image's changes there. Run
+    /// before the mount serves any request. A record is applied only to
+    /// the very file it was made for: found at its path beneath `root`
+    /// (openat2 RESOLVE_BENEATH, no symlink followed) with the same (dev,
+    /// ino) and incarnation, or the `--device` entry of its name with the
+    /// same identity. Anything else (deleted, replaced, renamed away while
+    /// no daemon ran) drops the record with a warning naming it: another
+    /// file must never inherit a fence.
+    pub fn restore(
+        &self,
+        journal: Arc<StateFile>,
+        records: Vec<Record>,
+        root: &Arc<OwnedFd>,
+        devices: &[(String, Arc<Image>)],
+    ) -> Restored {
+        let mut done = Restored::default();
+        let mut kept = Vec::new();
+        for rec in &records {
+            let found = if rec.device {
+                devices
+                    .iter()
+                    .find(|(name, _)| *name == rec.path)
+                    .ok_or_else(|| "no --device entry of that name".to_string())
+                    .and_then(|(_, img)| {
+                        (img.identity == rec.identity)
+                            .then(|| img.clone())
+                            .ok_or_else(|| "the entry is another device now".to_string())
+                    })
+            } else {
+                self.find_recorded(rec, root)
+            };
+            let img = match found {
+                Ok(img) => img,
+                Err(why) => {
+                    log::warn!(
+                        "state file {}: image {} ({}{}) not restored: {why}; its record is dropped",
+                        journal.path().display(),
+                        rec.path,
+                        if rec.inactive { "inactive" } else { "active" },
+                        rec.sticky_error
+                            .map(|e| format!(", sticky {}", sys::errno_name(e)))
+                            .unwrap_or_default()
+                    );
+                    done.dropped += 1;
+                    continue;
+                }
+            };
+            if rec.inactive {
+                img.set_phase(INACTIVE);
+                done.inactive += 1;
+            }
+            if let Some(e) = rec.sticky_error {
+                img.state.lock().expect("state lock").sticky_error = Some(e);
+                done.sticky += 1;
+            }
+            img.restored.store(true, Ordering::Relaxed);
+            img.state.lock().expect("state lock").last = Some(LastCommand {
+                command: rec.set_by.clone(),
+                at: UNIX_EPOCH + std::time::Duration::from_secs(rec.at),
+                ms: 0,
+                result: "restored at start".into(),
+            });
+            log::info!(
+                "image {}: restored {}{} (set by {} at {})",
+                rec.path,
+                if rec.inactive { "inactive" } else { "active" },
+                rec.sticky_error
+                    .map(|e| format!(" with sticky error {}", sys::errno_name(e)))
+                    .unwrap_or_default(),
+                rec.set_by,
+                rec.at
+            );
+            kept.push(rec.clone());
+        }
+        if let Err(e) = journal.replace(&records, kept) {
+            log::warn!(
+                "state file {}: cannot drop the records not restored ({e}); the next start drops them again",
+                journal.path().display()
+            );
+        }
+        for img in self.images.lock().expect("registry lock").values() {
+            let _ = img.journal.set(journal.clone());
+        }
+        let _ = self.journal.set(journal);
+        done
+    }
+
+    /// The image of the file a record names, if that file is still the
+    /// one recorded.
+    fn find_recorded(&self, rec: &Record, root: &Arc<OwnedFd>) -> Result<Arc<Image>, String> {
+        let path = sys::cstring(std::ffi::OsStr::new(&rec.path)).map_err(|e| e.to_string())?;
+        let fd = sys::openat2_beneath(root.as_fd(), &path, libc::O_PATH | libc::O_NOFOLLOW)
+            .map_err(|e| format!("cannot be found at its path ({e})"))?;
+        let st = sys::fstat_fd(fd.as_fd()).map_err(|e| e.to_string())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err("its path is no regular file now".into());
+        }
+        if Identity::of_stat(&st) != rec.identity {
+            return Err(format!(
+                "another file is at its path now (inode {} on device {}, recorded {} on {}): replaced or renamed",
+                st.st_ino, st.st_dev, rec.identity.ino, rec.identity.dev
+            ));
+        }
+        let incarnation = Incarnation::of_fd(fd.as_fd(), st.st_dev);
+        if !incarnation.same_file(&rec.incarnation) {
+            return Err(
+                "a new file got its inode number (another incarnation): the image was deleted"
+                    .into(),
+            );
+        }
+        Ok(self.get_or_insert(rec.identity, &incarnation, || {
+            Image::new(
+                rec.identity,
+                Source::File {
+                    root: root.clone(),
+                    live: Default::default(),
+                },
+                rec.path.clone(),
+            )
+            .with_incarnation(incarnation.clone())
+        }))
+    }
+
     /// Returns the image for `identity`, creating it with `make` the first
     /// time. `incarnation` is that of the file found now: an image of
     /// another file that had the same (dev, ino) (deleted, on this host or
@@ -1458,6 +1725,9 @@ impl Registry {
             );
         }
         let img = Arc::new(make());
+        if let Some(j) = self.journal.get() {
+            let _ = img.journal.set(j.clone());
+        }
         images.insert(identity, img.clone());
         img
     }
