@@ -54,7 +54,12 @@ fn backing(dir: &Path) -> PathBuf {
 
 fn ok(m: &Mount, command: &str, image: &str) {
     let (res, out) = ctl_write_read(&m.ctl(command), &format!("{image}\n"));
-    assert_eq!(res, Ok(()), "{command} {image}: {out}\nlog:\n{}", m.log_text());
+    assert_eq!(
+        res,
+        Ok(()),
+        "{command} {image}: {out}\nlog:\n{}",
+        m.log_text()
+    );
 }
 
 /// inactivate, crash, remount: the fence is back (EROFS, `status` says
@@ -62,19 +67,26 @@ fn ok(m: &Mount, command: &str, image: &str) {
 /// daemon's fencing by design (docs/DESIGN.md §3), so that mount refuses
 /// writable opens of inactive images (`strict`), as an operator fencing
 /// passthrough does.
-fn fence_survives_a_crash(io: &str, writes: &str) {
+/// `fstab_form`: the state file given as `-o state-file=PATH`, as an fstab
+/// line or mount(8) passes it.
+fn fence_survives_a_crash(io: &str, writes: &str, fstab_form: bool) {
     let dir = scratch();
     let back = backing(dir.path());
     let state = dir.path().join("state").join("mnt.json");
     let state_s = state.to_str().unwrap();
-    let args = [
-        "--io",
-        io,
-        "--inactive-writes",
-        writes,
-        "--state-file",
-        state_s,
-    ];
+    let option = format!("state-file={state_s}");
+    let args = if fstab_form {
+        ["--io", io, "--inactive-writes", writes, "-o", &option]
+    } else {
+        [
+            "--io",
+            io,
+            "--inactive-writes",
+            writes,
+            "--state-file",
+            state_s,
+        ]
+    };
     let m = Mount::start(dir.path(), &back, &args);
     // Opened (and so known to the mount) before the handover, as a VMM's
     // image is.
@@ -111,12 +123,19 @@ fn fence_survives_a_crash(io: &str, writes: &str) {
     ok(&m, "activate", "vm.img");
     assert_eq!(write_errno(&m.path("vm.img")), None, "after activate");
     let st = status_image(&m, "vm.img");
-    assert_eq!((&st["state"], &st["restored"]), (&"active".into(), &false.into()));
+    assert_eq!(
+        (&st["state"], &st["restored"]),
+        (&"active".into(), &false.into())
+    );
     assert!(!fs::read_to_string(&state).unwrap().contains("vm.img"));
     // activate's update is durable too: a restart now starts it active.
     crash(m);
     let m = Mount::start(dir.path(), &back, &args);
-    assert_eq!(write_errno(&m.path("vm.img")), None, "activated before the crash");
+    assert_eq!(
+        write_errno(&m.path("vm.img")),
+        None,
+        "activated before the crash"
+    );
     m.stop();
 
     // Negative control: the same steps without a state file.
@@ -146,14 +165,14 @@ fn fence_survives_a_crash(io: &str, writes: &str) {
 #[test]
 fn a_relay_fence_survives_a_crash() {
     if common::require_root() {
-        fence_survives_a_crash("relay", "deny");
+        fence_survives_a_crash("relay", "deny", false);
     }
 }
 
 #[test]
 fn a_passthrough_fence_survives_a_crash() {
     if common::require_root() {
-        fence_survives_a_crash("passthrough", "strict");
+        fence_survives_a_crash("passthrough", "strict", true);
     }
 }
 
@@ -252,7 +271,11 @@ fn a_sticky_error_survives_a_crash() {
                 m.log_text()
             );
             let st = status_image(&m, "vm.img");
-            assert_eq!((&st["sticky_error"], &st["restored"]), (&"EIO".into(), &true.into()), "{st}");
+            assert_eq!(
+                (&st["sticky_error"], &st["restored"]),
+                (&"EIO".into(), &true.into()),
+                "{st}"
+            );
             assert_eq!(st["state"], "active", "{st}");
             assert_eq!(fsync_errno(&img), Some(libc::EIO), "sticky after restart");
             // The storage is back: this host's dirty pages (the sticky
@@ -267,7 +290,10 @@ fn a_sticky_error_survives_a_crash() {
         } else {
             // Negative control: the error is forgotten, fsync says ok.
             assert_eq!(fsync_errno(&img), None, "without a state file");
-            assert_eq!(status_image(&m, "vm.img")["sticky_error"], serde_json::Value::Null);
+            assert_eq!(
+                status_image(&m, "vm.img")["sticky_error"],
+                serde_json::Value::Null
+            );
         }
         m.stop();
     }
@@ -297,8 +323,15 @@ fn a_replaced_image_is_not_fenced_after_restart() {
         log.contains("image vm.img (inactive) not restored: another file is at its path now"),
         "{log}"
     );
-    assert!(log.contains("restored 0 images inactive, 0 sticky errors (1 of 1 records dropped)"), "{log}");
-    assert_eq!(write_errno(&m.path("vm.img")), None, "the new file is not fenced");
+    assert!(
+        log.contains("restored 0 images inactive, 0 sticky errors (1 of 1 records dropped)"),
+        "{log}"
+    );
+    assert_eq!(
+        write_errno(&m.path("vm.img")),
+        None,
+        "the new file is not fenced"
+    );
     assert_eq!(status_image(&m, "vm.img")["state"], "active");
     // The dropped record is gone from the file.
     assert!(!fs::read_to_string(&state).unwrap().contains("vm.img"));
@@ -329,8 +362,16 @@ fn an_untrusted_state_file_refuses_the_mount() {
         fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
     };
     for (content, mode, why) in [
-        ("{\"version\": 1, \"images\": [", 0o600, "not a migsafe state file"),
-        ("{\"version\": 1, \"images\": [{\"path\": 1}]}", 0o600, "record 0 is malformed"),
+        (
+            "{\"version\": 1, \"images\": [",
+            0o600,
+            "not a migsafe state file",
+        ),
+        (
+            "{\"version\": 1, \"images\": [{\"path\": 1}]}",
+            0o600,
+            "record 0 is malformed",
+        ),
         ("{\"version\": 1, \"images\": []}", 0o644, "wider than 0600"),
     ] {
         fs::write(&state, content).unwrap();
