@@ -67,7 +67,8 @@ Mount options:
     sync, async, dirsync
   migsafe's own, as key=value: io=auto|passthrough|relay|cached,
     device=NAME=PATH, device-io=cached|relay, threads=N, ctl-name=NAME,
-    xattr, log=PATH, pid-file=PATH, and every control setting:
+    xattr, log=PATH, pid-file=PATH, state-file=PATH|none, and every
+    control setting:
     check-cache-dropped=on|off, drop-cache=on|off,
     fsync-on-close=on|off, invalidate-on-open=on|warn|off,
     sync=fsync|fdatasync, inactive-writes=deny|allow|strict

@@ -435,3 +435,46 @@ fn inactivate_fails_when_its_fence_cannot_be_recorded() {
     assert!(fs::read_to_string(&state).unwrap().contains("vm.img"));
     m.stop();
 }
+
+/// The same for a `--device` entry (a LUN on a loop device, cached data
+/// path): its record is found again by its name and the device's identity.
+/// Control: with `--state-file none` the restarted daemon lets the write
+/// through.
+#[test]
+fn a_device_fence_survives_a_crash() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let raw = dir.path().join("lun.raw");
+    make_file(&raw, 4 * MIB, 0x44);
+    let lo = common::LoopDev::attach(&raw);
+    let back = dir.path().join("empty");
+    fs::create_dir(&back).unwrap();
+    let device = format!("lun={}", lo.path.display());
+    let state = dir.path().join("state.json");
+    for (file, fenced) in [(state.to_str().unwrap(), true), ("none", false)] {
+        let args = ["--device", &device, "--state-file", file];
+        let m = Mount::start(dir.path(), &back, &args);
+        ok(&m, "inactivate", "lun");
+        assert_eq!(write_errno(&m.path("lun")), Some(libc::EROFS));
+        crash(m);
+        let m = Mount::start(dir.path(), &back, &args);
+        if fenced {
+            let st = status_image(&m, "lun");
+            assert_eq!(
+                (&st["state"], &st["restored"]),
+                (&"inactive".into(), &true.into()),
+                "{st}"
+            );
+            assert_eq!(
+                write_errno(&m.path("lun")),
+                Some(libc::EROFS),
+                "restored fence"
+            );
+            ok(&m, "activate", "lun");
+        }
+        assert_eq!(write_errno(&m.path("lun")), None, "fenced={fenced}");
+        m.stop();
+    }
+}
