@@ -478,3 +478,99 @@ fn a_device_fence_survives_a_crash() {
         m.stop();
     }
 }
+
+/// Mounts BACK on MNT as nobody (uid/gid 65534: fusermount3 needs a user
+/// name) (`--io relay`, XDG_RUNTIME_DIR
+/// removed, then `xdg` set if given), inactivates vm.img as that user and
+/// unmounts; returns the daemon's log. Runs in a private mount namespace
+/// with a 0666 /dev/fuse bound over the host's (0600 here): when the script
+/// ends (or `timeout` kills the daemon) the namespace and its mount are gone.
+fn as_user(dir: &Path, back: &Path, mnt: &Path, xdg: Option<&Path>) -> String {
+    let node = dir.join("fuse-node");
+    let log = dir.join("user.log");
+    let user = "setpriv --reuid=65534 --regid=65534 --clear-groups env -u XDG_RUNTIME_DIR";
+    let env = xdg
+        .map(|x| format!("XDG_RUNTIME_DIR={}", x.display()))
+        .unwrap_or_default();
+    let script = format!(
+        "rm -f {node}\n\
+         mknod -m 0666 {node} c 10 229\n\
+         mount --bind {node} /dev/fuse\n\
+         {user} {env} RUST_LOG=info timeout 20 {bin} mount --io relay {b} {m} >{log} 2>&1 </dev/null &\n\
+         pid=$!\n\
+         for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; \
+           findmnt -n {m} >/dev/null && break; sleep 0.1; done\n\
+         {user} sh -c 'printf \"vm.img\\n\" > {m}/.ctl/inactivate' || echo INACTIVATE-FAILED\n\
+         umount {m} 2>/dev/null || true\n\
+         wait $pid || true\n\
+         cat {log}",
+        node = node.display(),
+        log = log.display(),
+        bin = common::BIN,
+        b = back.display(),
+        m = mnt.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec", &script])
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(&node);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A mount by another user keeps its state file in its
+/// `$XDG_RUNTIME_DIR/migsafe/`, owned by it and 0600; without
+/// XDG_RUNTIME_DIR it keeps none and says so at start.
+#[test]
+fn an_unprivileged_mount_keeps_its_state_in_its_runtime_dir() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !common::require_root() || !common::have_tool("setpriv") || !common::have_tool("unshare") {
+        return;
+    }
+    let dir = scratch();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let back = backing(dir.path());
+    for p in [&back, &back.join("vm.img")] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(65534), Some(65534)).unwrap();
+    let xdg = dir.path().join("xdg");
+    fs::create_dir(&xdg).unwrap();
+    fs::set_permissions(&xdg, fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&xdg, Some(65534), Some(65534)).unwrap();
+
+    let log = as_user(dir.path(), &back, &mnt, None);
+    assert!(
+        log.contains("no state file: XDG_RUNTIME_DIR is not set")
+            && !log.contains("INACTIVATE-FAILED"),
+        "{log}"
+    );
+
+    let log = as_user(dir.path(), &back, &mnt, Some(&xdg));
+    assert!(
+        !log.contains("no state file") && log.contains("inactivate (1 targets): ok"),
+        "{log}"
+    );
+    let files: Vec<PathBuf> = fs::read_dir(xdg.join("migsafe"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let canon = fs::canonicalize(&mnt).unwrap();
+    let want = Command::new("systemd-escape")
+        .arg("--path")
+        .arg(&canon)
+        .output()
+        .unwrap();
+    let want = format!("{}.json", String::from_utf8_lossy(&want.stdout).trim());
+    assert_eq!(files[0].file_name().unwrap().to_string_lossy(), want);
+    let meta = fs::metadata(&files[0]).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+    assert!(fs::read_to_string(&files[0]).unwrap().contains("vm.img"));
+}
