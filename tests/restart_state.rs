@@ -574,3 +574,48 @@ fn an_unprivileged_mount_keeps_its_state_in_its_runtime_dir() {
     assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
     assert!(fs::read_to_string(&files[0]).unwrap().contains("vm.img"));
 }
+
+/// While no daemon ran, the fenced image was deleted and a new file got its
+/// inode number at the same path (ext4 gives a freed number to the next
+/// file at once): same (dev, ino), another incarnation. It must not inherit
+/// the fence. Control: the original file (same incarnation) is fenced, see
+/// a_relay_fence_survives_a_crash.
+#[test]
+fn a_new_file_on_a_reused_inode_number_is_not_fenced() {
+    use std::os::unix::fs::MetadataExt;
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path());
+    let state = dir.path().join("state.json");
+    let args = ["--io", "relay", "--state-file", state.to_str().unwrap()];
+    let m = Mount::start(dir.path(), &back, &args);
+    ok(&m, "inactivate", "vm.img");
+    crash(m);
+    let ino = fs::metadata(back.join("vm.img")).unwrap().ino();
+    fs::remove_file(back.join("vm.img")).unwrap();
+    // Files created until one gets the freed number; it becomes vm.img.
+    let mut reused = false;
+    for i in 0..50 {
+        let p = back.join(format!("n{i}"));
+        make_file(&p, MIB, 0x22);
+        if fs::metadata(&p).unwrap().ino() == ino {
+            fs::rename(&p, back.join("vm.img")).unwrap();
+            reused = true;
+            break;
+        }
+    }
+    if !reused {
+        eprintln!("SKIPPED: the backing filesystem did not reuse inode {ino}");
+        return;
+    }
+    let m = Mount::start(dir.path(), &back, &args);
+    let log = m.log_text();
+    assert!(
+        log.contains("image vm.img (inactive) not restored: a new file got its inode number"),
+        "{log}"
+    );
+    assert_eq!(write_errno(&m.path("vm.img")), None, "the new file");
+    assert_eq!(status_image(&m, "vm.img")["state"], "active");
+}
