@@ -619,3 +619,30 @@ fn a_new_file_on_a_reused_inode_number_is_not_fenced() {
     assert_eq!(write_errno(&m.path("vm.img")), None, "the new file");
     assert_eq!(status_image(&m, "vm.img")["state"], "active");
 }
+
+/// An inactive image renamed through the mount keeps its record under its
+/// new name: after a crash the fence is found there. Control: the state
+/// file named the old path before the rename.
+#[test]
+fn a_fenced_image_renamed_through_the_mount_stays_fenced() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path());
+    let state = dir.path().join("state.json");
+    let args = ["--io", "relay", "--state-file", state.to_str().unwrap()];
+    let m = Mount::start(dir.path(), &back, &args);
+    ok(&m, "inactivate", "vm.img");
+    assert!(fs::read_to_string(&state).unwrap().contains("\"vm.img\""));
+    fs::rename(m.path("vm.img"), m.path("moved.img")).unwrap();
+    let text = fs::read_to_string(&state).unwrap();
+    assert!(
+        text.contains("\"moved.img\"") && !text.contains("\"vm.img\""),
+        "{text}"
+    );
+    crash(m);
+    let m = Mount::start(dir.path(), &back, &args);
+    assert_eq!(write_errno(&m.path("moved.img")), Some(libc::EROFS));
+    assert_eq!(status_image(&m, "moved.img")["state"], "inactive");
+}
