@@ -646,3 +646,84 @@ fn a_fenced_image_renamed_through_the_mount_stays_fenced() {
     assert_eq!(write_errno(&m.path("moved.img")), Some(libc::EROFS));
     assert_eq!(status_image(&m, "moved.img")["state"], "inactive");
 }
+
+/// Detaches whatever is mounted on a path on drop.
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if common::is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Removes a file on drop (also when the test panics).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Without `--state-file`, root's mount keeps its state in
+/// /run/migsafe-state/, named after the mountpoint as `systemd-escape
+/// --path` names it (the name of the unit instance), and restores it.
+#[test]
+fn root_keeps_its_state_in_run_named_after_the_mountpoint() {
+    use std::os::unix::fs::MetadataExt;
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let escaped = Command::new("systemd-escape")
+        .arg("--path")
+        .arg(fs::canonicalize(&mnt).unwrap())
+        .output()
+        .unwrap();
+    let state = Path::new("/run/migsafe-state").join(format!(
+        "{}.json",
+        String::from_utf8_lossy(&escaped.stdout).trim()
+    ));
+    let _cleanup = RemoveOnDrop(state.clone());
+    // Declared before the daemons: dropped after them, it takes a mount a
+    // panicking test left (dead once its daemon is killed) away.
+    let _unmount = UnmountOnDrop(mnt.clone());
+    let serve = || {
+        let child = Command::new(common::BIN)
+            .args(["mount", "--io", "relay"])
+            .arg(&back)
+            .arg(&mnt)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = common::ChildGuard(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !common::is_mounted(&mnt) {
+            assert!(Instant::now() < deadline, "mount not live");
+            sleep(Duration::from_millis(20));
+        }
+        guard
+    };
+    let daemon = serve();
+    let (res, out) = ctl_write_read(&mnt.join(".ctl/inactivate"), "vm.img\n");
+    assert_eq!(res, Ok(()), "{out}");
+    let meta = fs::metadata(&state).expect("state file in /run/migsafe-state");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    let st: serde_json::Value =
+        serde_json::from_str(&common::read_text(&mnt.join(".ctl/status"))).unwrap();
+    assert_eq!(st["state_file"], state.to_str().unwrap());
+    drop(daemon); // SIGKILL
+    let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    let daemon = serve();
+    assert_eq!(write_errno(&mnt.join("vm.img")), Some(libc::EROFS));
+    common::umount_retrying(&mnt);
+    drop(daemon);
+}

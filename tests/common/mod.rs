@@ -160,9 +160,20 @@ impl Mount {
         fs::create_dir_all(&mountpoint).expect("mkdir mountpoint");
         let log = scratch.join(format!("mnt{n}.log"));
         let log_file = File::create(&log).expect("create log");
+        // The state file goes to the scratch directory (removed with it)
+        // unless the test names one: the default place is the host's
+        // /run/migsafe-state, which tests must not fill.
+        let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        if !args
+            .iter()
+            .any(|a| a.to_string_lossy().contains("state-file"))
+        {
+            args.push("--state-file".into());
+            args.push(scratch.join(format!("mnt{n}.state.json")).into());
+        }
         let child = Command::new(BIN)
             .arg("mount")
-            .args(args)
+            .args(&args)
             .arg(backing)
             .arg(&mountpoint)
             .env(
