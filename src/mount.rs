@@ -351,6 +351,13 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     }
     // Read (and checked) before detaching, so a state file that cannot be
     // trusted stops the start where the operator sees why.
+    if args
+        .state_file
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty() || p.ends_with(".."))
+    {
+        return err("--state-file: name a file (or none to keep no state file)");
+    }
     let state = match state_file_path(&args) {
         Some(p) => {
             if p.starts_with(&args.mountpoint)

@@ -276,7 +276,7 @@ impl Image {
         // looks for it there (best effort: the old name fails the identity
         // check and drops the record with a warning, never fences another
         // file).
-        if let Err(e) = self.record_update("rename", |r| {
+        if let Err(e) = self.record_update(None, |r| {
             r.map(|mut r| {
                 r.path = path;
                 r
@@ -290,11 +290,13 @@ impl Image {
     }
 
     /// Changes this image's record in the state file (if the mount keeps
-    /// one) to what `f` makes of it; a record of another file that had the
-    /// same (dev, ino) counts as none. Ok once it is durable.
+    /// one) to what `f` makes of it, stamped with `command` and the time
+    /// (None: a new name only, which keeps the stamp of the command that
+    /// set the state); a record of another file that had the same (dev,
+    /// ino) counts as none. Ok once it is durable.
     fn record_update(
         &self,
-        command: &str,
+        command: Option<&str>,
         f: impl FnOnce(Option<Record>) -> Option<Record>,
     ) -> std::io::Result<()> {
         let Some(journal) = self.journal.get() else {
@@ -305,8 +307,10 @@ impl Image {
                 r.device == self.is_device() && r.incarnation.same_file(&self.incarnation)
             });
             f(old).map(|mut r| {
-                r.set_by = command.to_string();
-                r.at = state_file::now();
+                if let Some(command) = command {
+                    r.set_by = command.to_string();
+                    r.at = state_file::now();
+                }
                 r
             })
         })
@@ -683,7 +687,7 @@ impl Image {
             // Recorded for a restarted daemon; the sync fails either way,
             // so a record that cannot be written is only logged.
             if first
-                && let Err(e) = self.record_update("sync", |r| {
+                && let Err(e) = self.record_update(Some("sync"), |r| {
                     let mut r = r.unwrap_or_else(|| self.new_record());
                     r.sticky_error = Some(sticky);
                     Some(r)
@@ -789,7 +793,7 @@ impl Image {
 
     /// Records that the image is inactive, durably.
     fn record_fence(&self) -> Result<(), Outcome> {
-        self.record_update("inactivate", |r| {
+        self.record_update(Some("inactivate"), |r| {
             let mut r = r.unwrap_or_else(|| self.new_record());
             r.path = self.path();
             r.inactive = true;
@@ -951,7 +955,7 @@ impl Image {
             // A record left behind errs on the safe side: a restarted daemon
             // brings the image back inactive, and the operator activates
             // it again. So the command does not fail for it.
-            if let Err(e) = self.record_update("activate", |_| None) {
+            if let Err(e) = self.record_update(Some("activate"), |_| None) {
                 log::warn!(
                     "image {}: active, but the state file {} still records it inactive or failed ({e}); \
                      after a restart activate it again",
