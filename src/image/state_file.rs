@@ -114,13 +114,24 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Each record with its JSON text, kept so that a rewrite of the whole file
+/// serializes only the record that changed: with every record serialized
+/// anew, `inactivate *` of 1000 images took 11 s, with this 1.3 to 2.3 s
+/// (0.6 to 0.8 s without a state file; debug build, a shared machine).
+type Entries = BTreeMap<(u64, u64), (Record, String)>;
+
+fn entry(r: Record) -> (Record, String) {
+    let text = r.to_json().to_string();
+    (r, text)
+}
+
 /// One mount's state file and the records it holds on disk now.
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
     /// Exactly what the file on disk says (a failed write changes nothing
     /// here); held while the file is rewritten, so writes never interleave.
-    records: Mutex<BTreeMap<(u64, u64), Record>>,
+    records: Mutex<Entries>,
 }
 
 impl StateFile {
@@ -188,7 +199,7 @@ impl StateFile {
         Ok((StateFile::with(path, BTreeMap::new()), records))
     }
 
-    fn with(path: &Path, records: BTreeMap<(u64, u64), Record>) -> StateFile {
+    fn with(path: &Path, records: Entries) -> StateFile {
         StateFile {
             path: path.to_path_buf(),
             records: Mutex::new(records),
@@ -203,9 +214,9 @@ impl StateFile {
     /// the file is rewritten only when that differs from what it held.
     pub fn replace(&self, loaded: &[Record], kept: Vec<Record>) -> io::Result<()> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let new: BTreeMap<_, _> = kept
+        let new: Entries = kept
             .into_iter()
-            .map(|r| ((r.identity.dev, r.identity.ino), r))
+            .map(|r| ((r.identity.dev, r.identity.ino), entry(r)))
             .collect();
         if new.len() != loaded.len() {
             self.write(&new)?;
@@ -224,31 +235,48 @@ impl StateFile {
     ) -> io::Result<()> {
         let key = (identity.dev, identity.ino);
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let old = records.get(&key).cloned();
+        let old = records.get(&key).map(|(r, _)| r.clone());
         let new = f(old.clone());
         if new == old {
             return Ok(());
         }
-        let mut next = records.clone();
-        match new {
-            Some(r) => next.insert(key, r),
-            None => next.remove(&key),
+        let before = match new {
+            Some(r) => records.insert(key, entry(r)),
+            None => records.remove(&key),
         };
-        self.write(&next)?;
-        *records = next;
-        Ok(())
+        let written = self.write(&records);
+        if written.is_err() {
+            // Back to what the file on disk says.
+            match before {
+                Some(e) => records.insert(key, e),
+                None => records.remove(&key),
+            };
+        }
+        written
     }
 
     /// Writes `records` as the whole file: temporary file, fsync, rename,
     /// fsync of the directory (the rename is durable only then).
-    fn write(&self, records: &BTreeMap<(u64, u64), Record>) -> io::Result<()> {
-        let doc = json!({
-            "version": VERSION,
-            "written_by": format!("migsafe {} (pid {})", env!("CARGO_PKG_VERSION"), std::process::id()),
-            "images": records.values().map(Record::to_json).collect::<Vec<_>>(),
+    fn write(&self, records: &Entries) -> io::Result<()> {
+        // One image per line, for an operator reading it.
+        let written_by = json!(format!(
+            "migsafe {} (pid {})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
+        ));
+        let mut text = format!(
+            "{{\n  \"version\": {VERSION},\n  \"written_by\": {written_by},\n  \"images\": ["
+        );
+        for (i, (_, json)) in records.values().enumerate() {
+            text.push_str(if i == 0 { "\n    " } else { ",\n    " });
+            text.push_str(json);
+        }
+        text.push_str(if records.is_empty() {
+            "]\n}\n"
+        } else {
+            "\n  ]\n}\n"
         });
-        let mut text = serde_json::to_vec_pretty(&doc).map_err(io::Error::other)?;
-        text.push(b'\n');
+        let text = text.into_bytes();
         let dir = parent_of(&self.path);
         let name = self
             .path
@@ -341,6 +369,19 @@ mod tests {
             std::fs::read_to_string(&path).unwrap().contains("\"EIO\""),
             "the errno name is written"
         );
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing() {
+        let sf = StateFile::with(
+            Path::new("/proc/self/no-such-dir/state.json"),
+            Entries::new(),
+        );
+        assert!(
+            sf.update(Identity { dev: 9, ino: 1 }, |_| Some(record(1)))
+                .is_err()
+        );
+        assert!(sf.records.lock().unwrap().is_empty());
     }
 
     #[test]
