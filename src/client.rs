@@ -483,6 +483,11 @@ fn print_status(out: &mut Out, mountpoint: &Path, doc: &serde_json::Value) {
             .collect();
         out.line(&format!("settings: {}", s.join(" ")));
     }
+    // Where fences and sticky errors survive a restart (absent: none kept).
+    out.line(&format!(
+        "state file: {}",
+        doc["state_file"].as_str().unwrap_or("none")
+    ));
     out.line(&format!(
         "{:<32} {:<8} {:<7} {:>10} {:>10} {:>10} {:>4} {:<7} LAST",
         "IMAGE", "STATE", "FENCING", "SIZE", "CACHED", "DIRTY", "OPEN", "ERROR"

@@ -114,6 +114,13 @@ fn fence_survives_a_crash(io: &str, writes: &str, fstab_form: bool) {
     assert_eq!(st["restored"], true, "{st}");
     assert_eq!(st["last_command"]["result"], "restored at start", "{st}");
     assert_eq!(status(&m)["state_file"], state_s);
+    let (code, text, _) = common::ctl_cli(&m, &["status"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("state file: {state_s}"))
+            && text.contains("inactivate restored at start"),
+        "{text}"
+    );
     assert_eq!(
         write_errno(&m.path("vm.img")),
         Some(libc::EROFS),
