@@ -536,8 +536,10 @@ impl Image {
             && self.may_be_written_elsewhere()
         {
             list.extend(
-                scan.unfenced(self.identity, &self.path(), own)
-                    .iter()
+                scan.unfenced(self.identity, &self.path(), own, || {
+                    self.open_backing(libc::O_RDONLY)
+                })
+                .iter()
                     .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
             );
         }
