@@ -195,6 +195,7 @@ impl WriterScan {
         let Some(cache) = &self.cache else {
             return self.pass(None).1.unfenced(id, rel_path, own_mounts);
         };
+        cache.start_refresher();
         if let Some(found) = cache.lookup(id, rel_path, own_mounts, open) {
             return found;
         }
@@ -217,23 +218,33 @@ impl WriterScan {
 /// gains a new open file of an image's backing only by opening it, and
 /// every open of a watched backing (by any process on this host, by any
 /// path to its inode) is reported by fanotify with the opener's pid before
-/// open(2) returns. So an image's last answer still holds, except for
-///  - the processes it named, which may have closed or exited: their fds
-///    are read again, and if one no longer writes, the pass runs again (it
-///    may have handed its file to another process first);
-///  - the processes that opened a watched backing (any image's) since
-///    the watch began ("candidates"): their fds are read at every use,
-///    for as long as they live (an open reported before a pass may
-///    install its fd only after the pass looked at that process). A
-///    candidate that exited may have passed its file to a child or over a
-///    socket: the next use runs the pass again, which drops it.
-/// Lost events (queue overflow, an opener the kernel does not name, a read
-/// error) clear every answer. An image whose backing cannot be watched
-/// (no fanotify, a filesystem without file handles, the mark limit) gets a
-/// pass every time, as without this cache.
+/// open(2) returns. Each use reads the fds of the writers the answer named
+/// and of the processes that opened a watched backing since the watch
+/// began ("candidates", kept while they live: an open reported before a
+/// pass may install its fd only after the pass looked at that process).
+/// The answer stands if the same writers are found and none of them opened
+/// again since. The pass runs again when:
+///  - a named writer is gone (it may have handed its file on first), a new
+///    writer appeared, or a writer opened again (it may be a server, such
+///    as another instance's relay, whose clients open its mount, not the
+///    backing);
+///  - a candidate exited (it may have passed its file to a child or over a
+///    socket), or events were lost (queue overflow, an opener the kernel
+///    does not name, a read error): every answer is dropped.
+///
+/// An image whose backing cannot be watched (no fanotify, a filesystem
+/// without file handles, the mark limit) gets a pass every time, as without
+/// this cache. A background thread reads the queue twice a second and
+/// refreshes the dropped and new answers off the commands' path.
 pub struct WriterCache {
     events: Option<sys::OpenEvents>,
     state: Mutex<CacheState>,
+    /// Signalled on every new watch (wakes the refresher).
+    wake: std::sync::Condvar,
+    refresher: std::sync::OnceLock<()>,
+    /// This daemon's mount point: the refresher's passes leave out its
+    /// mount's users, as commands do.
+    mountpoint: std::path::PathBuf,
 }
 
 #[derive(Default)]
@@ -245,6 +256,10 @@ struct CacheState {
     /// watched).
     watched: HashMap<Identity, Option<u64>>,
     lost_at: u64,
+    /// The `seq` the refresher's last pass started at.
+    refreshed_at: u64,
+    /// Each watched image's last path (for the refresher's passes).
+    paths: HashMap<Identity, String>,
     answers: HashMap<Identity, Answer>,
     candidates: HashMap<u32, Candidate>,
 }
@@ -270,7 +285,7 @@ struct Answer {
 impl WriterCache {
     /// Without fanotify (an old kernel, the per-user group limit) every
     /// image gets a pass every time.
-    pub fn new() -> WriterCache {
+    pub fn new(mountpoint: std::path::PathBuf) -> WriterCache {
         let events = sys::OpenEvents::new()
             .map_err(|e| {
                 log::info!(
@@ -282,6 +297,9 @@ impl WriterCache {
         WriterCache {
             events,
             state: Mutex::default(),
+            wake: Default::default(),
+            refresher: Default::default(),
+            mountpoint,
         }
     }
 
@@ -303,33 +321,15 @@ impl WriterCache {
                 // Opened outside the lock: a backing that hangs holds up
                 // this image only. The watch comes before the pass that
                 // will be kept (`store` checks).
-                use std::os::unix::fs::MetadataExt;
-                let file = match open() {
-                    Ok(f) => f,
-                    Err(_) => return None,
-                };
-                match file.metadata() {
-                    Ok(m) if m.dev() == id.dev && m.ino() == id.ino => {}
-                    // Another file took the image's path meanwhile: the
-                    // next command tries again.
-                    _ => return None,
+                if let Ok(file) = open() {
+                    self.watch(events, id, rel_path, &file);
                 }
-                let watched = events.watch(file.as_fd());
-                let mut st = self.lock();
-                st.seq += 1;
-                let seq = st.seq;
-                if let Err(e) = &watched {
-                    log::info!(
-                        "image {rel_path}: cannot watch opens of its backing ({e}); \
-                         each fencing report scans /proc"
-                    );
-                }
-                st.watched.insert(id, watched.ok().map(|_| seq));
                 return None;
             }
         }
         let (candidates, named, fresh, seq) = {
             let mut st = self.lock();
+            st.paths.insert(id, rel_path.to_string());
             self.drain(&mut st, events);
             let answer = st
                 .answers
@@ -355,7 +355,11 @@ impl WriterCache {
             self.lose(&mut self.lock());
             return None;
         }
-        let mut pids: Vec<u32> = candidates.iter().map(|c| c.0).chain(named.clone()).collect();
+        let mut pids: Vec<u32> = candidates
+            .iter()
+            .map(|c| c.0)
+            .chain(named.clone())
+            .collect();
         pids.sort_unstable();
         pids.dedup();
         let found = OpenWriters::scan(pids.into_iter()).unfenced(id, rel_path, own_mounts);
@@ -370,6 +374,65 @@ impl WriterCache {
         }
         self.store(id, rel_path, own_mounts, seq, &found);
         Some(found)
+    }
+
+    /// Marks the image's backing (`file`, checked to be the image's inode).
+    fn watch(&self, events: &sys::OpenEvents, id: Identity, rel_path: &str, file: &fs::File) {
+        use std::os::unix::fs::MetadataExt;
+        match file.metadata() {
+            Ok(m) if m.dev() == id.dev && m.ino() == id.ino => {}
+            // Another file took the image's path meanwhile: the next
+            // command tries again.
+            _ => return,
+        }
+        let watched = events.watch(file.as_fd());
+        let mut st = self.lock();
+        if st.watched.contains_key(&id) {
+            return;
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        if let Err(e) = &watched {
+            log::info!(
+                "image {rel_path}: cannot watch opens of its backing ({e}); \
+                 each fencing report scans /proc"
+            );
+        }
+        st.watched.insert(id, watched.ok().map(|_| seq));
+        st.paths.insert(id, rel_path.to_string());
+        self.wake.notify_all();
+    }
+
+    /// An image was opened through the mount (`file`: the handle's backing
+    /// fd): watch its backing now and have a pass run in the background,
+    /// so that the first command on it (the `activate` of an incoming
+    /// migration, whose VMM opened the image long before) finds its answer
+    /// ready instead of scanning during the VM's downtime.
+    pub fn warm(self: &Arc<Self>, id: Identity, rel_path: &str, file: &fs::File) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        if self.lock().watched.contains_key(&id) {
+            return;
+        }
+        self.watch(events, id, rel_path, file);
+        self.start_refresher();
+    }
+
+    /// One thread per daemon, started with the first watch: it reads the
+    /// queue twice a second (so it never overflows for want of commands)
+    /// and runs a pass for the watched images without an answer after a
+    /// new watch or a loss (an opener exited), off the commands' path.
+    fn start_refresher(self: &Arc<Self>) {
+        self.refresher.get_or_init(|| {
+            let me = Arc::downgrade(self);
+            if let Err(e) = std::thread::Builder::new()
+                .name("writers-bg".into())
+                .spawn(move || refresh_loop(me))
+            {
+                log::warn!("cannot start the writer-answer thread: {e}");
+            }
+        });
     }
 
     /// Keeps `found`, from a look that started at `seq`, if nothing was
@@ -444,9 +507,58 @@ impl WriterCache {
     }
 }
 
-impl Default for WriterCache {
-    fn default() -> Self {
-        WriterCache::new()
+/// The refresher's loop (`WriterCache::start_refresher`); ends with the
+/// cache.
+fn refresh_loop(cache: std::sync::Weak<WriterCache>) {
+    loop {
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        let Some(events) = &cache.events else {
+            return;
+        };
+        let images: Vec<(Identity, String)> = {
+            let st = cache.lock();
+            let (mut st, _) = cache
+                .wake
+                .wait_timeout(st, std::time::Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner());
+            cache.drain(&mut st, events);
+            if st
+                .candidates
+                .iter()
+                .any(|(pid, c)| c.start.is_none() || start_time(*pid) != c.start)
+            {
+                cache.lose(&mut st);
+            }
+            let since = st.refreshed_at;
+            let due = st.lost_at > since || st.watched.values().flatten().any(|w| *w > since);
+            if !due {
+                continue;
+            }
+            st.watched
+                .iter()
+                .filter(|(id, w)| w.is_some() && !st.answers.contains_key(id))
+                .filter_map(|(id, _)| Some((*id, st.paths.get(id)?.clone())))
+                .collect()
+        };
+        let seq = cache.begin_pass();
+        cache.lock().refreshed_at = seq;
+        if images.is_empty() {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let pass = OpenWriters::scan(other_pids());
+        let own = mountinfo::ids_at(&cache.mountpoint);
+        for (id, path) in &images {
+            let found = pass.unfenced(*id, path, &own);
+            cache.store(*id, path, &own, seq, &found);
+        }
+        log::debug!(
+            "writers outside the mount: background pass for {} images in {} ms",
+            images.len(),
+            t0.elapsed().as_millis()
+        );
     }
 }
 

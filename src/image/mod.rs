@@ -540,7 +540,7 @@ impl Image {
                     self.open_backing(libc::O_RDONLY)
                 })
                 .iter()
-                    .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
+                .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
             );
         }
         if list.is_empty() {

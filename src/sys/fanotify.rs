@@ -30,7 +30,8 @@ pub struct Opens {
 
 impl OpenEvents {
     pub fn new() -> io::Result<OpenEvents> {
-        let flags = libc::FAN_CLASS_NOTIF | libc::FAN_REPORT_FID | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK;
+        let flags =
+            libc::FAN_CLASS_NOTIF | libc::FAN_REPORT_FID | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK;
         // SAFETY: fanotify_init takes two integer flag words and returns a
         // new fd or -1; it touches no memory of ours.
         let fd = unsafe { libc::fanotify_init(flags, (libc::O_RDONLY | libc::O_LARGEFILE) as u32) };
@@ -137,7 +138,7 @@ mod tests {
         assert_eq!(events.drain().unwrap(), Opens::default());
         let child = std::process::Command::new("/bin/sh")
             .arg("-c")
-            .arg("exec 3>>\"$1\"", )
+            .arg("exec 3>>\"$1\"")
             .arg("sh")
             .arg(&path)
             .status()
