@@ -2,7 +2,7 @@
 //! paths up to the FUSE operations, and its one conversion into the errno
 //! the kernel hands the caller.
 //!
-//! The errno is the contract (docs/DESIGN.md §4): a backing error reaches
+//! The errno is the contract (docs/DESIGN.md §6): a backing error reaches
 //! the VMM unchanged, a fenced write is EROFS, a sticky sync error repeats
 //! the first errno until activate. The variants keep *why* a request failed
 //! for logs and tests; `errno()` is what the caller sees.

@@ -399,7 +399,22 @@ fn detached_daemon_without_log_file_logs_to_syslog() {
         ctl_write(&mnt.join(".ctl/activate"), "gone.img\n"),
         Err(libc::ENOENT)
     );
-    let msg = recv_text(&sock).expect("no syslog datagram within 15 s");
+    // The request's INFO line comes first; every line carries the severity
+    // its level maps to, and the failure arrives as a warning.
+    let mut before = Vec::new();
+    let msg = loop {
+        let msg = recv_text(&sock).expect("no WARN syslog datagram within 15 s");
+        if msg.contains(" WARN ") {
+            break msg;
+        }
+        before.push(msg);
+    };
+    assert!(
+        before
+            .iter()
+            .all(|m| m.starts_with(&format!("<30>migsafe[{pid}]: INFO "))),
+        "lines before the warning not INFO at severity 6: {before:?}"
+    );
     assert!(
         msg.starts_with(&format!("<28>migsafe[{pid}]: WARN "))
             && msg.contains("image=gone.img")

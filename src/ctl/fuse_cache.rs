@@ -123,4 +123,24 @@ impl FuseCache for MountCache<'_> {
         let f = self.open(image)?;
         sys::cachestat(f.as_fd())
     }
+
+    fn held_page_counts(&self, image: &Image) -> io::Result<PageCounts> {
+        let nodeid = image.nodeid.load(Ordering::Relaxed);
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.as_ref() {
+            Some((id, node, f)) if *id == image.identity && *node == nodeid => {
+                sys::cachestat(f.as_fd())
+            }
+            _ => Err(io::Error::other(FuseAccessError {
+                errno: libc::EBUSY,
+                message: format!(
+                    "image {} was first opened through this mount while inactivate \
+                     decided: its pages cannot be counted without a request to the \
+                     mount, whose threads may all be waiting for the decision; the \
+                     image stays as it was: retry inactivate",
+                    image.path()
+                ),
+            })),
+        }
+    }
 }

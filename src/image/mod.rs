@@ -150,6 +150,11 @@ pub trait FuseCache: Sync {
     fn drop_pages(&self, image: &Image) -> std::io::Result<()>;
     /// The FUSE inode's page counts (cachestat on a file of the mount).
     fn page_counts(&self, image: &Image) -> std::io::Result<sys::PageCounts>;
+    /// The same, only through the file an earlier call of this command
+    /// opened (never a request to the mount: while `inactivate` decides,
+    /// every request thread may be waiting for the decision); fails with
+    /// `FuseAccessError` when there is none.
+    fn held_page_counts(&self, image: &Image) -> std::io::Result<sys::PageCounts>;
 }
 
 /// Why the FUSE inode of an image cannot be reached, with the errno the
@@ -296,17 +301,21 @@ impl Image {
 
     /// `inactivate` starts deciding: from now on writes wait (`admit_write`).
     /// Only through `Decision`, which ends every decision it starts.
-    fn begin_deciding(&self) {
+    /// Returns the phase before (what a refused decision puts back).
+    fn begin_deciding(&self) -> u8 {
         let _g = self.decided.0.lock().unwrap_or_else(|p| p.into_inner());
-        self.phase.store(DECIDING, Ordering::SeqCst);
+        self.phase.swap(DECIDING, Ordering::SeqCst)
     }
 
     /// Ends a decision (or sets the state outright): the writes waiting
     /// for it go on, admitted when `active`, EROFS otherwise.
     fn decide(&self, active: bool) {
+        self.set_phase(if active { ACTIVE } else { INACTIVE });
+    }
+
+    fn set_phase(&self, phase: u8) {
         let _g = self.decided.0.lock().unwrap_or_else(|p| p.into_inner());
-        self.phase
-            .store(if active { ACTIVE } else { INACTIVE }, Ordering::SeqCst);
+        self.phase.store(phase, Ordering::SeqCst);
         self.decided.1.notify_all();
     }
 
@@ -654,7 +663,8 @@ impl Image {
     /// deciding (later writes wait), wait for every write admitted before,
     /// sync, drop the backing's cached pages, and verify that no dirty or
     /// writeback page is left; then inactive (the waiting writes get EROFS)
-    /// or, on failure, active again (they are admitted). In this order: a
+    /// or, on failure, as it was before (an active image's waiting writes
+    /// are admitted; one already inactive stays fenced). In this order: a
     /// sync before the mark would let writes admitted between the two stay
     /// dirty here and be written back over the destination's data later.
     pub fn inactivate(&self, ctx: &CommandContext<'_>) -> Outcome {
@@ -677,7 +687,7 @@ impl Image {
             let decision = Decision::begin(self);
             self.drain_writes();
             let result = self.inactivate_steps(ctx);
-            decision.end(result.is_err());
+            decision.end(result.is_ok());
             if result.is_ok() {
                 self.counters.inactivations.fetch_add(1, Ordering::Relaxed);
             }
@@ -716,10 +726,13 @@ impl Image {
             left = self.dirty_left(&file)?;
             // The FUSE inode's pages were written back and dropped before
             // the decision; dirty ones now were written through a mapping
-            // since (counted, never written back here: see `inactivate`).
+            // since (counted, never written back here: see `inactivate`),
+            // on the file opened before the decision: no request to the
+            // mount now (an image first opened through it meanwhile has
+            // none, and the command is refused).
             if let Some(fuse) = self.fuse_cache(ctx) {
                 let f = fuse
-                    .page_counts(self)
+                    .held_page_counts(self)
                     .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
                 left.dirty += f.dirty;
                 left.writeback += f.writeback;
@@ -901,7 +914,18 @@ impl Image {
                         unfenced: false,
                     });
                 }
-                Ok((c, _)) => nothing_cached = c.cached == 0,
+                // On tmpfs or ramfs the cached pages are the file itself,
+                // never a copy of storage another host writes: nothing to
+                // drop (DONTNEED cannot) and nothing that can be stale.
+                Ok((c, _)) => {
+                    nothing_cached = c.cached == 0
+                        || sys::is_memory_backed(file.as_fd()).map_err(|e| {
+                            Outcome::failed(
+                                sys::errno_of(&e),
+                                format!("cannot tell the backing's filesystem: {e}"),
+                            )
+                        })?
+                }
                 Err(e) => {
                     return Err(Outcome::failed(
                         sys::errno_of(&e),
@@ -1359,33 +1383,43 @@ impl Image {
 }
 
 /// An `inactivate` decision in progress. Writes arriving meanwhile wait
-/// for it; if the command unwinds without deciding (a panic), dropping this
-/// puts the image back to active, so no writer waits forever and none is
-/// refused by a fence that was never established.
+/// for it. A refused handover, or a command that unwinds without deciding
+/// (a panic), puts back the phase the decision found: an active image
+/// stays active (no writer waits forever, none is refused by a fence that
+/// was never established), and an image already handed over stays
+/// inactive (a failed second `inactivate` must not let the source write
+/// storage the destination owns).
 struct Decision<'a> {
     image: &'a Image,
+    before: u8,
     ended: bool,
 }
 
 impl<'a> Decision<'a> {
     fn begin(image: &'a Image) -> Decision<'a> {
-        image.begin_deciding();
+        let before = image.begin_deciding();
         Decision {
             image,
+            before,
             ended: false,
         }
     }
 
-    fn end(mut self, active: bool) {
+    /// Inactive when `handed_over`, else the phase found at `begin`.
+    fn end(mut self, handed_over: bool) {
         self.ended = true;
-        self.image.decide(active);
+        if handed_over {
+            self.image.decide(false);
+        } else {
+            self.image.set_phase(self.before);
+        }
     }
 }
 
 impl Drop for Decision<'_> {
     fn drop(&mut self) {
         if !self.ended {
-            self.image.decide(true);
+            self.image.set_phase(self.before);
         }
     }
 }

@@ -72,8 +72,8 @@ pub fn birth_time(fd: BorrowedFd<'_>) -> Option<(i64, u32)> {
     Some((stx.stx_btime.tv_sec, stx.stx_btime.tv_nsec))
 }
 
-/// Whether the filesystem of `fd` is FUSE (`fstatfs` magic).
-pub fn is_fuse(fd: BorrowedFd<'_>) -> io::Result<bool> {
+/// The `fstatfs` magic number of the filesystem of `fd`.
+fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<libc::__fsword_t> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: fd is valid for the call and st is writable memory of the
     // right size, filled by the kernel on success.
@@ -81,5 +81,25 @@ pub fn is_fuse(fd: BorrowedFd<'_>) -> io::Result<bool> {
     check(ret as libc::c_long)?;
     // SAFETY: fstatfs succeeded, so st is initialized.
     let st = unsafe { st.assume_init() };
-    Ok(st.f_type == libc::FUSE_SUPER_MAGIC)
+    Ok(st.f_type)
+}
+
+/// Whether the filesystem of `fd` is FUSE.
+pub fn is_fuse(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fs_magic(fd)? == libc::FUSE_SUPER_MAGIC)
+}
+
+/// Whether `fd` is a regular file on a filesystem that keeps files in
+/// memory only (tmpfs, ramfs): its page cache is the file itself, with no
+/// storage below that another host could write, and DONTNEED never drops
+/// it. A block device is never: `fstatfs` of one names the filesystem of
+/// its device node (devtmpfs, a tmpfs), not the device's storage.
+pub fn is_memory_backed(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    /// linux/magic.h; the libc crate does not name it.
+    const RAMFS_MAGIC: libc::__fsword_t = 0x858458f6;
+    if super::fstat_fd(fd)?.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(false);
+    }
+    let magic = fs_magic(fd)?;
+    Ok(magic == libc::TMPFS_MAGIC || magic == RAMFS_MAGIC)
 }

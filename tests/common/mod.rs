@@ -20,6 +20,7 @@ pub use {direct::*, errno::*, kmount::*, loopbed::*, procs::*, status::*};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -138,6 +139,9 @@ pub struct Mount {
     pub backing: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The FUSE connection's number (the mount's st_dev), for an abort when
+    /// a failed test left the daemon unable to answer.
+    conn: Option<u64>,
 }
 
 impl Mount {
@@ -175,10 +179,12 @@ impl Mount {
             backing: backing.to_path_buf(),
             log,
             child: Some(child),
+            conn: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if is_mounted(&mount.mountpoint) {
+                mount.conn = fs::metadata(&mount.mountpoint).ok().map(|m| m.dev());
                 return Ok(mount);
             }
             if let Some(status) = mount.child.as_mut().unwrap().try_wait().unwrap() {
@@ -218,6 +224,13 @@ impl Mount {
     }
 
     fn teardown(&mut self) -> Option<i32> {
+        // A failing test may have left every request thread waiting (or a
+        // request of the daemon's own waiting on its mount): umount and kill
+        // would wait with it, in uninterruptible sleep. Abort the connection
+        // first; its requests fail with ENOTCONN and everything can exit.
+        if std::thread::panicking() {
+            self.abort_connection();
+        }
         if is_mounted(&self.mountpoint) {
             let _ = Command::new("umount")
                 .arg(&self.mountpoint)
@@ -238,11 +251,27 @@ impl Mount {
                 return status.code();
             }
             if Instant::now() > deadline {
+                self.abort_connection();
                 let _ = child.kill();
                 return child.wait().ok().and_then(|s| s.code());
             }
             sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Aborts the mount's FUSE connection through fusectl (mounted here if
+    /// it is not yet).
+    fn abort_connection(&self) {
+        let Some(conn) = self.conn else { return };
+        let dir = Path::new("/sys/fs/fuse/connections");
+        if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+            let _ = Command::new("mount")
+                .args(["-t", "fusectl", "fusectl"])
+                .arg(dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = fs::write(dir.join(conn.to_string()).join("abort"), "1");
     }
 }
 
