@@ -51,9 +51,10 @@ Options:
                      and open latency with invalidate-on-open on vs off
   --ctl-scale        control ops against the host's process count: activate
                      and inactivate of one uncached 1 GiB image (none open;
-                     and activate with it held open read-only through the
-                     mount), `activate *` and `inactivate *` over --images
-                     images, with --procs idle processes added (part of --ctl)
+                     held open read-only, and read-write, through the
+                     mount; read-write through a relay mount),
+                     `activate *` and `inactivate *` over --images images,
+                     with --procs idle processes added (part of --ctl)
   --procs N          idle `sleep` processes to add for --ctl-scale (default 0;
                      killed by pid at the end, also on error or ^C)
   --images N         images for the `*` rows of --ctl-scale (default 500)
@@ -1176,6 +1177,19 @@ stage_ctl_scale() {
 		else
 			note "ctl-scale: could not hold img0001.raw open"
 		fi
+		# The destination VMM of a migration: the image open read-write
+		# through the mount (passthrough: the daemon's registered backing
+		# is writable whatever the handle; relay below: the daemon's own
+		# writable fd), so the kernel's writable-open answer is always yes.
+		if hold rw "$mnt/img0002.raw"; then
+			for ((i = 0; i < 5; i++)); do
+				one "activate one image held open rw through the mount" activate img0002.raw
+				one "inactivate one image held open rw through the mount" inactivate img0002.raw
+			done
+			release_holders
+		else
+			note "ctl-scale: could not hold img0002.raw open read-write"
+		fi
 		for want in activate inactivate; do
 			line=$(py ctlmany "$mnt/.ctl/$want" '*')
 			printf 'ctlscale\t%s\t%s\t%s\t%s\n' "$n" "$want * ($IMAGES images, none open)" "$rep" "$line" >>"$RESULTS"
@@ -1184,6 +1198,22 @@ stage_ctl_scale() {
 	done
 	log "   ctl-scale daemon CPU total: $(cpu_ticks "$LAST_PID") ticks"
 	teardown
+	# The same held-open row on a relay mount (a writable handle holds a
+	# writable backing fd of the daemon's).
+	if start_migsafe ctlscale-relay "$sdir" "$mnt" --io relay; then
+		if hold rw "$mnt/img0002.raw"; then
+			for ((rep = 1; rep <= REPS; rep++)); do
+				for ((i = 0; i < 5; i++)); do
+					one "activate one image held open rw through a relay mount" activate img0002.raw
+				done
+			done
+		else
+			note "ctl-scale: could not hold img0002.raw open read-write (relay)"
+		fi
+		teardown
+	else
+		note "ctl-scale: relay mount failed; relay row skipped"
+	fi
 	stop_idle
 }
 

@@ -50,6 +50,7 @@ pub struct Job {
     invalidator: Arc<AttrInvalidator>,
     devices: Vec<(String, Arc<Image>)>,
     mountpoint: std::path::PathBuf,
+    writer_cache: Arc<crate::cache::WriterCache>,
 }
 
 impl Job {
@@ -64,6 +65,7 @@ impl Job {
             invalidator: plane.invalidator.clone(),
             devices: plane.devices.clone(),
             mountpoint: plane.mountpoint.clone(),
+            writer_cache: plane.writer_cache.clone(),
         }
     }
 
@@ -96,8 +98,9 @@ impl Job {
         let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
         let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
         let fuse = super::fuse_cache::MountCache::new(&self.mountpoint, &self.invalidator);
-        // One /proc pass at most for all images of this command.
-        let writers = crate::cache::WriterScan::new();
+        // One /proc pass at most for all images of this command, none for
+        // an image whose last answer still holds.
+        let writers = crate::cache::WriterScan::with_cache(&self.writer_cache);
         let ctx = CommandContext {
             settings: &self.settings,
             invalidate_attrs: &invalidate,
@@ -315,7 +318,7 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
     let fuse = super::fuse_cache::MountCache::new(&plane.mountpoint, &plane.invalidator);
     let fuse = Some(&fuse as &dyn crate::image::FuseCache);
     // One /proc pass at most for the whole document.
-    let writers = crate::cache::WriterScan::new();
+    let writers = crate::cache::WriterScan::with_cache(&plane.writer_cache);
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()

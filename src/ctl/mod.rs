@@ -98,6 +98,9 @@ pub struct ControlPlane {
     /// lane, so the lane's order is the tickets' order.
     pub arrival_order: Mutex<()>,
     pub workers: workers::Workers,
+    /// Answers of earlier /proc passes for writers outside the mount,
+    /// kept until another process opens an image's backing.
+    pub writer_cache: Arc<crate::cache::WriterCache>,
 }
 
 /// Per-open state: the text a read returns (the result lines of the

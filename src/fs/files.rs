@@ -242,6 +242,11 @@ impl MigsafeFs {
         let handle = Arc::new(handle);
         let fh = self.add_handle(Open::File(handle.clone()));
         image.add_handle(fh, handle.clone());
+        // Writers outside the mount: the answer for this image is made
+        // ready before any command needs it.
+        self.ctl
+            .writer_cache
+            .warm(image.identity, &image.path(), &handle.file);
         if handle.writable && handle.opened_inactive {
             // An incoming VMM opens its image read-write before activation:
             // allowed, but a passthrough handle's writes would bypass the

@@ -545,9 +545,11 @@ impl Image {
             && self.may_be_written_elsewhere()
         {
             list.extend(
-                scan.unfenced(self.identity, &self.path(), own)
-                    .iter()
-                    .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
+                scan.unfenced(self.identity, &self.path(), own, || {
+                    self.open_backing(libc::O_RDONLY)
+                })
+                .iter()
+                .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
             );
         }
         if list.is_empty() {
