@@ -1067,6 +1067,7 @@ impl Image {
         let mut settle = cache::Settle::new();
         let mut backoff = std::time::Duration::from_millis(1);
         let mut attempt = 0u32;
+        let mut read_failed = false;
         loop {
             attempt += 1;
             let (counts, method) =
@@ -1131,8 +1132,15 @@ impl Image {
                             true
                         }
                         Ok(false) => false,
+                        // Also over the bound on settle reads (the backing
+                        // hangs on many): the page stays under read.
                         Err(e) => {
-                            log::debug!("image {}: waiting for a read: {e}", self.path());
+                            let level = if std::mem::replace(&mut read_failed, true) {
+                                log::Level::Debug
+                            } else {
+                                log::Level::Warn
+                            };
+                            log::log!(level, "image {}: waiting for a read: {e}", self.path());
                             false
                         }
                     }
