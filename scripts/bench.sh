@@ -38,7 +38,7 @@ Options:
   --threads N        passed to `migsafe mount --threads N`
   --mount-arg ARG    extra argument for every `migsafe mount` (repeatable)
   --migsafe PATH     migsafe binary (default target/release/migsafe, built
-                     with `cargo build --release` if missing)
+                     with `cargo build --release` first)
   --csv FILE         write the fio results (aggregated) as CSV
   --json FILE        write everything (raw and aggregated) as JSON
   --blockdev         also run the block-device table: a loop device natively
@@ -164,10 +164,10 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # ---------------------------------------------------------------- binary --
 if [[ -z $MIGSAFE ]]; then
 	MIGSAFE=$REPO/target/release/migsafe
-	if [[ ! -x $MIGSAFE ]]; then
-		log "== $MIGSAFE missing: cargo build --release"
-		(cd "$REPO" && cargo build --release >&2) || die "cargo build --release failed"
-	fi
+	# Always through cargo (a no-op when the build is current): a release
+	# binary left from an older checkout would be measured silently.
+	log "== cargo build --release"
+	(cd "$REPO" && cargo build --release >&2) || die "cargo build --release failed"
 fi
 [[ -x $MIGSAFE ]] || die "migsafe binary not executable: $MIGSAFE"
 MIGSAFE=$(realpath "$MIGSAFE")
