@@ -405,6 +405,11 @@ fn a_request_hung_resolving_its_paths_does_not_hold_up_later_requests() {
         in_syscall(mergerfs_pid(&bed.slow.path), &lookups),
         "bed: the slow backing's lookup ended during the test"
     );
+    let log = bed.m.log_text();
+    assert!(
+        log.contains("activate request #") && log.contains("passes request #"),
+        "the pass is logged: {log}"
+    );
 
     drop(strace);
     match held.recv_timeout(LIMIT) {

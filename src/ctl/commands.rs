@@ -113,7 +113,8 @@ impl Job {
         if !passed.is_empty() {
             let passed: Vec<String> = passed.iter().map(|n| format!("#{}", n + 1)).collect();
             log::warn!(
-                "{} request #{} passes request {} still resolving its paths after {} ms                  (slow or hung backing?): those queue behind it",
+                "{} request #{} passes request {} still resolving its paths after {} ms \
+                 (slow or hung backing?): those queue behind it",
                 self.command.name(),
                 number + 1,
                 passed.join(", "),
