@@ -402,4 +402,51 @@ mod tests {
         gate_tx.send(()).unwrap();
         assert_eq!(rx.recv().unwrap(), ("again".to_string(), Ok(())));
     }
+
+    #[test]
+    fn parked_tasks_count_against_the_bound_and_resume_ahead_of_new_ones() {
+        let lane = Arc::new(Lane {
+            name: "test",
+            max_threads: 1,
+            max_owner_queue: 2,
+            max_per_uid: 0,
+            max_others: 0,
+            state: Mutex::default(),
+        });
+        let commands = CommandLane(lane.clone());
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<&str>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let tx1 = tx.clone();
+        // The one thread runs A until the gate opens.
+        lane.submit(
+            Class::Owner,
+            Box::new(move || {
+                started_tx.send(()).unwrap();
+                gate_rx.recv().unwrap();
+                tx1.send("A").unwrap();
+            }),
+        )
+        .unwrap();
+        started_rx.recv().unwrap();
+        let parked = commands.park();
+        let tx2 = tx.clone();
+        assert_eq!(
+            lane.submit(Class::Owner, Box::new(move || tx2.send("B").unwrap())),
+            Ok(())
+        );
+        // B waiting and one parked: the queue of 2 is full.
+        assert_eq!(
+            lane.submit(Class::Owner, Box::new(|| ())),
+            Err(libc::EAGAIN)
+        );
+        let tx3 = tx.clone();
+        parked.resume(move || tx3.send("resumed").unwrap());
+        gate_tx.send(()).unwrap();
+        let order: Vec<&str> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(order, ["A", "resumed", "B"]);
+        // A parked task dropped unresumed frees its place too.
+        drop(commands.park());
+        assert_eq!(lane.state.lock().unwrap().parked, 0);
+    }
 }
