@@ -38,7 +38,7 @@ Options:
   --threads N        passed to `migsafe mount --threads N`
   --mount-arg ARG    extra argument for every `migsafe mount` (repeatable)
   --migsafe PATH     migsafe binary (default target/release/migsafe, built
-                     with `cargo build --release` if missing)
+                     with `cargo build --release` first)
   --csv FILE         write the fio results (aggregated) as CSV
   --json FILE        write everything (raw and aggregated) as JSON
   --blockdev         also run the block-device table: a loop device natively
@@ -51,9 +51,10 @@ Options:
                      and open latency with invalidate-on-open on vs off
   --ctl-scale        control ops against the host's process count: activate
                      and inactivate of one uncached 1 GiB image (none open;
-                     and activate with it held open read-only through the
-                     mount), `activate *` and `inactivate *` over --images
-                     images, with --procs idle processes added (part of --ctl)
+                     held open read-only, and read-write, through the
+                     mount; read-write through a relay mount),
+                     `activate *` and `inactivate *` over --images images,
+                     with --procs idle processes added (part of --ctl)
   --procs N          idle `sleep` processes to add for --ctl-scale (default 0;
                      killed by pid at the end, also on error or ^C)
   --images N         images for the `*` rows of --ctl-scale (default 500)
@@ -163,10 +164,10 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # ---------------------------------------------------------------- binary --
 if [[ -z $MIGSAFE ]]; then
 	MIGSAFE=$REPO/target/release/migsafe
-	if [[ ! -x $MIGSAFE ]]; then
-		log "== $MIGSAFE missing: cargo build --release"
-		(cd "$REPO" && cargo build --release >&2) || die "cargo build --release failed"
-	fi
+	# Always through cargo (a no-op when the build is current): a release
+	# binary left from an older checkout would be measured silently.
+	log "== cargo build --release"
+	(cd "$REPO" && cargo build --release >&2) || die "cargo build --release failed"
 fi
 [[ -x $MIGSAFE ]] || die "migsafe binary not executable: $MIGSAFE"
 MIGSAFE=$(realpath "$MIGSAFE")
@@ -1176,6 +1177,19 @@ stage_ctl_scale() {
 		else
 			note "ctl-scale: could not hold img0001.raw open"
 		fi
+		# The destination VMM of a migration: the image open read-write
+		# through the mount (passthrough: the daemon's registered backing
+		# is writable whatever the handle; relay below: the daemon's own
+		# writable fd), so the kernel's writable-open answer is always yes.
+		if hold rw "$mnt/img0002.raw"; then
+			for ((i = 0; i < 5; i++)); do
+				one "activate one image held open rw through the mount" activate img0002.raw
+				one "inactivate one image held open rw through the mount" inactivate img0002.raw
+			done
+			release_holders
+		else
+			note "ctl-scale: could not hold img0002.raw open read-write"
+		fi
 		for want in activate inactivate; do
 			line=$(py ctlmany "$mnt/.ctl/$want" '*')
 			printf 'ctlscale\t%s\t%s\t%s\t%s\n' "$n" "$want * ($IMAGES images, none open)" "$rep" "$line" >>"$RESULTS"
@@ -1184,6 +1198,22 @@ stage_ctl_scale() {
 	done
 	log "   ctl-scale daemon CPU total: $(cpu_ticks "$LAST_PID") ticks"
 	teardown
+	# The same held-open row on a relay mount (a writable handle holds a
+	# writable backing fd of the daemon's).
+	if start_migsafe ctlscale-relay "$sdir" "$mnt" --io relay; then
+		if hold rw "$mnt/img0002.raw"; then
+			for ((rep = 1; rep <= REPS; rep++)); do
+				for ((i = 0; i < 5; i++)); do
+					one "activate one image held open rw through a relay mount" activate img0002.raw
+				done
+			done
+		else
+			note "ctl-scale: could not hold img0002.raw open read-write (relay)"
+		fi
+		teardown
+	else
+		note "ctl-scale: relay mount failed; relay row skipped"
+	fi
 	stop_idle
 }
 

@@ -470,3 +470,180 @@ fn activate_races_slow_rereads_passthrough() {
     }
     reread_race("passthrough");
 }
+
+/// How late B's backing answers in `retries_share_one_settle_read`: longer
+/// than the whole test, so the read is hung until strace is killed.
+const HUNG_US: u64 = 120_000_000;
+
+/// `Threads:` of `/proc/PID/status`, and how many of those threads are
+/// named `name`.
+fn threads_of(pid: u32, name: &str) -> (usize, usize) {
+    let total = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let named = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    (total, named)
+}
+
+/// The daemon's thread count once no command worker is left (a worker ends
+/// once the queue is empty, just after the command's reply), and how many
+/// of its threads are settle reads.
+fn quiet_threads(pid: u32) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads_of(pid, "migsafe-command").1 > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    threads_of(pid, "settle-read")
+}
+
+/// Retries of `activate` while B's backing hangs on a read of the image
+/// (operators and scripts retry on EBUSY): each attempt fails with EBUSY
+/// naming the pages under read, and the daemon must not leave one more
+/// blocked thread behind per attempt. Step 4 waits for the read in flight
+/// with a read of its own in a helper thread; a later wait for the same page
+/// joins that read instead of starting another. Before that, three attempts
+/// left three `settle-read` threads blocked on the hung page. Control: once
+/// the backing answers again (strace killed), the settle reads end, activate
+/// succeeds and B reads the new bytes.
+#[test]
+fn retries_share_one_settle_read() {
+    if !common::require_root() || !common::have_tool("mergerfs") || !common::have_tool("strace") {
+        return;
+    }
+    const ATTEMPTS: usize = 3;
+    let bed = Bed::new("relay");
+    let _vmm_b = hold_open(&bed.m2.path("disk.img"));
+    let _vmm_a = hold_open(&bed.m1.path("disk.img"));
+    let daemon_b = bed.m2.pid().expect("B's daemon runs");
+    let off: u64 = 8 << 20;
+    let disk1 = bed.m1.path("disk.img");
+    let disk2 = bed.m2.path("disk.img");
+    let backing_b = bed.host_b.path.join("disk.img");
+    evict(&backing_b);
+    let f2 = File::open(&disk2).unwrap();
+    let strace = slow_preads(
+        mergerfs_pid(&bed.host_b.path),
+        HUNG_US,
+        &bed.dir.path().join("strace-hung.log"),
+    );
+
+    // B starts reading; its backing does not answer.
+    let reader = {
+        let f2 = f2.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; LEN];
+            f2.read_exact_at(&mut buf, off).unwrap();
+            buf
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mergerfs = mergerfs_pid(&bed.host_b.path);
+    while pages_under_read(&backing_b) == 0 || !in_pread(mergerfs) {
+        assert!(
+            Instant::now() < deadline && !reader.is_finished(),
+            "bed: B's read never showed up as under read in {}",
+            backing_b.display()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+
+    // A writes, fsyncs and inactivates while B's read hangs.
+    {
+        let f = fs::OpenOptions::new().write(true).open(&disk1).unwrap();
+        f.write_all_at(&vec![b'B'; LEN], off).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (res, out) = ctl_write_read(&bed.m1.ctl("inactivate"), "disk.img\n");
+    assert_eq!(res, Ok(()), "inactivate on A: {out}");
+
+    let (before, settle_before) = quiet_threads(daemon_b);
+    eprintln!("B's daemon before activate: {before} threads, {settle_before} settle reads");
+    assert_eq!(
+        settle_before, 0,
+        "bed: no settle read before the first activate"
+    );
+    let mut counts = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        let t = Instant::now();
+        let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
+        let (threads, settle) = quiet_threads(daemon_b);
+        eprintln!(
+            "attempt {attempt}: activate {res:?} after {} ms; B's daemon: {threads} threads, \
+             {settle} settle reads; {}",
+            t.elapsed().as_millis(),
+            out.trim()
+        );
+        assert!(
+            !reader.is_finished(),
+            "bed: B's read landed during attempt {attempt}; the backing must hang"
+        );
+        assert_eq!(
+            res,
+            Err(libc::EBUSY),
+            "attempt {attempt}: activate with a hung read in flight must refuse: {out}"
+        );
+        assert!(
+            out.contains("under read"),
+            "attempt {attempt}: EBUSY must name the pages under read: {out}"
+        );
+        assert!(
+            settle >= 1,
+            "bed: attempt {attempt} left no settle read blocked on the hung page"
+        );
+        counts.push((threads, settle));
+    }
+    let (after, settle_after) = *counts.last().unwrap();
+    assert!(
+        after <= before + 1 && settle_after <= 1,
+        "{ATTEMPTS} activate attempts on a hung backing grew B's daemon from {before} to \
+         {after} threads ({settle_after} settle reads blocked; per attempt: {counts:?}): \
+         one blocked thread per retry"
+    );
+
+    // CONTROL: the backing answers again; the read lands with the old bytes,
+    // the settle read ends, activate succeeds and B reads the new bytes.
+    drop(strace);
+    let in_flight = reader.join().unwrap();
+    assert!(
+        all(&in_flight, b'A'),
+        "bed: the hung read must carry the bytes read before A's write: {}",
+        describe(&in_flight)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = threads_of(daemon_b, "settle-read").1;
+    while left > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+        left = threads_of(daemon_b, "settle-read").1;
+    }
+    assert_eq!(
+        left, 0,
+        "settle reads still blocked once the backing answered"
+    );
+    let (res, out) = ctl_write_read(&bed.m2.ctl("activate"), "disk.img\n");
+    assert_eq!(res, Ok(()), "activate once the backing answers: {out}");
+    let mut same = vec![0u8; LEN];
+    f2.read_exact_at(&mut same, off).unwrap();
+    let new = read_at(&disk2, off, LEN);
+    assert!(
+        all(&same, b'B') && all(&new, b'B'),
+        "after activate said ok, B read old bytes: same fd {}, new fd {}\nB log:\n{}",
+        describe(&same),
+        describe(&new),
+        bed.m2.log_text()
+    );
+    let (threads, settle) = quiet_threads(daemon_b);
+    eprintln!("B's daemon at the end: {threads} threads, {settle} settle reads");
+    assert_eq!(settle, 0, "activate left a settle read behind");
+}

@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 
 use crate::sys::{self, PageCounts};
 
-pub use holders::{Holder, Identity, WriterScan, find_holders};
+pub use holders::{Holder, Identity, WriterCache, WriterScan, find_holders};
 pub use incarnation::Incarnation;
 pub use settle::Settle;
 

@@ -25,13 +25,22 @@
 //! in flight; one seen uptodate at every probe since may be a page read
 //! before the command that every drop skipped (mapped, being copied). The
 //! caller drops and probes again until every index is cleared.
+//!
+//! A read in flight is waited for with a read of the page in a helper
+//! thread (`wait_for_read`), which stays blocked as long as the backing
+//! does not answer, past the command that started it. So there is at most
+//! one such read per page of a file in the daemon, which later waits join,
+//! and at most `MAX_SETTLE_READS` in all: retries of a command on a hung
+//! backing join the read its first attempt left, and over the bound a page under read is not
+//! waited for: it stays uncleared unless a probe sees it gone (the command
+//! fails, never passes on it).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use super::{MAX_RANGES, Method, WINDOW};
@@ -209,6 +218,27 @@ impl Settle {
     }
 }
 
+/// Settle reads outstanding in this daemon at most, in all. Each is a
+/// thread blocked until the backing answers; a backing that never answers
+/// keeps them, so this bounds what a hung backing costs (with one read per
+/// page, each retry of a command joins the read it left behind).
+pub const MAX_SETTLE_READS: usize = 32;
+
+/// Stack of a settle-read thread: it reads one byte.
+const SETTLE_READ_STACK: usize = 64 << 10;
+
+/// One settle read in flight, shared by every wait for its page.
+#[derive(Default)]
+struct Flight {
+    /// The read's result (bytes read, or errno) once it returned.
+    result: Mutex<Option<Result<usize, i32>>>,
+    landed: Condvar,
+}
+
+/// The settle reads in flight, by (device, inode, page index) of the file
+/// read: at most one per page, whichever command started it.
+static FLIGHTS: Mutex<BTreeMap<(u64, u64, u64), Arc<Flight>>> = Mutex::new(BTreeMap::new());
+
 /// Waits, at most `timeout`, for the read in flight on page `index` of
 /// `file` to land, by reading one byte of that page: a read that finds the
 /// page under read waits for it, and returns once it is uptodate. Probing
@@ -217,24 +247,74 @@ impl Settle {
 /// after this returns (`Settle::look_at`) catches it uptodate.
 ///
 /// True when a byte came back; false at end of file or when `timeout`
-/// passed first: the read then goes on in a helper thread, which ends when
-/// the backing answers. The read is made without readahead, so a page that
-/// is absent by then costs one page read.
+/// passed first. The read runs in a helper thread ("settle-read"), which
+/// ends when the backing answers, also after `timeout`. There is at most
+/// one such read per page of a file in the daemon: a wait for a page whose
+/// read is still outstanding (a retry of a command that gave up on a hung
+/// backing) waits for that read, with its own `timeout`, instead of
+/// starting another thread. Only the look after it is an observation, so
+/// a read that began before the command serves as well as a new one. With
+/// `MAX_SETTLE_READS` outstanding no read is started: an error, the page
+/// stays under read for the caller (never cleared by this). The read is
+/// made without readahead, so a page that is absent by then costs one page
+/// read.
 pub fn wait_for_read(file: &File, index: u64, timeout: Duration) -> io::Result<bool> {
+    let flight = join_or_start(file, index)?;
+    let result = lock(&flight.result);
+    let (result, _) = flight
+        .landed
+        .wait_timeout_while(result, timeout, |r| r.is_none())
+        .unwrap_or_else(PoisonError::into_inner);
+    match *result {
+        Some(Ok(n)) => Ok(n > 0),
+        Some(Err(errno)) => Err(io::Error::from_raw_os_error(errno)),
+        None => Ok(false),
+    }
+}
+
+/// The settle read outstanding on page `index` of `file`, started here if
+/// there is none.
+fn join_or_start(file: &File, index: u64) -> io::Result<Arc<Flight>> {
+    let st = sys::fstat_fd(file.as_fd())?;
+    let key = (st.st_dev, st.st_ino, index);
+    let mut flights = lock(&FLIGHTS);
+    if let Some(flight) = flights.get(&key) {
+        return Ok(flight.clone());
+    }
+    if flights.len() >= MAX_SETTLE_READS {
+        return Err(io::Error::other(format!(
+            "{} reads waiting for pages under read are outstanding (the backing has not \
+             answered them); none started for page {index}",
+            flights.len()
+        )));
+    }
     let f = file.try_clone()?;
     sys::fadvise_random(f.as_fd())?;
     let offset = index * sys::page_size() as u64;
-    let (tx, rx) = mpsc::channel();
+    let flight = Arc::new(Flight::default());
+    let mine = flight.clone();
+    // Spawned under the lock: the thread's removal below comes after the
+    // insertion.
     std::thread::Builder::new()
         .name("settle-read".into())
+        .stack_size(SETTLE_READ_STACK)
         .spawn(move || {
             let mut byte = [0u8; 1];
-            let _ = tx.send(f.read_at(&mut byte, offset));
+            let read = f
+                .read_at(&mut byte, offset)
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
+            // Out of the table before the result is out: a later wait
+            // starts a read of its own rather than take this one's.
+            lock(&FLIGHTS).remove(&key);
+            *lock(&mine.result) = Some(read);
+            mine.landed.notify_all();
         })?;
-    match rx.recv_timeout(timeout) {
-        Ok(read) => Ok(read? > 0),
-        Err(_) => Ok(false),
-    }
+    flights.insert(key, flight.clone());
+    Ok(flight)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The runs of page indices in `[lo, hi)` present in the page cache, found
@@ -299,5 +379,58 @@ mod tests {
         super::super::evict(&f).unwrap();
         s.probe(&f, size, Method::Cachestat).unwrap();
         assert!(s.is_done(), "dropped pages are cleared: {s:?}");
+    }
+
+    /// Removes the given keys from the table of settle reads on drop.
+    struct Unseed(Vec<(u64, u64, u64)>);
+
+    impl Drop for Unseed {
+        fn drop(&mut self) {
+            let mut flights = lock(&FLIGHTS);
+            for k in &self.0 {
+                flights.remove(k);
+            }
+        }
+    }
+
+    /// A wait joins the read outstanding on its page (a read the test
+    /// seeds, which never returns until the test sets its result) instead of
+    /// reading, and starts no read with `MAX_SETTLE_READS` outstanding.
+    #[test]
+    fn waits_join_the_outstanding_read_and_stop_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
+        let f = File::open(&path).unwrap();
+        let st = sys::fstat_fd(f.as_fd()).unwrap();
+        let key = |i| (st.st_dev, st.st_ino, i);
+        // A read of its own: it lands and leaves nothing outstanding.
+        assert!(wait_for_read(&f, 1, Duration::from_secs(10)).unwrap());
+        assert!(!lock(&FLIGHTS).contains_key(&key(1)));
+
+        // Joined: the seeded read has not returned, so the wait times out
+        // (a read of its own would have returned the byte at once).
+        let mut seeded = Unseed(vec![key(2)]);
+        let flight = Arc::new(Flight::default());
+        lock(&FLIGHTS).insert(key(2), flight.clone());
+        assert!(!wait_for_read(&f, 2, Duration::from_millis(50)).unwrap());
+        *lock(&flight.result) = Some(Ok(1));
+        flight.landed.notify_all();
+        assert!(wait_for_read(&f, 2, Duration::from_secs(10)).unwrap());
+
+        // At the bound: no read is started, and the caller is told.
+        {
+            let mut flights = lock(&FLIGHTS);
+            let mut i = 0;
+            while flights.len() < MAX_SETTLE_READS {
+                let k = (u64::MAX, u64::MAX, i);
+                flights.insert(k, Arc::new(Flight::default()));
+                seeded.0.push(k);
+                i += 1;
+            }
+        }
+        let e = wait_for_read(&f, 3, Duration::from_secs(10)).unwrap_err();
+        assert!(e.to_string().contains("outstanding"), "{e}");
+        assert!(!lock(&FLIGHTS).contains_key(&key(3)));
     }
 }

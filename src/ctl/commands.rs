@@ -1,5 +1,6 @@
 //! Running control commands on images and formatting their results.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,9 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::ControlPlane;
+use super::arrivals::{Arrival, RESOLVE_BOUND};
 use super::request::{self, Target};
+use super::workers::CommandLane;
 use crate::cache::invalidator::AttrInvalidator;
 use crate::cache::{Identity, Incarnation};
 use crate::image::turns::Ticket;
@@ -50,6 +53,8 @@ pub struct Job {
     invalidator: Arc<AttrInvalidator>,
     devices: Vec<(String, Arc<Image>)>,
     mountpoint: std::path::PathBuf,
+    writer_cache: Arc<crate::cache::WriterCache>,
+    lane: CommandLane,
 }
 
 impl Job {
@@ -64,25 +69,30 @@ impl Job {
             invalidator: plane.invalidator.clone(),
             devices: plane.devices.clone(),
             mountpoint: plane.mountpoint.clone(),
+            writer_cache: plane.writer_cache.clone(),
+            lane: plane.workers.command_lane(),
         }
     }
 
-    /// Runs the command on every target; returns the errno of the first
-    /// failure (what write() fails with) and the read-back text. `arrival`
-    /// is the request's place in arrival order: once its targets are
-    /// resolved and every earlier request has queued on its images, it
-    /// queues on its own, so commands on one image run one at a time, in
-    /// arrival order. Every request queues on all its images at once and
-    /// images are served in ticket order, so two requests naming the same
-    /// images in different orders (or `*`) cannot deadlock.
-    pub fn run(self, arrival: Ticket) -> (Option<i32>, String) {
+    /// Runs the command on every target, then hands `done` the errno of the
+    /// first failure (what write() fails with) and the read-back text.
+    /// `arrival` is the request's place in arrival order: once its targets
+    /// are resolved and every earlier request has queued on its images (or
+    /// has been resolving for longer than [`RESOLVE_BOUND`]), it queues on
+    /// its own, so commands on one image run one at a time, in arrival
+    /// order. Every request queues on all its images at once, no two at the
+    /// same time, and holds one image's turn at a time, so two requests
+    /// naming the same images in different orders (or `*`) cannot
+    /// deadlock. While it waits for an image's turn it holds no thread: it
+    /// parks on the image's ticket and the command lane resumes it.
+    pub fn run(self, arrival: Arrival, done: impl FnOnce(Option<i32>, String) + Send + 'static) {
         let start = Instant::now();
         let targets = match request::parse(&self.data, &self.ctl_name) {
             Ok(t) => t,
             Err(bad) => {
                 drop(arrival);
                 log::warn!("{}: rejected request: {}", self.command.name(), bad.message);
-                return (
+                return done(
                     Some(bad.errno),
                     protocol::format_line(&[
                         (key::RESULT, protocol::RESULT_ERROR.as_bytes()),
@@ -92,65 +102,42 @@ impl Job {
                 );
             }
         };
-        let invalidator = self.invalidator.clone();
-        let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
         let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
-        let fuse = super::fuse_cache::MountCache::new(&self.mountpoint, &self.invalidator);
-        // One /proc pass at most for all images of this command.
-        let writers = crate::cache::WriterScan::new();
-        let ctx = CommandContext {
-            settings: &self.settings,
-            invalidate_attrs: &invalidate,
-            fuse: Some(&fuse),
-            own_mounts: &own_mounts,
-            writers: &writers,
-        };
+        arrival.resolving();
         let resolved: Vec<_> = targets.iter().flat_map(|t| self.resolve(t)).collect();
-        arrival.wait();
-        let queued: Vec<_> = resolved
-            .into_iter()
-            .map(|r| r.map(|image| (image.commands.take(), image)))
-            .collect();
-        drop(arrival);
-        let mut first_errno = None;
-        let mut text = String::new();
-        for entry in queued {
-            let (name, outcome, ms) = match entry {
-                Ok((turn, image)) => {
-                    turn.wait();
-                    let t0 = Instant::now();
-                    let outcome = self.apply(&image, &ctx);
-                    drop(turn);
-                    // Named after the command: it may have found the image
-                    // under a new name (renamed on the backing).
-                    (image.path(), outcome, t0.elapsed().as_millis())
-                }
-                Err((name, outcome)) => (name, outcome, 0),
-            };
-            first_errno = first_errno.or(outcome.errno);
-            text.push_str(&result_line(&name, &outcome, ms));
-        }
-        match first_errno {
-            None => log::info!(
-                "{} ({} targets): ok in {} ms",
+        let number = arrival.number();
+        let (queued, passed) = arrival.queue(RESOLVE_BOUND, || {
+            resolved
+                .into_iter()
+                .map(|r| r.map(|image| (image.commands.take(), image)))
+                .collect()
+        });
+        if !passed.is_empty() {
+            let passed: Vec<String> = passed.iter().map(|n| format!("#{}", n + 1)).collect();
+            log::warn!(
+                "{} request #{} passes request {} still resolving its paths after {} ms \
+                 (slow or hung backing?): those queue behind it",
                 self.command.name(),
-                targets.len(),
-                start.elapsed().as_millis()
-            ),
-            // The failing images' result lines name each image and errno.
-            Some(e) => log::warn!(
-                "{} ({} targets): {} in {} ms: {}",
-                self.command.name(),
-                targets.len(),
-                sys::errno_name(e),
-                start.elapsed().as_millis(),
-                text.lines()
-                    .filter(|l| l.contains(" result=error "))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
+                number + 1,
+                passed.join(", "),
+                RESOLVE_BOUND.as_millis()
+            );
         }
-        (first_errno, text)
+        let writers = crate::cache::WriterScan::with_cache(&self.writer_cache);
+        Progress {
+            job: self,
+            targets: targets.len(),
+            start,
+            queued,
+            own_mounts,
+            // One /proc pass at most for all images of this command, none
+            // for an image whose last answer still holds.
+            writers,
+            first_errno: None,
+            text: String::new(),
+            done: Box::new(done),
+        }
+        .next();
     }
 
     fn apply(&self, image: &Image, ctx: &CommandContext<'_>) -> Outcome {
@@ -276,6 +263,98 @@ impl Job {
     }
 }
 
+/// A queued request working through its images in request order.
+struct Progress {
+    job: Job,
+    targets: usize,
+    start: Instant,
+    /// Its images not yet run, each with its ticket (or the error that
+    /// resolving it gave).
+    queued: VecDeque<Queued>,
+    own_mounts: Vec<u64>,
+    writers: crate::cache::WriterScan,
+    first_errno: Option<i32>,
+    text: String,
+    done: Box<dyn FnOnce(Option<i32>, String) + Send>,
+}
+
+type Queued = Result<(Ticket, Arc<Image>), (String, Outcome)>;
+
+impl Progress {
+    /// Runs the images whose turn has come, in order; at the first whose
+    /// turn has not, parks there (giving its thread back) and goes on when
+    /// the turn comes, on a command thread again.
+    fn next(mut self) {
+        while let Some(entry) = self.queued.pop_front() {
+            match entry {
+                Err((name, outcome)) => self.record(&name, &outcome, 0),
+                Ok((turn, image)) if turn.is_turn() => self.apply(turn, &image),
+                Ok((turn, image)) => {
+                    let parked = self.job.lane.park();
+                    turn.when_turn(move |turn| {
+                        parked.resume(move || {
+                            self.apply(turn, &image);
+                            self.next();
+                        })
+                    });
+                    return;
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Runs the command on `image`, whose turn `turn` holds.
+    fn apply(&mut self, turn: Ticket, image: &Image) {
+        let job = &self.job;
+        let invalidator = job.invalidator.clone();
+        let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
+        let fuse = super::fuse_cache::MountCache::new(&job.mountpoint, &job.invalidator);
+        let ctx = CommandContext {
+            settings: &job.settings,
+            invalidate_attrs: &invalidate,
+            fuse: Some(&fuse),
+            own_mounts: &self.own_mounts,
+            writers: &self.writers,
+        };
+        let t0 = Instant::now();
+        let outcome = job.apply(image, &ctx);
+        drop(turn);
+        // Its file of the mount is closed after the turn, as before the
+        // next image's open.
+        drop(fuse);
+        let ms = t0.elapsed().as_millis();
+        // Named after the command: it may have found the image under a new
+        // name (renamed on the backing).
+        self.record(&image.path(), &outcome, ms);
+    }
+
+    fn record(&mut self, name: &str, outcome: &Outcome, ms: u128) {
+        self.first_errno = self.first_errno.or(outcome.errno);
+        self.text.push_str(&result_line(name, outcome, ms));
+    }
+
+    fn finish(self) {
+        let name = self.job.command.name();
+        let ms = self.start.elapsed().as_millis();
+        match self.first_errno {
+            None => log::info!("{name} ({} targets): ok in {ms} ms", self.targets),
+            // The failing images' result lines name each image and errno.
+            Some(e) => log::warn!(
+                "{name} ({} targets): {} in {ms} ms: {}",
+                self.targets,
+                sys::errno_name(e),
+                self.text
+                    .lines()
+                    .filter(|l| l.contains(" result=error "))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
+        (self.done)(self.first_errno, self.text)
+    }
+}
+
 /// One read-back line: `image=disk.img result=ok resident_pages=0 ms=3`,
 /// in the protocol's quoting (see `crate::protocol`), so no file name can
 /// break the line or forge a field. A name holding U+FFFD may be the lossy
@@ -315,7 +394,7 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
     let fuse = super::fuse_cache::MountCache::new(&plane.mountpoint, &plane.invalidator);
     let fuse = Some(&fuse as &dyn crate::image::FuseCache);
     // One /proc pass at most for the whole document.
-    let writers = crate::cache::WriterScan::new();
+    let writers = crate::cache::WriterScan::with_cache(&plane.writer_cache);
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()

@@ -3,6 +3,7 @@
 //! command has finished, with its errno; the result lines can be read back
 //! on the same open file.
 
+pub mod arrivals;
 pub mod commands;
 pub mod fuse_cache;
 pub mod request;
@@ -15,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use crate::cache::invalidator::AttrInvalidator;
 use crate::datapath::IoMode;
 use crate::error::Error;
-use crate::image::turns::Turns;
 use crate::image::{Image, Registry};
 use crate::protocol;
 use crate::settings::{Key, Settings};
@@ -90,14 +90,19 @@ pub struct ControlPlane {
     pub passthrough_supported: AtomicBool,
     pub passthrough_active: AtomicBool,
     /// Command requests in arrival order: each takes its tickets for its
-    /// images' command queues in this order, so commands on one image run
-    /// in the order their requests arrived. A ticket's number, logged at
-    /// arrival, says which of two requests reached the daemon first.
-    pub arrivals: Turns,
+    /// images' command queues in this order (a request still resolving its
+    /// paths after `arrivals::RESOLVE_BOUND` is passed), so commands on one
+    /// image run in the order their requests arrived. A request's number,
+    /// logged at arrival, says which of two requests reached the daemon
+    /// first.
+    pub arrivals: arrivals::Arrivals,
     /// Held while a request takes its arrival ticket and joins the command
     /// lane, so the lane's order is the tickets' order.
     pub arrival_order: Mutex<()>,
     pub workers: workers::Workers,
+    /// Answers of earlier /proc passes for writers outside the mount,
+    /// kept until another process opens an image's backing.
+    pub writer_cache: Arc<crate::cache::WriterCache>,
 }
 
 /// Per-open state: the text a read returns (the result lines of the
@@ -240,19 +245,20 @@ impl ControlPlane {
                 );
                 let job = commands::Job::new(self, cmd, data);
                 self.workers.command(done, move |done| {
-                    let (errno, text) = job.run(ticket);
-                    let mut all = h.text.lock().expect("ctl text lock");
-                    let mut cursor = h.cursor.lock().expect("ctl cursor lock");
-                    if h.answered.swap(false, Ordering::Relaxed) {
-                        all.clear();
-                        *cursor = 0;
-                    }
-                    all.extend_from_slice(text.as_bytes());
-                    drop((all, cursor));
-                    done(match errno {
-                        None => Ok(len),
-                        Some(e) => Err(Error::Refused(e)),
-                    });
+                    job.run(ticket, move |errno, text| {
+                        let mut all = h.text.lock().expect("ctl text lock");
+                        let mut cursor = h.cursor.lock().expect("ctl cursor lock");
+                        if h.answered.swap(false, Ordering::Relaxed) {
+                            all.clear();
+                            *cursor = 0;
+                        }
+                        all.extend_from_slice(text.as_bytes());
+                        drop((all, cursor));
+                        done(match errno {
+                            None => Ok(len),
+                            Some(e) => Err(Error::Refused(e)),
+                        });
+                    })
                 });
             }
         }

@@ -2,7 +2,9 @@
 //! Two lanes that never share a thread: commands (only root and the
 //! mounting user may write them) and status builds (any user may open
 //! `status` with `allow_other`). A FUSE request thread only queues work
-//! here and returns; it never waits for a worker.
+//! here and returns; it never waits for a worker. A command waiting for its
+//! turn on an image holds no thread: it is [`Parked`], and put back on the
+//! lane (ahead of new work) when its turn comes.
 //!
 //! Status opens of root and the mounting user are served before other
 //! users' ones. Another user has at most `STATUS_PER_UID` status opens
@@ -28,9 +30,11 @@ pub const STATUS_OTHERS: usize = 32;
 /// Status opens of root and the mounting user waiting.
 pub const STATUS_OWNER_QUEUE: usize = 256;
 /// Threads running commands: commands on different images run in
-/// parallel, up to this many; later ones wait in arrival order.
+/// parallel, up to this many; later ones wait in arrival order. A thread
+/// is held while a command resolves its paths or runs on an image, never
+/// while it waits for its turn on one.
 pub const COMMAND_THREADS: usize = 16;
-/// Commands waiting for a thread.
+/// Commands waiting for a thread or for their turn on an image.
 pub const COMMAND_QUEUE: usize = 1024;
 
 type Task = Box<dyn FnOnce() + Send>;
@@ -44,7 +48,8 @@ pub enum Class {
 }
 
 /// Threads started on demand up to a bound, each serving queued tasks
-/// (owners' first, each queue in order) until none is left.
+/// (resumed ones first, then owners', each queue in order) until none is
+/// left.
 struct Lane {
     name: &'static str,
     max_threads: usize,
@@ -56,9 +61,14 @@ struct Lane {
 
 #[derive(Default)]
 struct LaneState {
+    /// Parked tasks whose wait is over: they hold an image's turn.
+    resumed: VecDeque<Task>,
     owner: VecDeque<Task>,
     others: VecDeque<Task>,
     threads: usize,
+    /// Tasks waiting elsewhere (for a turn), holding no thread; counted
+    /// with the owners' queue against its bound.
+    parked: usize,
     /// Other users' tasks waiting or running, by uid, and in all.
     per_uid: HashMap<u32, usize>,
     others_pending: usize,
@@ -71,7 +81,7 @@ impl Lane {
     fn submit(self: &Arc<Self>, class: Class, task: Task) -> Result<(), i32> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match class {
-            Class::Owner if st.owner.len() >= self.max_owner_queue => {
+            Class::Owner if st.owner.len() + st.parked >= self.max_owner_queue => {
                 return Err(self.refuse(&mut st, class));
             }
             Class::Owner => st.owner.push_back(task),
@@ -95,12 +105,8 @@ impl Lane {
             }
         }
         if st.threads < self.max_threads {
-            let lane = self.clone();
-            match std::thread::Builder::new()
-                .name(format!("migsafe-{}", self.name))
-                .spawn(move || lane.serve())
-            {
-                Ok(_) => st.threads += 1,
+            match self.spawn() {
+                Ok(()) => st.threads += 1,
                 // The threads already running serve the task later.
                 Err(e) if st.threads > 0 => {
                     log::warn!("{}: cannot start another worker thread: {e}", self.name)
@@ -120,6 +126,38 @@ impl Lane {
             }
         }
         Ok(())
+    }
+
+    fn spawn(self: &Arc<Self>) -> std::io::Result<()> {
+        let lane = self.clone();
+        std::thread::Builder::new()
+            .name(format!("migsafe-{}", self.name))
+            .spawn(move || lane.serve())
+            .map(drop)
+    }
+
+    /// Puts a parked task back, ahead of new work: it holds an image's
+    /// turn, which every later command on that image waits for.
+    fn resume(self: &Arc<Self>, task: Task) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.parked -= 1;
+        st.resumed.push_back(task);
+        if st.threads < self.max_threads {
+            match self.spawn() {
+                Ok(()) => st.threads += 1,
+                Err(e) if st.threads > 0 => {
+                    log::warn!("{}: cannot start another worker thread: {e}", self.name)
+                }
+                Err(e) => {
+                    // Dropped unrun: its reply goes unsent (the kernel then
+                    // gets an error) and its turn ends.
+                    log::error!("{}: cannot start a worker thread: {e}", self.name);
+                    let task = st.resumed.pop_back();
+                    drop(st);
+                    drop(task);
+                }
+            }
+        }
     }
 
     /// EAGAIN, logged at most every 10 seconds with the count since.
@@ -153,7 +191,11 @@ impl Lane {
         loop {
             let task = {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                match st.owner.pop_front().or_else(|| st.others.pop_front()) {
+                let next = st.resumed.pop_front();
+                match next
+                    .or_else(|| st.owner.pop_front())
+                    .or_else(|| st.others.pop_front())
+                {
                     Some(t) => t,
                     None => {
                         st.threads -= 1;
@@ -185,6 +227,48 @@ impl Drop for Counted {
             if *n == 0 {
                 st.per_uid.remove(&self.uid);
             }
+        }
+    }
+}
+
+/// A task waiting for something other than a thread (its turn on an
+/// image), holding none; counted among the lane's waiting tasks until it is
+/// resumed or dropped.
+pub struct Parked {
+    lane: Option<Arc<Lane>>,
+}
+
+impl Parked {
+    /// Queues `task` on the lane, ahead of new work. Never refused: the
+    /// task was accepted when it arrived.
+    pub fn resume(mut self, task: impl FnOnce() + Send + 'static) {
+        if let Some(lane) = self.lane.take() {
+            lane.resume(Box::new(task));
+        }
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            let mut st = lane.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.parked -= 1;
+        }
+    }
+}
+
+/// The command lane, for a command to park itself on while it waits.
+#[derive(Clone)]
+pub struct CommandLane(Arc<Lane>);
+
+impl CommandLane {
+    /// Counts a command as waiting without a thread until the returned
+    /// [`Parked`] resumes it.
+    pub fn park(&self) -> Parked {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.parked += 1;
+        Parked {
+            lane: Some(self.0.clone()),
         }
     }
 }
@@ -222,13 +306,18 @@ impl Default for Workers {
 }
 
 impl Workers {
-    /// Runs `work` on a command thread, handing it `done`. Commands are
-    /// served in the order of these calls.
+    /// Runs `work` on a command thread, handing it `done`. Commands start
+    /// in the order of these calls.
     pub fn command<T, D>(&self, done: D, work: impl FnOnce(D) + Send + 'static)
     where
         D: FnOnce(Result<T, Error>) + Send + 'static,
     {
         on_lane(&self.commands, Class::Owner, done, work)
+    }
+
+    /// The command lane, on which a command waiting for its turn parks.
+    pub fn command_lane(&self) -> CommandLane {
+        CommandLane(self.commands.clone())
     }
 
     /// Runs `work` on a status thread for `class`, handing it `done`; over
@@ -312,5 +401,52 @@ mod tests {
         submit(Class::Other(4242), "again".into());
         gate_tx.send(()).unwrap();
         assert_eq!(rx.recv().unwrap(), ("again".to_string(), Ok(())));
+    }
+
+    #[test]
+    fn parked_tasks_count_against_the_bound_and_resume_ahead_of_new_ones() {
+        let lane = Arc::new(Lane {
+            name: "test",
+            max_threads: 1,
+            max_owner_queue: 2,
+            max_per_uid: 0,
+            max_others: 0,
+            state: Mutex::default(),
+        });
+        let commands = CommandLane(lane.clone());
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<&str>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let tx1 = tx.clone();
+        // The one thread runs A until the gate opens.
+        lane.submit(
+            Class::Owner,
+            Box::new(move || {
+                started_tx.send(()).unwrap();
+                gate_rx.recv().unwrap();
+                tx1.send("A").unwrap();
+            }),
+        )
+        .unwrap();
+        started_rx.recv().unwrap();
+        let parked = commands.park();
+        let tx2 = tx.clone();
+        assert_eq!(
+            lane.submit(Class::Owner, Box::new(move || tx2.send("B").unwrap())),
+            Ok(())
+        );
+        // B waiting and one parked: the queue of 2 is full.
+        assert_eq!(
+            lane.submit(Class::Owner, Box::new(|| ())),
+            Err(libc::EAGAIN)
+        );
+        let tx3 = tx.clone();
+        parked.resume(move || tx3.send("resumed").unwrap());
+        gate_tx.send(()).unwrap();
+        let order: Vec<&str> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(order, ["A", "resumed", "B"]);
+        // A parked task dropped unresumed frees its place too.
+        drop(commands.park());
+        assert_eq!(lane.state.lock().unwrap().parked, 0);
     }
 }

@@ -25,6 +25,24 @@ fn index_of(nodeid: u64) -> Option<usize> {
         .filter(|i| *i < ctl::FILES.len())
 }
 
+/// The size a command file shows. The kernel holds a FUSE file's inode
+/// lock for a whole write (until the daemon answers, which for a command is
+/// when it has finished), exclusively unless the open allows parallel
+/// direct writes and the write ends within the file's size. With size 0,
+/// a command hung on one image would hold up every later command written
+/// to the same file, whatever image it names. So command files allow
+/// parallel writes and show this size: a write ending below it (any
+/// command request at the start of an open file) runs alongside the others.
+/// An open with `O_TRUNC` (the shell's `>`) or a write with `O_APPEND`
+/// (`>>`) still needs the lock exclusively and waits for the writes in
+/// flight on that file.
+pub(crate) const COMMAND_FILE_SIZE: u64 = 1 << 20;
+
+/// True for the control files that take commands.
+fn is_command(nodeid: u64) -> bool {
+    index_of(nodeid).is_some_and(|i| matches!(ctl::FILES[i].1, ctl::CtlFile::Command(_)))
+}
+
 /// Entries of the control directory, for readdir.
 pub(crate) fn dir_entries() -> Vec<(u64, FileType, OsString)> {
     let mut v = vec![
@@ -65,16 +83,21 @@ impl MigsafeFs {
     }
 
     /// Attributes of a control node: owned by the mounting user, times
-    /// fixed at mount.
+    /// fixed at mount. A command file has a size (see [`COMMAND_FILE_SIZE`]),
+    /// the others none.
     pub(crate) fn ctl_attr(&self, nodeid: u64) -> FileAttr {
-        attr::virtual_node(
+        let mut attr = attr::virtual_node(
             nodeid,
             nodeid == CTL_DIR,
             ctl::file_mode(index_of(nodeid)),
             self.config.owner_uid,
             self.config.owner_gid,
             self.mounted_at,
-        )
+        );
+        if is_command(nodeid) {
+            attr.size = COMMAND_FILE_SIZE;
+        }
+        attr
     }
 
     fn ctl_handle(&self, fh: FileHandle) -> Option<Arc<CtlHandle>> {
@@ -97,15 +120,15 @@ impl MigsafeFs {
             return done(Err(Errno::EISDIR.into()));
         };
         let handles = self.handles.clone();
+        let open_flags = if is_command(nodeid) {
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else {
+            FopenFlags::FOPEN_DIRECT_IO
+        };
         self.ctl.open(index, flags, req.uid(), move |result| {
-            // Direct I/O: every read reaches the daemon, the size (0) is
-            // irrelevant.
-            done(result.map(|h| {
-                (
-                    handles.add(Open::Ctl(Arc::new(h))),
-                    FopenFlags::FOPEN_DIRECT_IO,
-                )
-            }))
+            // Direct I/O: every read reaches the daemon, the size is
+            // irrelevant to reads.
+            done(result.map(|h| (handles.add(Open::Ctl(Arc::new(h))), open_flags)))
         });
     }
 
@@ -134,8 +157,9 @@ impl MigsafeFs {
         }
     }
 
-    /// `echo x > .ctl/file` truncates first; control files have no size,
-    /// but the truncate is checked like a write.
+    /// `echo x > .ctl/file` truncates first; control files keep their size
+    /// (none, or a command file's), but the truncate is checked like a
+    /// write.
     pub(crate) fn ctl_setattr(&self, req: &Request, nodeid: u64) -> Result<FileAttr, Error> {
         self.ctl.check_writer(req.uid())?;
         Ok(self.ctl_attr(nodeid))

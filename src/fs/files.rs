@@ -176,54 +176,12 @@ impl MigsafeFs {
             );
             return Err(Errno::EROFS.into());
         }
-        let mut data_path = self.data_path_for(&inode);
-        let mut passthrough = None;
-        if data_path == DataPath::Passthrough {
-            match self.passthrough_backing(&inode, &reply) {
-                Ok(b) => passthrough = Some(b),
-                Err(e) if self.config.io == IoMode::Passthrough => {
-                    log::warn!(
-                        "open {}: passthrough registration failed: {e}",
-                        image.path()
-                    );
-                    return Err(Error::from(e));
-                }
-                Err(e) => {
-                    log::info!(
-                        "open {}: passthrough unavailable ({e}); using relay",
-                        image.path()
-                    );
-                    data_path = DataPath::Relay;
-                }
-            }
-        }
-        let mut file = file;
-        let mut edges = None;
-        if data_path == DataPath::Cached {
-            // The backing's own page cache must hold nothing of the image:
-            // the FUSE inode's is the one cache. A backing that refuses
-            // O_DIRECT (ramfs), or a `--device` that is a regular file ending
-            // inside a block (an aligned write of its last block would grow
-            // it), is served by relay, whose one cache is the backing's.
-            let whole = |block| image.device().map_or(Ok(()), |d| d.whole_blocks(block));
-            // A regular file's partial blocks are written exactly, through
-            // a buffered fd of its own (datapath/cached.rs).
-            let want_edges = !image.is_device() && flags & libc::O_ACCMODE != libc::O_RDONLY;
-            file = match datapath::cached::prepare(file, backing_flags(flags), whole, want_edges) {
-                Ok((f, e)) => {
-                    edges = e;
-                    f
-                }
-                Err((f, e)) => {
-                    log::info!(
-                        "open {}: cached data path unavailable ({e}); using relay",
-                        image.path()
-                    );
-                    data_path = DataPath::Relay;
-                    f
-                }
-            };
-        }
+        let (data_path, passthrough) = self.first_data_path(&inode, &image, &reply)?;
+        let (file, data_path, edges) = if data_path == DataPath::Cached {
+            Self::prepare_cached(&image, file, flags)
+        } else {
+            (file, data_path, None)
+        };
         // A first open (nobody else has the image open here) is the
         // close-to-open point: without FOPEN_KEEP_CACHE the kernel drops the
         // FUSE inode's pages as the open completes.
@@ -242,41 +200,12 @@ impl MigsafeFs {
         let handle = Arc::new(handle);
         let fh = self.add_handle(Open::File(handle.clone()));
         image.add_handle(fh, handle.clone());
-        if handle.writable && handle.opened_inactive {
-            // An incoming VMM opens its image read-write before activation:
-            // allowed, but a passthrough handle's writes would bypass the
-            // EROFS fencing, so say who opened it.
-            let level = if handle.bypasses_fencing() {
-                log::Level::Warn
-            } else {
-                log::Level::Info
-            };
-            log::log!(
-                level,
-                "open {}: writable open of an inactive image by pid {} ({}), data path={}{}",
-                image.path(),
-                handle.pid,
-                handle.comm,
-                data_path.name(),
-                if handle.bypasses_fencing() {
-                    "; its writes bypass fencing until the image is activated"
-                } else {
-                    "; its writes get EROFS until the image is activated"
-                }
-            );
-        }
-        log::info!(
-            "open {} data path={} pid={} flags={:#o}{}",
-            image.path(),
-            data_path.name(),
-            req.pid(),
-            flags,
-            if data_path == DataPath::Cached {
-                format!(" dio_align={}", handle.block)
-            } else {
-                String::new()
-            }
-        );
+        // Writers outside the mount: the answer for this image is made
+        // ready before any command needs it.
+        self.ctl
+            .writer_cache
+            .warm(image.identity, &image.path(), &handle.file);
+        log_open(&image, &handle, req.pid(), flags);
         let fopen = match data_path {
             DataPath::Passthrough => FopenFlags::empty(),
             DataPath::Relay => {
@@ -286,6 +215,63 @@ impl MigsafeFs {
             DataPath::Cached => FopenFlags::empty(),
         };
         Ok((fh, fopen, passthrough))
+    }
+
+    /// The inode's data path, with its passthrough backing registered when
+    /// that is the path. A registration that fails falls back to relay,
+    /// unless passthrough was asked for by name (`--io passthrough`).
+    fn first_data_path(
+        &self,
+        inode: &Arc<Inode>,
+        image: &Image,
+        reply: &ReplyOpenLike<'_>,
+    ) -> Result<(DataPath, Option<Arc<PassthroughBacking>>), Error> {
+        let data_path = self.data_path_for(inode);
+        if data_path != DataPath::Passthrough {
+            return Ok((data_path, None));
+        }
+        match self.passthrough_backing(inode, reply) {
+            Ok(b) => Ok((data_path, Some(b))),
+            Err(e) if self.config.io == IoMode::Passthrough => {
+                log::warn!(
+                    "open {}: passthrough registration failed: {e}",
+                    image.path()
+                );
+                Err(Error::from(e))
+            }
+            Err(e) => {
+                log::info!(
+                    "open {}: passthrough unavailable ({e}); using relay",
+                    image.path()
+                );
+                Ok((DataPath::Relay, None))
+            }
+        }
+    }
+
+    /// The backing fd of a cached handle (`O_DIRECT`), with the buffered fd
+    /// a writable regular file's partial blocks are written through; relay
+    /// where the cached path cannot serve the image.
+    fn prepare_cached(image: &Image, file: File, flags: i32) -> (File, DataPath, Option<File>) {
+        // The backing's own page cache must hold nothing of the image:
+        // the FUSE inode's is the one cache. A backing that refuses
+        // O_DIRECT (ramfs), or a `--device` that is a regular file ending
+        // inside a block (an aligned write of its last block would grow
+        // it), is served by relay, whose one cache is the backing's.
+        let whole = |block| image.device().map_or(Ok(()), |d| d.whole_blocks(block));
+        // A regular file's partial blocks are written exactly, through
+        // a buffered fd of its own (datapath/cached.rs).
+        let want_edges = !image.is_device() && flags & libc::O_ACCMODE != libc::O_RDONLY;
+        match datapath::cached::prepare(file, backing_flags(flags), whole, want_edges) {
+            Ok((f, edges)) => (f, DataPath::Cached, edges),
+            Err((f, e)) => {
+                log::info!(
+                    "open {}: cached data path unavailable ({e}); using relay",
+                    image.path()
+                );
+                (f, DataPath::Relay, None)
+            }
+        }
     }
 
     /// `reply` is only borrowed to register a passthrough backing; the op
@@ -715,4 +701,42 @@ pub(crate) type Created = (FileAttr, u64, FopenFlags, Option<Arc<PassthroughBack
 pub(crate) enum ReplyOpenLike<'a> {
     Open(&'a ReplyOpen),
     Create(&'a ReplyCreate),
+}
+
+/// The open's log line, and who opened an inactive image for writing (a
+/// passthrough handle's writes would bypass the EROFS fencing: a warning).
+fn log_open(image: &Image, handle: &Handle, pid: u32, flags: i32) {
+    if handle.writable && handle.opened_inactive {
+        // An incoming VMM opens its image read-write before activation.
+        let level = if handle.bypasses_fencing() {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        log::log!(
+            level,
+            "open {}: writable open of an inactive image by pid {} ({}), data path={}{}",
+            image.path(),
+            handle.pid,
+            handle.comm,
+            handle.data_path.name(),
+            if handle.bypasses_fencing() {
+                "; its writes bypass fencing until the image is activated"
+            } else {
+                "; its writes get EROFS until the image is activated"
+            }
+        );
+    }
+    log::info!(
+        "open {} data path={} pid={} flags={:#o}{}",
+        image.path(),
+        handle.data_path.name(),
+        pid,
+        flags,
+        if handle.data_path == DataPath::Cached {
+            format!(" dio_align={}", handle.block)
+        } else {
+            String::new()
+        }
+    );
 }

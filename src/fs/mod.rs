@@ -156,6 +156,7 @@ impl MigsafeFs {
             passthrough_active: AtomicBool::new(false),
             arrivals: Default::default(),
             arrival_order: Default::default(),
+            writer_cache: Arc::new(crate::cache::WriterCache::new(config.mountpoint.clone())),
             workers: Default::default(),
         });
         Ok(MigsafeFs {

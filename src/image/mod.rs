@@ -621,9 +621,11 @@ impl Image {
             && self.may_be_written_elsewhere()
         {
             list.extend(
-                scan.unfenced(self.identity, &self.path(), own)
-                    .iter()
-                    .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
+                scan.unfenced(self.identity, &self.path(), own, || {
+                    self.open_backing(libc::O_RDONLY)
+                })
+                .iter()
+                .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
             );
         }
         if list.is_empty() {
@@ -1196,6 +1198,7 @@ impl Image {
         let mut settle = cache::Settle::new();
         let mut backoff = std::time::Duration::from_millis(1);
         let mut attempt = 0u32;
+        let mut read_failed = false;
         loop {
             attempt += 1;
             let (counts, method) =
@@ -1260,8 +1263,15 @@ impl Image {
                             true
                         }
                         Ok(false) => false,
+                        // Also over the bound on settle reads (the backing
+                        // hangs on many): the page stays under read.
                         Err(e) => {
-                            log::debug!("image {}: waiting for a read: {e}", self.path());
+                            let level = if std::mem::replace(&mut read_failed, true) {
+                                log::Level::Debug
+                            } else {
+                                log::Level::Warn
+                            };
+                            log::log!(level, "image {}: waiting for a read: {e}", self.path());
                             false
                         }
                     }

@@ -1,15 +1,18 @@
 //! First come, first served: a ticket lock whose tickets can be taken on
-//! one thread and waited for on another. `std::sync::Mutex` promises no
-//! order among waiters; control commands on one image must take effect in
-//! the order their requests arrived (docs/DESIGN.md §3).
+//! one thread and used on another, and whose waiters hold no thread.
+//! `std::sync::Mutex` promises no order among waiters; control commands on
+//! one image must take effect in the order their requests arrived
+//! (docs/DESIGN.md §3). A command waiting for its turn parks what it will
+//! do then with its ticket, and the thread that ends the turn before it
+//! hands it on: any number of commands can wait for a busy image without
+//! holding a command thread that commands on other images need.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default)]
 struct Inner {
     counters: Mutex<Counters>,
-    turn: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -18,6 +21,18 @@ struct Counters {
     serving: u64,
     /// Tickets given up before their turn: skipped when it comes.
     given_up: BTreeSet<u64>,
+    /// Tickets waiting for their turn, each with what to run when it comes
+    /// (the ticket itself is inside).
+    parked: BTreeMap<u64, Parked>,
+}
+
+/// What a parked ticket runs when its turn comes.
+struct Parked(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Parked")
+    }
 }
 
 impl Counters {
@@ -68,31 +83,55 @@ impl Ticket {
         self.number
     }
 
-    /// Blocks until every ticket taken before this one is done.
-    pub fn wait(&self) {
-        let mut c = self
+    /// Whether every ticket taken before this one is done. Once true, it
+    /// stays true until this ticket is dropped.
+    pub fn is_turn(&self) -> bool {
+        let c = self
             .inner
             .counters
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        while c.serving != self.number {
-            c = self.inner.turn.wait(c).unwrap_or_else(|p| p.into_inner());
+        c.serving == self.number
+    }
+
+    /// Runs `then` with this ticket once every ticket taken before it is
+    /// done: at once on this thread if that is so already, else on the
+    /// thread that ends the turn before it, from inside that ticket's drop.
+    /// No thread waits meanwhile; `then` must not block (it hands the
+    /// ticket on, e.g. queues work that holds it).
+    pub fn when_turn(self, then: impl FnOnce(Ticket) + Send + 'static) {
+        let inner = self.inner.clone();
+        let mut c = inner.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if c.serving == self.number {
+            drop(c);
+            return then(self);
         }
+        let number = self.number;
+        c.parked
+            .insert(number, Parked(Box::new(move || then(self))));
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut c = self
-            .inner
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if c.serving == self.number {
-            c.advance();
-            self.inner.turn.notify_all();
-        } else {
-            c.given_up.insert(self.number);
+        let next = {
+            let mut c = self
+                .inner
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if c.serving == self.number {
+                c.advance();
+                let serving = c.serving;
+                c.parked.remove(&serving)
+            } else {
+                c.given_up.insert(self.number);
+                None
+            }
+        };
+        // Unlocked: it may end its own turn at once.
+        if let Some(Parked(run)) = next {
+            run();
         }
     }
 }
@@ -100,6 +139,7 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
     use std::time::Duration;
 
     #[test]
@@ -108,19 +148,34 @@ mod tests {
         let order = Arc::new(Mutex::new(Vec::new()));
         let tickets: Vec<Ticket> = (0..8).map(|_| turns.take()).collect();
         assert_eq!(turns.pending(), 8);
+        let (tx, rx) = mpsc::channel();
         std::thread::scope(|s| {
-            // Later tickets start waiting first.
+            // Later tickets park first, each from a thread of its own that
+            // then ends: none waits.
             for (i, t) in tickets.into_iter().enumerate().rev() {
                 let order = order.clone();
+                let tx = tx.clone();
                 s.spawn(move || {
-                    t.wait();
-                    order.lock().unwrap().push(i);
+                    t.when_turn(move |t| {
+                        order.lock().unwrap().push(i);
+                        // Ends the turn on yet another thread.
+                        std::thread::spawn(move || drop(t));
+                        let _ = tx.send(());
+                    })
                 });
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
+        for _ in 0..8 {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("a turn never came");
+        }
         assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
-        assert_eq!(turns.pending(), 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while turns.pending() != 0 {
+            assert!(std::time::Instant::now() < deadline, "turns left pending");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
@@ -129,10 +184,17 @@ mod tests {
         let first = turns.take();
         let skipped = turns.take();
         let third = turns.take();
+        assert!(first.is_turn() && !third.is_turn());
+        let (tx, rx) = mpsc::channel();
+        third.when_turn(move |t| tx.send(t).unwrap());
         drop(skipped);
-        first.wait();
+        assert!(
+            rx.try_recv().is_err(),
+            "third's turn came before first's ended"
+        );
         drop(first);
-        third.wait();
+        let third = rx.try_recv().expect("third's turn came when first's ended");
+        assert!(third.is_turn());
         drop(third);
         assert_eq!(turns.pending(), 0);
     }

@@ -6,6 +6,7 @@
 mod buf;
 mod cache;
 mod creds;
+mod fanotify;
 mod fd;
 mod ident;
 mod lease;
@@ -16,6 +17,7 @@ mod process;
 pub use buf::*;
 pub use cache::*;
 pub use creds::*;
+pub use fanotify::*;
 pub use fd::*;
 pub use ident::*;
 pub use lease::*;
