@@ -503,3 +503,29 @@ pub fn ctl_cli<S: AsRef<OsStr>>(mount: &Mount, args: &[S]) -> (i32, String, Stri
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Removes, on drop, the state files that mounts under `dir` left in root's
+/// default place (`/run/migsafe-state`): scripts that mount without
+/// `--state-file` (the examples) record fences there, and a test leaves
+/// nothing behind on the machine.
+pub struct StateFilesGone(PathBuf);
+
+impl StateFilesGone {
+    pub fn new(dir: &Path) -> StateFilesGone {
+        StateFilesGone(fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()))
+    }
+}
+
+impl Drop for StateFilesGone {
+    fn drop(&mut self) {
+        let prefix = format!("{}-", migsafe::mount::systemd_escape_path(&self.0));
+        let Ok(entries) = fs::read_dir("/run/migsafe-state") else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
