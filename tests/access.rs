@@ -284,7 +284,7 @@ struct Bed {
     backing: PathBuf,
     probe: PathBuf,
     cfg: Cfg,
-    _dir: tempfile::TempDir,
+    _dir: common::Scratch,
 }
 
 /// `setup` runs as root with `sh -e` in both directories (and `$P` names the

@@ -160,7 +160,7 @@ fn threads_of(pid: u32) -> usize {
 struct Bed {
     m: Mount,
     slow: KMount,
-    dir: tempfile::TempDir,
+    dir: common::Scratch,
 }
 
 impl Bed {

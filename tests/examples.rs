@@ -116,7 +116,6 @@ fn two_host_demo_shows_stale_then_fresh_and_cleans_up() {
         return;
     }
     let tmp = scratch();
-    let _state = StateFilesGone::new(tmp.path());
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-host-demo.sh");
     let out = Command::new("bash")
         .arg(&demo)
@@ -178,7 +177,6 @@ fn fstab_example_options_mount_through_the_fuse_helper() {
         .expect("an fstab entry");
     let opts = entry.split_whitespace().nth(3).expect("options field");
     let tmp = scratch();
-    let _state = StateFilesGone::new(tmp.path());
     let backing = tmp.path().join("images");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&backing).unwrap();
@@ -601,7 +599,6 @@ fn qemu_migrate_succeeds_and_survives_every_failed_step() {
         return;
     }
     let tmp = scratch();
-    let _state = StateFilesGone::new(tmp.path());
     let bed = Bed::new(tmp.path());
 
     // No failure: the guest moves to B.
@@ -649,7 +646,6 @@ fn qemu_migrate_rolls_back_on_timeout_qmp_error_refusal_and_ctrl_c() {
         return;
     }
     let tmp = scratch();
-    let _state = StateFilesGone::new(tmp.path());
     let bed = Bed::new(tmp.path());
 
     // A migration that never completes: the poll times out.
@@ -780,7 +776,6 @@ fn libvirt_hook_failure_says_why_on_stderr() {
         return;
     }
     let tmp = scratch();
-    let _state = StateFilesGone::new(tmp.path());
     let back = tmp.path().join("back");
     std::fs::create_dir_all(&back).unwrap();
     make_file(&back.join("vm1.img"), 1 << 20, 0);
@@ -846,7 +841,6 @@ fn virsh_migrate_explains_the_shared_storage_refusal() {
         return;
     }
     let tmp = scratch();
-    let _state = StateFilesGone::new(tmp.path());
     let back = tmp.path().join("back");
     let bin = tmp.path().join("bin");
     std::fs::create_dir_all(&back).unwrap();

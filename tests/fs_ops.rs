@@ -32,7 +32,7 @@ fn umask() -> u32 {
 struct Bed {
     m: Mount,
     backing: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: common::Scratch,
 }
 
 fn bed(args: &[&str]) -> Bed {

@@ -140,7 +140,7 @@ struct Bed {
     m2: Mount,
     _host_a: KMount,
     host_b: KMount,
-    dir: tempfile::TempDir,
+    dir: common::Scratch,
 }
 
 impl Bed {

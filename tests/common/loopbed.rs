@@ -4,7 +4,7 @@
 
 use std::fs;
 
-use super::{LoopDev, Mount, make_file, scratch};
+use super::{LoopDev, Mount, Scratch, make_file, scratch};
 
 pub struct LoopBed {
     /// Declared first: mounts go before the devices they serve, the temp
@@ -13,7 +13,7 @@ pub struct LoopBed {
     pub b: Mount,
     pub loop_a: LoopDev,
     pub loop_b: LoopDev,
-    pub dir: tempfile::TempDir,
+    pub dir: Scratch,
 }
 
 impl LoopBed {

@@ -71,11 +71,31 @@ pub fn have_tool(prog: &str) -> bool {
 
 /// A unique scratch directory, removed on drop (after mounts inside it are gone,
 /// because guards are declared after it and so dropped first).
-pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
+pub fn scratch() -> Scratch {
+    let dir = tempfile::Builder::new()
         .prefix("migsafe-test-")
         .tempdir_in(std::env::temp_dir())
-        .expect("create temp dir")
+        .expect("create temp dir");
+    Scratch {
+        _state: StateFilesGone::new(dir.path()),
+        dir,
+    }
+}
+
+/// A test's temp dir; dropping it also removes the state files that mounts
+/// beneath it left in root's default place (a daemon started without
+/// `--state-file` records fences in `/run/migsafe-state`).
+pub struct Scratch {
+    // Dropped first: the state files go before the directory.
+    _state: StateFilesGone,
+    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = tempfile::TempDir;
+    fn deref(&self) -> &tempfile::TempDir {
+        &self.dir
+    }
 }
 
 /// Runs a command, panicking with its output if it fails.
