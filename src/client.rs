@@ -179,41 +179,12 @@ fn check_fields(f: &protocol::Fields) -> Result<(), String> {
 /// unless `-o fsname=` changed it), for the backing path in `status`.
 fn mount_source(mountpoint: &Path) -> Option<String> {
     let want = std::fs::canonicalize(mountpoint).ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // The last entry for a path is the one on top.
-    info.lines().rev().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mp = unescape_mountinfo(pre.split(' ').nth(4)?);
-        if Path::new(&mp) != want {
-            return None;
-        }
-        let mut post = post.split(' ');
-        let (_fstype, source) = (post.next()?, post.next()?);
-        Some(unescape_mountinfo(source))
-    })
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape_mountinfo(s: &str) -> String {
-    use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(oct) = s.get(i + 1..i + 4)
-            && let Ok(v) = u8::from_str_radix(oct, 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    std::ffi::OsString::from_vec(out)
-        .to_string_lossy()
-        .into_owned()
+    crate::mountinfo::mountinfo()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == want)
+        .map(|m| m.source)
 }
 
 /// How a value of a result line is shown to a person: as the protocol
@@ -938,12 +909,6 @@ mod tests {
         assert_eq!(human_bytes(1 << 20), "1.0 MiB");
         assert_eq!(human_bytes(10 << 30), "10.0 GiB");
         assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\011c\\134"), "/a b\tc\\");
-        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
     }
 
     #[test]

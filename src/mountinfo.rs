@@ -1,6 +1,8 @@
-//! `/proc/self/mountinfo`, parsed once for everyone who asks what is mounted
-//! where: the start-up refusals (a live migsafe mountpoint, a nested mount),
-//! the unmount check, and the scan for writers outside this mount.
+//! `/proc/self/mountinfo`: the one parser for everyone who asks what is
+//! mounted where: the start-up refusals (a live migsafe mountpoint, a nested
+//! mount), the unmount check, the scan for writers outside this mount, and
+//! `migsafe ctl`'s backing path. Each call reads the table afresh (mounts
+//! come and go).
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +82,8 @@ mod tests {
     #[test]
     fn unescapes_mountinfo_paths() {
         assert_eq!(unescape_octal(r"/mnt/a\040b\134c"), "/mnt/a b\\c");
+        assert_eq!(unescape_octal("/a\\011c"), "/a\tc");
+        assert_eq!(unescape_octal("/plain\\"), "/plain\\");
         assert_eq!(unescape_octal(r"/x\04"), r"/x\04");
         assert_eq!(unescape_octal("/é"), "/é");
     }
