@@ -728,6 +728,9 @@ start_migsafe() {
 	local targs=()
 	[[ -n $THREADS ]] && targs=(--threads "$THREADS")
 	CLEAN_MNTS+=("$mnt")
+	# The state file in the work dir (removed with it), not root's default
+	# /run/migsafe-state: the bench leaves nothing behind.
+	targs+=(--state-file "$WORK/state-$name.json")
 	RUST_LOG=${RUST_LOG:-warn} "$MIGSAFE" mount "${targs[@]+"${targs[@]}"}" "$@" \
 		"${EXTRA_MOUNT_ARGS[@]+"${EXTRA_MOUNT_ARGS[@]}"}" "$backing" "$mnt" \
 		>"$WORK/log-$name" 2>&1 &

@@ -62,14 +62,18 @@ stop_pid() { # pid: TERM, wait up to 5 s, then KILL
 }
 
 # spawn_migsafe HOST BACKING MOUNTPOINT [ARGS...]: creates MOUNTPOINT and starts
-# `$MIGSAFE mount ARGS BACKING MOUNTPOINT` in the background (RUST_LOG defaults
-# to info), its output in $WORK/migsafe-HOST.log; registers the daemon and the
+# `$MIGSAFE mount --state-file $WORK/state-HOST.json ARGS BACKING MOUNTPOINT`
+# in the background (RUST_LOG defaults to info), its output in
+# $WORK/migsafe-HOST.log; registers the daemon and the
 # mount for the cleanup. The daemon's pid is left in $! for wait_mounted.
 spawn_migsafe() {
     local host=$1 backing=$2 mnt=$3
     shift 3
     mkdir -p "$mnt"
-    RUST_LOG=${RUST_LOG:-info} "${MIGSAFE:?}" mount "$@" "$backing" "$mnt" \
+    # The state file in $WORK, not root's default /run/migsafe-state: a run
+    # leaves nothing behind.
+    RUST_LOG=${RUST_LOG:-info} "${MIGSAFE:?}" mount --state-file "$WORK/state-$host.json" \
+        "$@" "$backing" "$mnt" \
         </dev/null >"$WORK/migsafe-$host.log" 2>&1 &
     DAEMON_PIDS+=($!)
     MOUNTS+=("$mnt")
