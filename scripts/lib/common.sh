@@ -14,7 +14,8 @@
 #   stop_pid PID              TERM, wait up to 5 s, then KILL
 #   spawn_migsafe HOST BACKING MOUNTPOINT [ARGS...]
 #                             `$MIGSAFE mount ARGS BACKING MOUNTPOINT` in the
-#                             background, registered for the cleanup
+#                             background (its state file in $WORK),
+#                             registered for the cleanup
 #   wait_mounted MOUNTPOINT PID LABEL [LOG]
 #                             wait until a daemon has mounted
 #   ctl_request MOUNT COMMAND IMAGE
