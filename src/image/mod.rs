@@ -16,8 +16,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 pub mod handle;
+mod outcome;
 pub mod state_file;
 pub mod turns;
+
+pub use outcome::{CommandContext, FuseAccessError, FuseCache, Outcome};
 
 use crate::backing::Device;
 use crate::cache::{
@@ -100,80 +103,6 @@ struct State {
     sticky_error: Option<i32>,
     last: Option<LastCommand>,
 }
-
-/// The outcome of one control command on one image.
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    pub errno: Option<i32>,
-    pub resident_pages: u64,
-    pub detail: String,
-    /// Writable handles exist whose writes the daemon cannot fence (named in
-    /// `detail`), also on success.
-    pub unfenced: bool,
-}
-
-impl Outcome {
-    fn failed(errno: i32, detail: impl Into<String>) -> Outcome {
-        Outcome {
-            errno: Some(errno),
-            detail: detail.into(),
-            ..Outcome::default()
-        }
-    }
-}
-
-/// What a command needs from the filesystem around the image.
-pub struct CommandContext<'a> {
-    pub settings: &'a Settings,
-    /// Drops the kernel's cached attributes of the image's FUSE inode (its
-    /// size may have changed on the source). Called from a worker thread.
-    pub invalidate_attrs: &'a (dyn Fn(&Image) + Sync),
-    /// The FUSE inode's own page cache (cached data path, relay mappings);
-    /// None inside a request handler, where it must not be touched.
-    pub fuse: Option<&'a dyn FuseCache>,
-    /// Mount ids of this daemon's own mount: writers through it are fenced,
-    /// writers elsewhere (the backing itself, another or a crashed
-    /// instance's mount) are named as unfenced.
-    pub own_mounts: &'a [u64],
-    /// The one /proc pass that names those writers, shared by every image
-    /// of the command and taken only if an image needs it.
-    pub writers: &'a WriterScan,
-}
-
-/// The page cache of an image's FUSE inode, as control commands (on worker
-/// threads) reach it. Every method works on the image's own FUSE inode
-/// (node id `Image::nodeid`) or fails; never on another file that has
-/// taken the image's name.
-pub trait FuseCache: Sync {
-    /// Writes the FUSE inode's dirty pages back through the daemon and syncs.
-    fn writeback(&self, image: &Image) -> std::io::Result<()>;
-    /// Writes back, unmaps and drops every page of the FUSE inode, and
-    /// returns when the kernel has done it.
-    fn drop_pages(&self, image: &Image) -> std::io::Result<()>;
-    /// The FUSE inode's page counts (cachestat on a file of the mount).
-    fn page_counts(&self, image: &Image) -> std::io::Result<sys::PageCounts>;
-    /// The same, only through the file an earlier call of this command
-    /// opened (never a request to the mount: while `inactivate` decides,
-    /// every request thread may be waiting for the decision); fails with
-    /// `FuseAccessError` when there is none.
-    fn held_page_counts(&self, image: &Image) -> std::io::Result<sys::PageCounts>;
-}
-
-/// Why the FUSE inode of an image cannot be reached, with the errno the
-/// command fails with (carried in an `io::Error` from `FuseCache`).
-#[derive(Debug)]
-pub struct FuseAccessError {
-    pub errno: i32,
-    pub message: String,
-}
-
-impl std::fmt::Display for FuseAccessError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for FuseAccessError {}
 
 #[derive(Debug)]
 pub struct Image {
@@ -549,14 +478,6 @@ impl Image {
         })
     }
 
-    fn fuse_failed(e: std::io::Error, what: &str) -> Outcome {
-        let errno = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<FuseAccessError>())
-            .map_or_else(|| sys::errno_of(&e), |f| f.errno);
-        Outcome::failed(errno, format!("{what} the FUSE page cache: {e}"))
-    }
-
     pub fn remove_handle(&self, fh: u64) {
         let mut handles = self.handles.lock().expect("handles lock");
         handles.remove(&fh);
@@ -721,9 +642,10 @@ impl Image {
         let kept = self.errseq.lock().expect("errseq lock").clone();
         match kept {
             Some(f) => files.push(f),
-            None => files.push(Arc::new(self.open_backing(libc::O_RDONLY).map_err(
-                |e| Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}")),
-            )?)),
+            None => files.push(Arc::new(
+                self.open_backing(libc::O_RDONLY)
+                    .map_err(|e| Outcome::cannot_open_backing(&e))?,
+            )),
         }
         for f in &files {
             self.sync_file(f, false, settings).map_err(|e| {
@@ -742,7 +664,7 @@ impl Image {
         self.run_command("flush", || {
             if let Some(fuse) = self.fuse_cache(ctx) {
                 fuse.writeback(self)
-                    .map_err(|e| Self::fuse_failed(e, "cannot write back"))?;
+                    .map_err(|e| Outcome::fuse_failed(e, "cannot write back"))?;
             }
             self.drain_writes();
             self.sync_everything(ctx.settings)?;
@@ -769,10 +691,10 @@ impl Image {
             // steps below only count what a mapping dirtied since.
             if let Some(fuse) = self.fuse_cache(ctx) {
                 fuse.writeback(self)
-                    .map_err(|e| Self::fuse_failed(e, "cannot write back"))?;
+                    .map_err(|e| Outcome::fuse_failed(e, "cannot write back"))?;
                 if ctx.settings.drop_cache() {
                     fuse.drop_pages(self)
-                        .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
+                        .map_err(|e| Outcome::fuse_failed(e, "cannot drop"))?;
                 }
             }
             let decision = Decision::begin(self);
@@ -803,8 +725,8 @@ impl Image {
         })
         .map(|()| self.restored.store(false, Ordering::Relaxed))
         .map_err(|e| {
-            Outcome::failed(
-                sys::errno_of(&e),
+            Outcome::io(
+                &e,
                 format!(
                     "the image is fenced here but its fence cannot be recorded in the state file {} ({e}); \
                      a restarted daemon would forget it: make the state file writable and run inactivate again",
@@ -817,7 +739,7 @@ impl Image {
     fn inactivate_steps(&self, ctx: &CommandContext<'_>) -> Result<Outcome, Outcome> {
         let file = self
             .open_backing(libc::O_RDONLY)
-            .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}")))?;
+            .map_err(|e| Outcome::cannot_open_backing(&e))?;
         // Pages dirtied between the syncs (by a writer the daemon cannot
         // fence) are synced again a few times before giving up.
         if !ctx.settings.deny_inactive_writes() {
@@ -825,9 +747,7 @@ impl Image {
             // nothing can promise that none is left; sync what is there.
             self.sync_everything(ctx.settings)?;
             if ctx.settings.drop_cache() {
-                cache::evict(&file).map_err(|e| {
-                    Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
-                })?;
+                cache::evict(&file).map_err(|e| Outcome::fadvise_failed(&e))?;
             }
             return Ok(self.fencing_outcome(ctx));
         }
@@ -836,9 +756,7 @@ impl Image {
         for _ in 0..3 {
             self.sync_everything(ctx.settings)?;
             if ctx.settings.drop_cache() {
-                cache::evict(&file).map_err(|e| {
-                    Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
-                })?;
+                cache::evict(&file).map_err(|e| Outcome::fadvise_failed(&e))?;
             }
             // "Cannot verify" is a failure: a count that cannot be made is
             // not "0 dirty".
@@ -852,7 +770,7 @@ impl Image {
             if let Some(fuse) = self.fuse_cache(ctx) {
                 let f = fuse
                     .held_page_counts(self)
-                    .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+                    .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
                 left.dirty += f.dirty;
                 left.writeback += f.writeback;
                 left.cached += f.cached;
@@ -863,28 +781,25 @@ impl Image {
             }
         }
         let writers = self.unfenced_report(Some((ctx.own_mounts, ctx.writers)));
-        Err(Outcome {
-            errno: Some(libc::EBUSY),
-            resident_pages: left.cached,
-            detail: format!(
-                "{} dirty and {} writeback pages written on this host after the sync{}; \
+        let detail = format!(
+            "{} dirty and {} writeback pages written on this host after the sync{}; \
                  a writer outside the daemon's fencing is still writing{}; stop it before handing over",
-                left.dirty,
-                left.writeback,
-                if mapped_dirty > 0 {
-                    format!(
-                        " ({mapped_dirty} of them by a mapping of the image through this mount)"
-                    )
-                } else {
-                    String::new()
-                },
-                if writers.is_empty() {
-                    format!(" (holders: {})", self.holders_text())
-                } else {
-                    format!(" ({writers})")
-                }
-            ),
+            left.dirty,
+            left.writeback,
+            if mapped_dirty > 0 {
+                format!(" ({mapped_dirty} of them by a mapping of the image through this mount)")
+            } else {
+                String::new()
+            },
+            if writers.is_empty() {
+                format!(" (holders: {})", self.holders_text())
+            } else {
+                format!(" ({writers})")
+            }
+        );
+        Err(Outcome {
             unfenced: !writers.is_empty(),
+            ..Outcome::busy(left.cached, detail)
         })
     }
 
@@ -893,8 +808,8 @@ impl Image {
     /// pages cannot be told from clean ones: resident pages then fail too.
     fn dirty_left(&self, file: &File) -> Result<sys::PageCounts, Outcome> {
         let cannot = |e: std::io::Error| {
-            Outcome::failed(
-                sys::errno_of(&e),
+            Outcome::io(
+                &e,
                 format!(
                     "cannot verify that no dirty page is left on this host: {e}; \
                      the image stays active"
@@ -904,16 +819,14 @@ impl Image {
         let size = cache::file_size(file).map_err(cannot)?;
         let (counts, method) = cache::page_counts(file, size).map_err(cannot)?;
         if method == cache::Method::Mincore && counts.cached > 0 {
-            return Err(Outcome {
-                errno: Some(libc::EBUSY),
-                resident_pages: counts.cached,
-                detail: format!(
+            return Err(Outcome::busy(
+                counts.cached,
+                format!(
                     "{} pages still resident after the sync and drop, and without cachestat(2) \
                      dirty pages cannot be told from clean ones: cannot verify; the image stays active",
                     counts.cached
                 ),
-                unfenced: false,
-            });
+            ));
         }
         Ok(counts)
     }
@@ -973,22 +886,20 @@ impl Image {
     pub fn check(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("check", || {
             let file = self.open_backing(libc::O_RDONLY).map_err(|e| {
-                Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}"))
+                Outcome::cannot_open_backing(&e)
             })?;
             if let Some(fuse) = self.fuse_cache(ctx) {
                 let f = fuse
                     .page_counts(self)
-                    .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+                    .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
                 if f.cached > 0 {
-                    return Err(Outcome {
-                        errno: Some(libc::EBUSY),
-                        resident_pages: f.cached,
-                        detail: format!(
+                    return Err(Outcome::busy(
+                        f.cached,
+                        format!(
                             "{} pages resident in the FUSE page cache of the image ({} dirty, {} writeback)",
                             f.cached, f.dirty, f.writeback
                         ),
-                        unfenced: false,
-                    });
+                    ));
                 }
             }
             self.verify_dropped(&file)
@@ -1015,7 +926,7 @@ impl Image {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         let file = self
             .open_backing(libc::O_RDONLY)
-            .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("cannot open backing: {e}")))?;
+            .map_err(|e| Outcome::cannot_open_backing(&e))?;
         // Nothing cached on this host: nothing can be stale, and steps 2 and
         // 4 are skipped, so a first open of an uncached image costs one
         // cachestat.
@@ -1034,16 +945,14 @@ impl Image {
                     return Ok(Outcome::default());
                 }
                 Ok((c, _)) if c.dirty + c.writeback > 0 => {
-                    return Err(Outcome {
-                        errno: Some(libc::EBUSY),
-                        resident_pages: c.cached,
-                        detail: format!(
+                    return Err(Outcome::busy(
+                        c.cached,
+                        format!(
                             "{} dirty and {} writeback pages on this host; nothing dropped; \
                              find the writer on this host (it must not write an image the source owns)",
                             c.dirty, c.writeback
                         ),
-                        unfenced: false,
-                    });
+                    ));
                 }
                 // On tmpfs or ramfs the cached pages are the file itself,
                 // never a copy of storage another host writes: nothing to
@@ -1051,24 +960,19 @@ impl Image {
                 Ok((c, _)) => {
                     nothing_cached = c.cached == 0
                         || sys::is_memory_backed(file.as_fd()).map_err(|e| {
-                            Outcome::failed(
-                                sys::errno_of(&e),
-                                format!("cannot tell the backing's filesystem: {e}"),
-                            )
+                            Outcome::io(&e, format!("cannot tell the backing's filesystem: {e}"))
                         })?
                 }
                 Err(e) => {
-                    return Err(Outcome::failed(
-                        sys::errno_of(&e),
+                    return Err(Outcome::io(
+                        &e,
                         format!("cannot verify the page-cache state: {e}"),
                     ));
                 }
             }
             // 2. Drop this host's cached pages of the backing.
             if !nothing_cached {
-                cache::evict(&file).map_err(|e| {
-                    Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}"))
-                })?;
+                cache::evict(&file).map_err(|e| Outcome::fadvise_failed(&e))?;
             }
         }
         // The FUSE inode's own cache (cached path, relay mappings): the
@@ -1078,36 +982,32 @@ impl Image {
         if let Some(fuse) = self.fuse_cache(ctx).filter(|_| ctx.settings.drop_cache()) {
             let f = fuse
                 .page_counts(self)
-                .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+                .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
             if f.dirty + f.writeback > 0 {
-                return Err(Outcome {
-                    errno: Some(libc::EBUSY),
-                    resident_pages: f.cached,
-                    detail: format!(
+                return Err(Outcome::busy(
+                    f.cached,
+                    format!(
                         "{} dirty and {} writeback pages in the FUSE page cache on this host; nothing dropped; \
                          find the writer on this host (it must not write an image the source owns)",
                         f.dirty, f.writeback
                     ),
-                    unfenced: false,
-                });
+                ));
             }
             fuse.drop_pages(self)
-                .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
+                .map_err(|e| Outcome::fuse_failed(e, "cannot drop"))?;
             let f = fuse
                 .page_counts(self)
-                .map_err(|e| Self::fuse_failed(e, "cannot read"))?;
+                .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
             // Clean pages present now were read from storage after the drop.
             if ctx.settings.check_cache_dropped() && f.dirty + f.writeback > 0 {
-                return Err(Outcome {
-                    errno: Some(libc::EBUSY),
-                    resident_pages: f.cached,
-                    detail: format!(
+                return Err(Outcome::busy(
+                    f.cached,
+                    format!(
                         "{} dirty and {} writeback pages of the FUSE page cache survived the drop; \
                          a process on this host is writing the image",
                         f.dirty, f.writeback
                     ),
-                    unfenced: false,
-                });
+                ));
             }
         } else {
             // 3. The size may have changed on the source (the drop above
@@ -1125,7 +1025,7 @@ impl Image {
             // it. Drop it again now.
             if let Some(fuse) = self.fuse_cache(ctx) {
                 fuse.drop_pages(self)
-                    .map_err(|e| Self::fuse_failed(e, "cannot drop"))?;
+                    .map_err(|e| Outcome::fuse_failed(e, "cannot drop"))?;
             }
         }
         // 5. Re-read the size.
@@ -1150,7 +1050,7 @@ impl Image {
     /// read, which cachestat counts), ranges and holders, or with the errno
     /// that made verification impossible ("cannot verify" is never a pass).
     fn verify_dropped(&self, file: &File) -> Result<Outcome, Outcome> {
-        let report = Report::of(file, self.identity).map_err(|e| Self::cannot_verify(&e))?;
+        let report = Report::of(file, self.identity).map_err(|e| Outcome::cannot_verify(&e))?;
         if report.counts.cached == 0 {
             return Ok(Outcome::default());
         }
@@ -1159,10 +1059,9 @@ impl Image {
         } else {
             format_holders(&report.holders)
         };
-        Err(Outcome {
-            errno: Some(libc::EBUSY),
-            resident_pages: report.counts.cached,
-            detail: format!(
+        Err(Outcome::busy(
+            report.counts.cached,
+            format!(
                 "{} pages still resident ({} dirty, {} writeback); first ranges {}; holders {holders}{}",
                 report.counts.cached,
                 report.counts.dirty,
@@ -1170,15 +1069,7 @@ impl Image {
                 format_ranges(&report.ranges),
                 self.handle_summary()
             ),
-            unfenced: false,
-        })
-    }
-
-    fn cannot_verify(e: &std::io::Error) -> Outcome {
-        Outcome::failed(
-            sys::errno_of(e),
-            format!("cannot verify that the page cache was dropped: {e}"),
-        )
+        ))
     }
 
     /// Step 4: drops and probes until no page read from storage before the
@@ -1194,7 +1085,7 @@ impl Image {
     /// for dirty pages and for pages kept while a process maps the image.
     fn settle_dropped(&self, file: &File) -> Result<(), Outcome> {
         let start = Instant::now();
-        let size = cache::file_size(file).map_err(|e| Self::cannot_verify(&e))?;
+        let size = cache::file_size(file).map_err(|e| Outcome::cannot_verify(&e))?;
         let mut settle = cache::Settle::new();
         let mut backoff = std::time::Duration::from_millis(1);
         let mut attempt = 0u32;
@@ -1202,7 +1093,7 @@ impl Image {
         loop {
             attempt += 1;
             let (counts, method) =
-                cache::page_counts(file, size).map_err(|e| Self::cannot_verify(&e))?;
+                cache::page_counts(file, size).map_err(|e| Outcome::cannot_verify(&e))?;
             if counts.cached == 0 {
                 log::debug!(
                     "image {}: nothing cached after the drop ({attempt} probes in {} ms)",
@@ -1213,7 +1104,7 @@ impl Image {
             }
             settle
                 .probe(file, size, method)
-                .map_err(|e| Self::cannot_verify(&e))?;
+                .map_err(|e| Outcome::cannot_verify(&e))?;
             let dirty = counts.dirty + counts.writeback > 0;
             if settle.is_done() && !dirty {
                 let level = if attempt > 1 {
@@ -1259,7 +1150,7 @@ impl Image {
                         Ok(true) => {
                             settle
                                 .look_at(file, i)
-                                .map_err(|e| Self::cannot_verify(&e))?;
+                                .map_err(|e| Outcome::cannot_verify(&e))?;
                             true
                         }
                         Ok(false) => false,
@@ -1282,8 +1173,7 @@ impl Image {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
             }
-            cache::evict(file)
-                .map_err(|e| Outcome::failed(sys::errno_of(&e), format!("fadvise failed: {e}")))?;
+            cache::evict(file).map_err(|e| Outcome::fadvise_failed(&e))?;
         }
     }
 
@@ -1311,10 +1201,9 @@ impl Image {
                 format_ranges(&kept_ranges)
             ));
         }
-        Outcome {
-            errno: Some(libc::EBUSY),
-            resident_pages: counts.cached,
-            detail: format!(
+        Outcome::busy(
+            counts.cached,
+            format!(
                 "{} pages still resident ({} dirty, {} writeback){}{}; holders {}{}; \
                  retry once the backing answers and nothing maps or writes the image",
                 counts.cached,
@@ -1329,8 +1218,7 @@ impl Image {
                 },
                 self.handle_summary()
             ),
-            unfenced: false,
-        }
+        )
     }
 
     fn handle_summary(&self) -> String {
@@ -1391,8 +1279,8 @@ impl Image {
             return Ok(());
         }
         self.open_backing(libc::O_RDONLY).map(drop).map_err(|e| {
-            Outcome::failed(
-                sys::errno_of(&e),
+            Outcome::io(
+                &e,
                 format!(
                     "image last seen as {} cannot be found there ({e}): renamed or deleted \
                      outside this mount? name it by its current path",
