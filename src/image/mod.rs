@@ -11,14 +11,13 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-use serde_json::json;
+use std::time::{Instant, SystemTime};
 
 pub mod handle;
 mod outcome;
 mod registry;
 pub mod state_file;
+mod status;
 pub mod turns;
 
 pub use outcome::{CommandContext, FuseAccessError, FuseCache, Outcome};
@@ -475,9 +474,13 @@ impl Image {
 
     /// The FUSE cache to manage for this image in this command, if any.
     fn fuse_cache<'a>(&self, ctx: &CommandContext<'a>) -> Option<&'a dyn FuseCache> {
-        ctx.fuse.filter(|_| {
-            self.fuse_pages.load(Ordering::Relaxed) && self.nodeid.load(Ordering::Relaxed) != 0
-        })
+        ctx.fuse.filter(|_| self.may_hold_fuse_pages())
+    }
+
+    /// A handle whose data path can fill the FUSE inode's cache has been
+    /// open, and a FUSE inode stands for the image now.
+    fn may_hold_fuse_pages(&self) -> bool {
+        self.fuse_pages.load(Ordering::Relaxed) && self.nodeid.load(Ordering::Relaxed) != 0
     }
 
     pub fn remove_handle(&self, fh: u64) {
@@ -1313,102 +1316,6 @@ impl Image {
                 .map(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0)
                 .unwrap_or(false)
         }) && self.open_handle_count() == 0
-    }
-
-    /// `size`: None when unknown; `missing`: why the backing cannot be
-    /// opened (the image is still listed, with this error).
-    pub fn status_json(
-        &self,
-        size: Option<u64>,
-        missing: Option<std::io::Error>,
-        own_mounts: &[u64],
-        writers: &WriterScan,
-        fuse: Option<&dyn FuseCache>,
-    ) -> serde_json::Value {
-        let (state, sticky, last) = {
-            let st = self.state.lock().expect("state lock");
-            (
-                if self.is_active() {
-                    "active"
-                } else {
-                    "inactive"
-                },
-                st.sticky_error.map(sys::errno_name),
-                st.last.clone(),
-            )
-        };
-        let counts = self
-            .open_backing(libc::O_RDONLY)
-            .ok()
-            .and_then(|f| sys::cachestat(f.as_fd()).ok())
-            .unwrap_or_default();
-        let handles: Vec<serde_json::Value> = self
-            .handles()
-            .iter()
-            .map(|h| {
-                json!({
-                    "pid": h.pid,
-                    "comm": h.comm,
-                    "data_path": h.data_path.name(),
-                    "writable": h.writable,
-                    "fenced": !h.bypasses_fencing(),
-                    "opened_while_inactive": h.opened_inactive,
-                })
-            })
-            .collect();
-        // The FUSE inode's own cache, for images whose data path can fill
-        // it (cached; relay through mappings): the cache the handover drops
-        // and verifies beside the backing's.
-        let fuse_cache = fuse
-            .filter(|_| {
-                self.fuse_pages.load(Ordering::Relaxed) && self.nodeid.load(Ordering::Relaxed) != 0
-            })
-            .map(|f| match f.page_counts(self) {
-                Ok(p) => json!({
-                    "cached_pages": p.cached,
-                    "dirty_pages": p.dirty,
-                    "writeback_pages": p.writeback,
-                }),
-                Err(e) => json!({ "error": e.to_string() }),
-            });
-        let c = &self.counters;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let unfenced = self.unfenced_report(Some((own_mounts, writers)));
-        json!({
-            "path": self.path(),
-            "error": missing.map(|e| format!(
-                "{}: cannot be found by its last path ({e}); renamed or deleted outside this mount?",
-                sys::errno_name(sys::errno_of(&e))
-            )),
-            "kind": if self.is_device() { "device" } else { "file" },
-            "state": state,
-            "size": size,
-            "cached_pages": counts.cached,
-            "dirty_pages": counts.dirty,
-            "writeback_pages": counts.writeback,
-            "fuse_cache": fuse_cache,
-            "sticky_error": sticky,
-            "restored": self.restored.load(Ordering::Relaxed),
-            "fencing": if unfenced.is_empty() { "full" } else { "partial" },
-            "unfenced": if unfenced.is_empty() { None } else { Some(unfenced) },
-            "open_handles": handles,
-            "last_command": last.map(|l| json!({
-                "command": l.command,
-                "at": l.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "ms": l.ms,
-                "result": l.result,
-            })),
-            "counters": {
-                "reads": load(&c.reads),
-                "writes": load(&c.writes),
-                "fsyncs": load(&c.fsyncs),
-                "sync_errors": load(&c.sync_errors),
-                "activations": load(&c.activations),
-                "inactivations": load(&c.inactivations),
-                "invalidations": load(&c.invalidations),
-                "failures": c.failures.lock().expect("failures lock").clone(),
-            },
-        })
     }
 }
 
