@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{CommandContext, Image, Outcome};
+use super::{CommandContext, FuseCache, Image, Outcome};
 use crate::cache::{self, Report, format_ranges, holders::format_holders};
 use crate::sys;
 
@@ -21,6 +21,18 @@ const VERIFY_ATTEMPTS: u32 = 3;
 /// pinned pages to be let go) before refusing with EBUSY. A read of a
 /// healthy backing takes milliseconds; a hung NFS server is not waited out.
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// What step 1 found in the backing's cache on this host.
+enum BackingCache {
+    /// Dirty pages at a first open: this host's own writes, ahead of
+    /// storage, not stale; nothing is dropped.
+    OwnWrites,
+    /// Nothing cached, or the pages are the file itself (tmpfs, ramfs):
+    /// nothing can be stale, steps 2 and 4 are skipped.
+    NothingStale,
+    /// Clean pages that may be stale: dropped and verified.
+    Cached,
+}
 
 impl Image {
     /// `invalidate`: the destination-side steps in order. It never clears a
@@ -105,83 +117,17 @@ impl Image {
         // cachestat.
         let mut nothing_cached = false;
         if ctx.settings.drop_cache() {
-            // 1. Dirty or writeback pages here would be written over the
-            // source's newer data by DONTNEED: refuse and drop nothing.
-            let size = cache::file_size(&file).unwrap_or(0);
-            match cache::page_counts(&file, size) {
-                Ok((c, _)) if c.dirty + c.writeback > 0 && on_open => {
-                    log::debug!(
-                        "open {}: {} dirty pages written on this host; not invalidating",
-                        self.path(),
-                        c.dirty + c.writeback
-                    );
-                    return Ok(Outcome::default());
+            match self.refuse_dirty_backing(&file, on_open)? {
+                BackingCache::OwnWrites => return Ok(Outcome::default()),
+                BackingCache::NothingStale => nothing_cached = true,
+                // 2. Drop this host's cached pages of the backing.
+                BackingCache::Cached => {
+                    cache::evict(&file).map_err(|e| Outcome::fadvise_failed(&e))?
                 }
-                Ok((c, _)) if c.dirty + c.writeback > 0 => {
-                    return Err(Outcome::busy(
-                        c.cached,
-                        format!(
-                            "{} dirty and {} writeback pages on this host; nothing dropped; \
-                             find the writer on this host (it must not write an image the source owns)",
-                            c.dirty, c.writeback
-                        ),
-                    ));
-                }
-                // On tmpfs or ramfs the cached pages are the file itself,
-                // never a copy of storage another host writes: nothing to
-                // drop (DONTNEED cannot) and nothing that can be stale.
-                Ok((c, _)) => {
-                    nothing_cached = c.cached == 0
-                        || sys::is_memory_backed(file.as_fd()).map_err(|e| {
-                            Outcome::io(&e, format!("cannot tell the backing's filesystem: {e}"))
-                        })?
-                }
-                Err(e) => {
-                    return Err(Outcome::io(
-                        &e,
-                        format!("cannot verify the page-cache state: {e}"),
-                    ));
-                }
-            }
-            // 2. Drop this host's cached pages of the backing.
-            if !nothing_cached {
-                cache::evict(&file).map_err(|e| Outcome::fadvise_failed(&e))?;
             }
         }
-        // The FUSE inode's own cache (cached path, relay mappings): the
-        // same refusal for dirty pages, then a drop that has happened when
-        // this returns (the kernel unmaps mapped pages too, so no mapping
-        // can read a stale page after activate said ok).
         if let Some(fuse) = self.fuse_cache(ctx).filter(|_| ctx.settings.drop_cache()) {
-            let f = fuse
-                .page_counts(self)
-                .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
-            if f.dirty + f.writeback > 0 {
-                return Err(Outcome::busy(
-                    f.cached,
-                    format!(
-                        "{} dirty and {} writeback pages in the FUSE page cache on this host; nothing dropped; \
-                         find the writer on this host (it must not write an image the source owns)",
-                        f.dirty, f.writeback
-                    ),
-                ));
-            }
-            fuse.drop_pages(self)
-                .map_err(|e| Outcome::fuse_failed(e, "cannot drop"))?;
-            let f = fuse
-                .page_counts(self)
-                .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
-            // Clean pages present now were read from storage after the drop.
-            if ctx.settings.check_cache_dropped() && f.dirty + f.writeback > 0 {
-                return Err(Outcome::busy(
-                    f.cached,
-                    format!(
-                        "{} dirty and {} writeback pages of the FUSE page cache survived the drop; \
-                         a process on this host is writing the image",
-                        f.dirty, f.writeback
-                    ),
-                ));
-            }
+            self.drop_fuse_pages(fuse, ctx.settings.check_cache_dropped())?;
         } else {
             // 3. The size may have changed on the source (the drop above
             // invalidates the attributes too).
@@ -206,6 +152,88 @@ impl Image {
             d.reread_size(&file);
         }
         Ok(Outcome::default())
+    }
+
+    /// Step 1 on the backing's cache: dirty or writeback pages here would
+    /// be written over the source's newer data by DONTNEED: refuse and drop
+    /// nothing (at a first open they are this host's own writes: see
+    /// `invalidate_steps`).
+    fn refuse_dirty_backing(&self, file: &File, on_open: bool) -> Result<BackingCache, Outcome> {
+        let size = cache::file_size(file).unwrap_or(0);
+        match cache::page_counts(file, size) {
+            Ok((c, _)) if c.dirty + c.writeback > 0 && on_open => {
+                log::debug!(
+                    "open {}: {} dirty pages written on this host; not invalidating",
+                    self.path(),
+                    c.dirty + c.writeback
+                );
+                Ok(BackingCache::OwnWrites)
+            }
+            Ok((c, _)) if c.dirty + c.writeback > 0 => Err(Outcome::busy(
+                c.cached,
+                format!(
+                    "{} dirty and {} writeback pages on this host; nothing dropped; \
+                     find the writer on this host (it must not write an image the source owns)",
+                    c.dirty, c.writeback
+                ),
+            )),
+            // On tmpfs or ramfs the cached pages are the file itself,
+            // never a copy of storage another host writes: nothing to
+            // drop (DONTNEED cannot) and nothing that can be stale.
+            Ok((c, _)) => {
+                let nothing_stale = c.cached == 0
+                    || sys::is_memory_backed(file.as_fd()).map_err(|e| {
+                        Outcome::io(&e, format!("cannot tell the backing's filesystem: {e}"))
+                    })?;
+                Ok(if nothing_stale {
+                    BackingCache::NothingStale
+                } else {
+                    BackingCache::Cached
+                })
+            }
+            Err(e) => Err(Outcome::io(
+                &e,
+                format!("cannot verify the page-cache state: {e}"),
+            )),
+        }
+    }
+
+    /// Steps 1 and 2 on the FUSE inode's own cache (cached path, relay
+    /// mappings): the same refusal for dirty pages, then a drop that has
+    /// happened when this returns (the kernel unmaps mapped pages too, so
+    /// no mapping can read a stale page after activate said ok); with
+    /// `check`, dirty pages that survive the drop fail the command.
+    fn drop_fuse_pages(&self, fuse: &dyn FuseCache, check: bool) -> Result<(), Outcome> {
+        let f = fuse
+            .page_counts(self)
+            .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
+        if f.dirty + f.writeback > 0 {
+            return Err(Outcome::busy(
+                f.cached,
+                format!(
+                    "{} dirty and {} writeback pages in the FUSE page cache on this host; nothing dropped; \
+                     find the writer on this host (it must not write an image the source owns)",
+                    f.dirty, f.writeback
+                ),
+            ));
+        }
+        fuse.drop_pages(self)
+            .map_err(|e| Outcome::fuse_failed(e, "cannot drop"))?;
+        let f = fuse
+            .page_counts(self)
+            .map_err(|e| Outcome::fuse_failed(e, "cannot read"))?;
+        // Clean pages present now were read from storage after the drop.
+        if check && f.dirty + f.writeback > 0 {
+            return Err(Outcome::busy(
+                f.cached,
+                format!(
+                    "{} dirty and {} writeback pages of the FUSE page cache survived the drop; \
+                     a process on this host is writing the image",
+                    f.dirty, f.writeback
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Only `activate`, an operator's explicit decision, forgets a failed
@@ -260,7 +288,7 @@ impl Image {
         let start = Instant::now();
         let size = cache::file_size(file).map_err(|e| Outcome::cannot_verify(&e))?;
         let mut settle = cache::Settle::new();
-        let mut backoff = std::time::Duration::from_millis(1);
+        let mut backoff = Duration::from_millis(1);
         let mut attempt = 0u32;
         let mut read_failed = false;
         loop {
@@ -316,37 +344,47 @@ impl Image {
             // of our own joins it) rather than hope a probe catches it
             // uptodate between a reader's drops. Otherwise (pages kept
             // uptodate) back off before the next drop.
-            let waited = match settle.first_under_read() {
-                Some(i) => {
-                    let left = SETTLE_LIMIT.saturating_sub(start.elapsed());
-                    match cache::settle::wait_for_read(file, i, left) {
-                        Ok(true) => {
-                            settle
-                                .look_at(file, i)
-                                .map_err(|e| Outcome::cannot_verify(&e))?;
-                            true
-                        }
-                        Ok(false) => false,
-                        // Also over the bound on settle reads (the backing
-                        // hangs on many): the page stays under read.
-                        Err(e) => {
-                            let level = if std::mem::replace(&mut read_failed, true) {
-                                log::Level::Debug
-                            } else {
-                                log::Level::Warn
-                            };
-                            log::log!(level, "image {}: waiting for a read: {e}", self.path());
-                            false
-                        }
-                    }
-                }
-                None => false,
-            };
+            let left = SETTLE_LIMIT.saturating_sub(start.elapsed());
+            let waited = self.wait_for_first_read(file, &mut settle, left, &mut read_failed)?;
             if !waited {
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
+                backoff = (backoff * 2).min(Duration::from_millis(50));
             }
             cache::evict(file).map_err(|e| Outcome::fadvise_failed(&e))?;
+        }
+    }
+
+    /// Step 4's wait for the first page under read, for at most `left`:
+    /// true when it landed and was looked at. Failures to wait (also over
+    /// the bound on settle reads, when the backing hangs on many) leave the
+    /// page under read; the first is a warning, `read_failed` remembers it.
+    fn wait_for_first_read(
+        &self,
+        file: &File,
+        settle: &mut cache::Settle,
+        left: Duration,
+        read_failed: &mut bool,
+    ) -> Result<bool, Outcome> {
+        let Some(i) = settle.first_under_read() else {
+            return Ok(false);
+        };
+        match cache::settle::wait_for_read(file, i, left) {
+            Ok(true) => {
+                settle
+                    .look_at(file, i)
+                    .map_err(|e| Outcome::cannot_verify(&e))?;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                let level = if std::mem::replace(read_failed, true) {
+                    log::Level::Debug
+                } else {
+                    log::Level::Warn
+                };
+                log::log!(level, "image {}: waiting for a read: {e}", self.path());
+                Ok(false)
+            }
         }
     }
 
