@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::time::{Instant, SystemTime};
 
 mod arrival;
+mod fencing;
 pub mod handle;
 mod handover;
 mod outcome;
@@ -26,7 +27,7 @@ pub use outcome::{CommandContext, FuseAccessError, FuseCache, Outcome};
 pub use registry::{Registry, Restored};
 
 use crate::backing::Device;
-use crate::cache::{self, Identity, Incarnation, WriterScan, holders::format_holders};
+use crate::cache::{Identity, Incarnation};
 use crate::error::Error;
 use crate::settings::Settings;
 use crate::sys;
@@ -505,81 +506,6 @@ impl Image {
             .collect()
     }
 
-    /// Open handles whose writes never reach the daemon (writable
-    /// passthrough): EROFS fencing cannot stop them.
-    pub fn unfenced_writers(&self) -> Vec<Arc<Handle>> {
-        let mut v: Vec<Arc<Handle>> = self
-            .handles()
-            .into_iter()
-            .filter(|h| h.bypasses_fencing())
-            .collect();
-        v.sort_by_key(|h| h.opened_at);
-        v
-    }
-
-    /// `fencing partial: ...` naming every writer the daemon cannot fence:
-    /// its own writable passthrough handles (opened before or after
-    /// inactivate) and, with `outside` (own mount ids and the command's
-    /// shared scan), processes writing the backing outside this mount.
-    /// Empty when fencing is full.
-    fn unfenced_report(&self, outside: Option<(&[u64], &WriterScan)>) -> String {
-        let mut list: Vec<String> = self
-            .unfenced_writers()
-            .iter()
-            .map(|h| {
-                format!(
-                    "{} writable passthrough, opened {} inactivate",
-                    h.who(),
-                    if h.opened_inactive { "after" } else { "before" }
-                )
-            })
-            .collect();
-        if let Some((own, scan)) = outside
-            && self.may_be_written_elsewhere()
-        {
-            list.extend(
-                scan.unfenced(self.identity, &self.path(), own, || {
-                    self.open_backing(libc::O_RDONLY)
-                })
-                .iter()
-                .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
-            );
-        }
-        if list.is_empty() {
-            return String::new();
-        }
-        format!(
-            "fencing partial: writers the daemon cannot fence: {}",
-            list.join(", ")
-        )
-    }
-
-    /// False only when the kernel says that no file of the backing inode is
-    /// open for writing on this host, by anyone (this daemon included): then
-    /// no process can be writing it outside this mount, and the /proc scan
-    /// that would name such writers is skipped (docs/DESIGN.md §3, "Writers
-    /// outside the mount"). A block device, a backing without leases, or a
-    /// failed open: true (the scan decides).
-    fn may_be_written_elsewhere(&self) -> bool {
-        if self.is_device() {
-            return true;
-        }
-        let probe = match self.open_backing(libc::O_RDONLY) {
-            Ok(f) => f,
-            Err(_) => return true,
-        };
-        match sys::open_for_write_anywhere(probe.as_fd()) {
-            Ok(open) => open,
-            Err(e) => {
-                log::debug!(
-                    "image {}: cannot ask the kernel for writable opens ({e}); scanning /proc",
-                    self.path()
-                );
-                true
-            }
-        }
-    }
-
     /// Syncs one backing fd with the mount's sync rule, recording a failure
     /// as the image's sticky error: after a failed fsync the kernel marks the
     /// lost pages clean, so a later "successful" sync would lie.
@@ -627,25 +553,6 @@ impl Image {
             );
             Error::Sticky(sticky)
         })
-    }
-
-    /// Ok, naming the writers that fencing cannot stop, if any.
-    fn fencing_outcome(&self, ctx: &CommandContext<'_>) -> Outcome {
-        let report = self.unfenced_report(Some((ctx.own_mounts, ctx.writers)));
-        Outcome {
-            unfenced: !report.is_empty(),
-            detail: report,
-            ..Outcome::default()
-        }
-    }
-
-    fn holders_text(&self) -> String {
-        let holders = cache::find_holders(self.identity);
-        if holders.is_empty() {
-            "none found".to_string()
-        } else {
-            format_holders(&holders)
-        }
     }
 
     fn run_command(&self, name: &str, f: impl FnOnce() -> Result<Outcome, Outcome>) -> Outcome {
@@ -733,130 +640,4 @@ impl Image {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The state machine on a real file in a temporary directory, without a
-    //! mount: fast and deterministic.
-    use super::*;
-    use crate::settings::Key;
-    use std::io::Write;
-
-    fn image_in(dir: &tempfile::TempDir, name: &str) -> (Image, File) {
-        let path = dir.path().join(name);
-        let mut f = File::create(&path).unwrap();
-        f.write_all(&[7u8; 8192]).unwrap();
-        let root = sys::openat(
-            sys::cwd(),
-            &sys::cstring(dir.path().as_os_str()).unwrap(),
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )
-        .unwrap();
-        let st = sys::fstat_fd(f.as_fd()).unwrap();
-        let image = Image::new(
-            Identity::of_stat(&st),
-            Source::File {
-                root: Arc::new(root),
-                live: Mutex::default(),
-            },
-            name.to_string(),
-        );
-        (image, f)
-    }
-
-    fn ctx(settings: &Settings) -> CommandContext<'_> {
-        CommandContext {
-            settings,
-            invalidate_attrs: &|_| {},
-            fuse: None,
-            own_mounts: &[],
-            writers: Box::leak(Box::new(WriterScan::new())),
-        }
-    }
-
-    #[test]
-    fn inactivate_fences_and_activate_lifts_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (image, _f) = image_in(&dir, "vm.img");
-        let settings = Settings::default();
-        assert!(image.is_active());
-        assert!(image.admit_write(&settings).is_ok());
-        let o = image.inactivate(&ctx(&settings));
-        assert_eq!(o.errno, None, "{}", o.detail);
-        assert!(!image.is_active());
-        assert_eq!(
-            image.admit_write(&settings).err().map(|e| e.errno()),
-            Some(libc::EROFS)
-        );
-        // Idempotent: inactivating an inactive image runs the flush again.
-        assert_eq!(image.inactivate(&ctx(&settings)).errno, None);
-        settings.set(Key::InactiveWrites, "allow").unwrap();
-        assert!(image.admit_write(&settings).is_ok());
-        settings.set(Key::InactiveWrites, "deny").unwrap();
-        let o = image.activate(&ctx(&settings));
-        assert_eq!(o.errno, None, "{}", o.detail);
-        assert!(image.is_active());
-        assert!(image.admit_write(&settings).is_ok());
-    }
-
-    #[test]
-    fn inactivate_waits_for_an_admitted_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let (image, _f) = image_in(&dir, "vm.img");
-        let image = Arc::new(image);
-        let settings = Arc::new(Settings::default());
-        let gate = image.admit_write(&settings).unwrap();
-        let (img, st) = (image.clone(), settings.clone());
-        let t = std::thread::spawn(move || img.inactivate(&ctx(&st)).errno);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(
-            !t.is_finished(),
-            "inactivate returned while a write was admitted"
-        );
-        assert!(!image.is_active(), "the mark comes before the wait");
-        drop(gate);
-        assert_eq!(t.join().unwrap(), None);
-    }
-
-    #[test]
-    fn invalidate_drops_this_hosts_clean_pages_and_check_reports() {
-        let dir = tempfile::tempdir().unwrap();
-        let (image, f) = image_in(&dir, "vm.img");
-        f.sync_all().unwrap();
-        let settings = Settings::default();
-        let o = image.invalidate(&ctx(&settings));
-        assert_eq!(o.errno, None, "{}", o.detail);
-        assert_eq!(sys::cachestat(f.as_fd()).unwrap().cached, 0);
-        assert_eq!(image.check(&ctx(&settings)).errno, None);
-    }
-
-    #[test]
-    fn invalidate_refuses_dirty_pages_and_drops_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let (image, f) = image_in(&dir, "vm.img");
-        let before = sys::cachestat(f.as_fd()).unwrap();
-        assert!(before.dirty > 0, "test needs dirty pages");
-        let o = image.invalidate(&ctx(&Settings::default()));
-        assert_eq!(o.errno, Some(libc::EBUSY), "{}", o.detail);
-        assert!(sys::cachestat(f.as_fd()).unwrap().cached >= before.dirty);
-    }
-
-    #[test]
-    fn a_device_image_cannot_grow_past_its_device() {
-        let stat = sys::fstat_fd(sys::cwd()).unwrap();
-        let dev = Device::new("lun".into(), "/nonexistent".into(), stat, 4096);
-        let image = Image::new(
-            Identity { dev: 1, ino: 2 },
-            Source::Device(Arc::new(dev)),
-            "lun".into(),
-        );
-        assert_eq!(image.write_room(0, 8192).map_err(|e| e.errno()), Ok(4096));
-        assert_eq!(
-            image.write_room(4096, 1).map_err(|e| e.errno()),
-            Err(libc::ENOSPC)
-        );
-        assert_eq!(
-            image.grow_allowed(4097).map_err(|e| e.errno()),
-            Err(libc::ENOSPC)
-        );
-    }
-}
+mod tests;
