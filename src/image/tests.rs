@@ -1,6 +1,7 @@
 //! The state machine on a real file in a temporary directory, without a
 //! mount: fast and deterministic.
 use super::*;
+use crate::backing::Device;
 use crate::cache::WriterScan;
 use crate::settings::Key;
 use std::io::Write;
