@@ -70,9 +70,9 @@ impl Image {
     /// `check`: the residency check alone, dropping nothing.
     pub fn check(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("check", || {
-            let file = self.open_backing(libc::O_RDONLY).map_err(|e| {
-                Outcome::cannot_open_backing(&e)
-            })?;
+            let file = self
+                .open_backing(libc::O_RDONLY)
+                .map_err(|e| Outcome::cannot_open_backing(&e))?;
             if let Some(fuse) = self.fuse_cache(ctx) {
                 let f = fuse
                     .page_counts(self)
@@ -92,9 +92,11 @@ impl Image {
     }
 
     /// The first open of an image on this host (close-to-open): the same
-    /// steps as `invalidate`, except that a sticky sync error stays: clearing
-    /// it is an operator's decision (`activate`), not a side effect of a
-    /// VMM reopening the image.
+    /// steps as `invalidate`, except that dirty pages of this host's own
+    /// writes let the open go on without dropping anything (see
+    /// `invalidate_steps`). Like `invalidate` it leaves a sticky sync error:
+    /// clearing it is an operator's decision (`activate`), not a side
+    /// effect of a VMM reopening the image.
     pub fn invalidate_on_open(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("invalidate-on-open", || self.invalidate_steps(ctx, true))
     }

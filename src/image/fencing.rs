@@ -12,7 +12,7 @@ use crate::sys;
 impl Image {
     /// Open handles whose writes never reach the daemon (writable
     /// passthrough): EROFS fencing cannot stop them.
-    pub fn unfenced_writers(&self) -> Vec<Arc<Handle>> {
+    fn unfenced_writers(&self) -> Vec<Arc<Handle>> {
         let mut v: Vec<Arc<Handle>> = self
             .handles()
             .into_iter()
@@ -24,10 +24,10 @@ impl Image {
 
     /// `fencing partial: ...` naming every writer the daemon cannot fence:
     /// its own writable passthrough handles (opened before or after
-    /// inactivate) and, with `outside` (own mount ids and the command's
-    /// shared scan), processes writing the backing outside this mount.
-    /// Empty when fencing is full.
-    pub(super) fn unfenced_report(&self, outside: Option<(&[u64], &WriterScan)>) -> String {
+    /// inactivate) and processes writing the backing outside this mount
+    /// (`own_mounts`: this daemon's mount ids; `writers`: the command's
+    /// shared scan). Empty when fencing is full.
+    pub(super) fn unfenced_report(&self, own_mounts: &[u64], writers: &WriterScan) -> String {
         let mut list: Vec<String> = self
             .unfenced_writers()
             .iter()
@@ -39,15 +39,14 @@ impl Image {
                 )
             })
             .collect();
-        if let Some((own, scan)) = outside
-            && self.may_be_written_elsewhere()
-        {
+        if self.may_be_written_elsewhere() {
             list.extend(
-                scan.unfenced(self.identity, &self.path(), own, || {
-                    self.open_backing(libc::O_RDONLY)
-                })
-                .iter()
-                .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
+                writers
+                    .unfenced(self.identity, &self.path(), own_mounts, || {
+                        self.open_backing(libc::O_RDONLY)
+                    })
+                    .iter()
+                    .map(|h| format!("{}({}) {}", h.pid, h.comm, h.how)),
             );
         }
         if list.is_empty() {
@@ -87,7 +86,7 @@ impl Image {
 
     /// Ok, naming the writers that fencing cannot stop, if any.
     pub(super) fn fencing_outcome(&self, ctx: &CommandContext<'_>) -> Outcome {
-        let report = self.unfenced_report(Some((ctx.own_mounts, ctx.writers)));
+        let report = self.unfenced_report(ctx.own_mounts, ctx.writers);
         Outcome {
             unfenced: !report.is_empty(),
             detail: report,

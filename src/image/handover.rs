@@ -37,8 +37,9 @@ impl Image {
         Ok(())
     }
 
-    /// `flush`: wait for the writes admitted so far, then sync every
-    /// backing fd of the image.
+    /// `flush`: write back the FUSE inode's dirty pages (mappings, cached
+    /// path), wait for the writes admitted so far, then sync every backing
+    /// fd of the image. It fences nothing: later writes go on.
     pub fn flush(&self, ctx: &CommandContext<'_>) -> Outcome {
         self.run_command("flush", || {
             if let Some(fuse) = self.fuse_cache(ctx) {
@@ -175,7 +176,7 @@ impl Image {
         left: sys::PageCounts,
         mapped_dirty: u64,
     ) -> Outcome {
-        let writers = self.unfenced_report(Some((ctx.own_mounts, ctx.writers)));
+        let writers = self.unfenced_report(ctx.own_mounts, ctx.writers);
         let detail = format!(
             "{} dirty and {} writeback pages written on this host after the sync{}; \
              a writer outside the daemon's fencing is still writing{}; stop it before handing over",

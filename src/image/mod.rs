@@ -43,14 +43,24 @@ pub use crate::datapath::DataPath;
 
 pub use handle::Handle;
 
+/// What happened to one image since the mount started, for `status` and
+/// the client's metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// READ and WRITE requests that reached the daemon (relay and cached
+    /// I/O; passthrough I/O never does).
     pub reads: AtomicU64,
     pub writes: AtomicU64,
+    /// Syncs of a backing fd (fsync, close, flush, inactivate), failed ones
+    /// too; not those refused at once by a sticky error.
     pub fsyncs: AtomicU64,
+    /// Successful `activate` and `inactivate` commands.
     pub activations: AtomicU64,
     pub inactivations: AtomicU64,
+    /// Invalidations attempted (`invalidate`, `activate`, a first open),
+    /// failed ones too.
     pub invalidations: AtomicU64,
+    /// Syncs that failed (the first sets the sticky error).
     pub sync_errors: AtomicU64,
     /// Failed control commands, by errno name.
     pub failures: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -80,8 +90,8 @@ pub struct Image {
     path: RwLock<String>,
     /// FUSE node id currently standing for this image (0 = none).
     pub nodeid: AtomicU64,
-    /// `ACTIVE`, `DECIDING` or `INACTIVE`; read on every relay write (EROFS
-    /// fencing): an atomic, not the lock.
+    /// `ACTIVE`, `DECIDING` or `INACTIVE`; read on every write that reaches
+    /// the daemon (EROFS fencing): an atomic, not the lock.
     phase: std::sync::atomic::AtomicU8,
     /// Writes that arrive while `inactivate` decides wait here for the
     /// decision (`decide`), so a refused handover refuses no write.
@@ -397,7 +407,12 @@ impl Image {
     /// Syncs one backing fd with the mount's sync rule, recording a failure
     /// as the image's sticky error: after a failed fsync the kernel marks the
     /// lost pages clean, so a later "successful" sync would lie.
-    pub fn sync_file(&self, file: &File, datasync: bool, settings: &Settings) -> Result<(), Error> {
+    pub(super) fn sync_file(
+        &self,
+        file: &File,
+        datasync: bool,
+        settings: &Settings,
+    ) -> Result<(), Error> {
         if let Some(e) = self.sticky_error() {
             return Err(Error::Sticky(e));
         }
@@ -443,6 +458,10 @@ impl Image {
         })
     }
 
+    /// Runs one command on this image: logs its result (a first open's ok
+    /// only at debug; a warning when it failed or fencing is partial),
+    /// counts a failure by errno name, and keeps it as the last command
+    /// for `status`.
     fn run_command(&self, name: &str, f: impl FnOnce() -> Result<Outcome, Outcome>) -> Outcome {
         let start = Instant::now();
         let outcome = f().unwrap_or_else(|e| e);

@@ -15,8 +15,9 @@ pub struct Outcome {
     pub errno: Option<i32>,
     pub resident_pages: u64,
     pub detail: String,
-    /// Writable handles exist whose writes the daemon cannot fence (named in
-    /// `detail`), also on success.
+    /// Writers exist that the daemon cannot fence (its own writable
+    /// passthrough handles, processes writing the backing outside this
+    /// mount; named in `detail`), also on success.
     pub unfenced: bool,
 }
 

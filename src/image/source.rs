@@ -18,8 +18,9 @@ pub enum Source {
     /// FUSE inode, `live` reaches the inode's O_PATH fd (immune to renames);
     /// otherwise the file is found again by its last path beneath the
     /// backing root and must still be the same file (dev, ino and
-    /// incarnation). The registry never
-    /// pins the file itself: deleting an image must free its space.
+    /// incarnation). `live` is weak: deleting an image must free its space
+    /// (the fd kept for writeback errors goes with the last handle once
+    /// the file has no name, and a deleted image is forgotten).
     File {
         root: Arc<OwnedFd>,
         live: Mutex<Weak<OwnedFd>>,
@@ -125,8 +126,9 @@ impl Image {
         sys::path_beneath(root.as_fd(), live.as_fd()).filter(|p| leads_here(p))
     }
 
-    /// Whether the image can still be found by its last path; the error
-    /// says what to do when it cannot.
+    /// Whether the image's file can still be opened (by its FUSE inode's
+    /// fd, else by its last path; a device always); the error says what to
+    /// do when it cannot.
     pub fn locate(&self) -> Result<(), Outcome> {
         if self.is_device() {
             return Ok(());
@@ -143,9 +145,11 @@ impl Image {
         })
     }
 
-    /// True when the file is known to be deleted everywhere: the fd kept
-    /// since its first open sees no name left, or another file now has its
-    /// (dev, ino) at its last path (a number is reused only once freed).
+    /// True when the file is known to be deleted everywhere and no handle
+    /// is open here: the fd kept since its first open sees no name left,
+    /// or (no FUSE inode standing for it) a new file with its (dev, ino)
+    /// but another incarnation is at its last path (a number is reused
+    /// only once freed).
     pub(super) fn is_deleted(&self) -> bool {
         if self.is_device() {
             return false;

@@ -39,7 +39,7 @@ impl Image {
             .ok()
             .and_then(|f| sys::cachestat(f.as_fd()).ok())
             .unwrap_or_default();
-        let unfenced = self.unfenced_report(Some((own_mounts, writers)));
+        let unfenced = self.unfenced_report(own_mounts, writers);
         json!({
             "path": self.path(),
             "error": missing.map(|e| format!(
