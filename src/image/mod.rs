@@ -5,6 +5,13 @@
 //! image's state outlives the kernel forgetting its FUSE inode. A new file
 //! that got a deleted image's inode number is told apart by its
 //! incarnation (`cache::Incarnation`) and starts as a new image.
+//!
+//! This file holds the state and the rules every command shares; each
+//! concern has its own file beside it: the registry (registry.rs), where an
+//! image's bytes are (source.rs), what a command returns (outcome.rs), the
+//! source side of a handover (handover.rs), the destination side
+//! (arrival.rs), writers that cannot be fenced (fencing.rs), and the
+//! `status` entry (status.rs).
 
 use std::collections::HashMap;
 use std::fs::File;
