@@ -7,6 +7,7 @@ mod ctl_node;
 mod files;
 pub mod inodes;
 mod namespace;
+mod open;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -275,7 +276,7 @@ fn reply_written(reply: ReplyWrite, result: Result<u32, Error>) {
     }
 }
 
-fn reply_open(reply: ReplyOpen, result: Result<files::Opened, Error>) {
+fn reply_open(reply: ReplyOpen, result: Result<open::Opened, Error>) {
     match result {
         Ok((fh, fopen, Some(pt))) => reply.opened_passthrough(FileHandle(fh), fopen, &pt.id),
         Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
@@ -285,7 +286,7 @@ fn reply_open(reply: ReplyOpen, result: Result<files::Opened, Error>) {
 
 /// A create reply has one TTL for the new name and its attributes: the
 /// name's (`ENTRY_TTL`) wins, the attributes are asked for again once.
-fn reply_create(reply: ReplyCreate, result: Result<files::Created, Error>) {
+fn reply_create(reply: ReplyCreate, result: Result<open::Created, Error>) {
     match result {
         Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
             &attr::ENTRY_TTL,
