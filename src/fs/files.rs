@@ -175,24 +175,7 @@ impl MigsafeFs {
             }
         }
         if ch.atime.is_some() || ch.mtime.is_some() {
-            let ts = |t: Option<TimeOrNow>| match t {
-                None => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                },
-                Some(TimeOrNow::Now) => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
-                Some(TimeOrNow::SpecificTime(t)) => {
-                    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                    libc::timespec {
-                        tv_sec: d.as_secs() as i64,
-                        tv_nsec: d.subsec_nanos() as i64,
-                    }
-                }
-            };
-            let times = [ts(ch.atime), ts(ch.mtime)];
+            let times = [utime(ch.atime), utime(ch.mtime)];
             // A symlink's own times (`touch -h`, `cp -a`): the /proc magic
             // link would lead to its target, so act on the O_PATH fd itself
             // (utimensat takes AT_EMPTY_PATH since Linux 5.8).
@@ -283,5 +266,27 @@ impl MigsafeFs {
         let res = sys::copy_file_range(hin.file.as_fd(), off_in, hout.file.as_fd(), off_out, len);
         hout.note_write();
         Ok(res?)
+    }
+}
+
+/// A setattr time as utimensat(2) takes it: not given leaves the time as it
+/// is (`UTIME_OMIT`), `Now` is the kernel's clock (`UTIME_NOW`).
+fn utime(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            libc::timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            }
+        }
     }
 }
