@@ -35,8 +35,8 @@ use crate::sys;
 use handles::{HandleTable, Open};
 use inodes::{Inode, InodeTable};
 use reply::{
-    reply_attr, reply_create, reply_data, reply_empty, reply_entry, reply_open, reply_written,
-    reply_xattr,
+    reply_attr, reply_create, reply_data, reply_empty, reply_entry, reply_offset, reply_open,
+    reply_written, reply_xattr,
 };
 
 pub use crate::datapath::{DataPath, IoMode};
@@ -527,10 +527,7 @@ impl Filesystem for MigsafeFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.do_lseek(fh, offset, whence) {
-            Ok(off) => reply.offset(off),
-            Err(e) => reply.error(e.into()),
-        }
+        reply_offset(reply, self.do_lseek(fh, offset, whence))
     }
 
     fn copy_file_range(

@@ -2,8 +2,8 @@
 //! through the one conversion `Error` -> `Errno`.
 
 use fuser::{
-    FileHandle, Generation, ReplyAttr, ReplyCreate, ReplyData, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyWrite, ReplyXattr,
+    FileHandle, Generation, ReplyAttr, ReplyCreate, ReplyData, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyWrite, ReplyXattr,
 };
 
 use super::{attr, namespace, open};
@@ -40,6 +40,13 @@ pub(super) fn reply_data<D: AsRef<[u8]>>(reply: ReplyData, result: Result<D, Err
 pub(super) fn reply_written(reply: ReplyWrite, result: Result<u32, Error>) {
     match result {
         Ok(n) => reply.written(n),
+        Err(e) => reply.error(e.into()),
+    }
+}
+
+pub(super) fn reply_offset(reply: ReplyLseek, result: Result<i64, Error>) {
+    match result {
+        Ok(off) => reply.offset(off),
         Err(e) => reply.error(e.into()),
     }
 }
