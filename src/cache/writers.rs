@@ -283,10 +283,12 @@ impl WriterCache {
         self.start_refresher();
     }
 
-    /// One thread per daemon, started with the first watch: it reads the
-    /// queue twice a second (so it never overflows for want of commands)
-    /// and runs a pass for the watched images without an answer after a
-    /// new watch or a loss (an opener exited), off the commands' path.
+    /// One thread per daemon, started by the first open or command that
+    /// uses the cache (it ends at once where opens cannot be watched): it
+    /// reads the queue twice a second (so it never overflows for want of
+    /// commands) and runs a pass for the watched images without an answer
+    /// after a new watch or a loss (an opener exited), off the commands'
+    /// path.
     fn start_refresher(self: &Arc<Self>) {
         self.refresher.get_or_init(|| {
             let me = Arc::downgrade(self);
@@ -459,9 +461,9 @@ struct OpenWriters {
 
 impl OpenWriters {
     /// Reads `/proc/PID/fdinfo/*` (`mnt_id`, `ino`, `flags`) of the given
-    /// processes (all or a few) but this one, keeping the fds open for writing. Reads only
-    /// /proc, never an fd's target: a scan must not wait on a FUSE mount,
-    /// this one or a dead one. Processes that vanish or deny access
+    /// processes (all or a few) but this one, keeping the fds open for
+    /// writing. Reads only /proc, never an fd's target: a scan must not
+    /// wait on a FUSE mount, this one or a dead one. Processes that vanish or deny access
     /// mid-scan are skipped.
     fn scan(pids: impl Iterator<Item = u32>) -> OpenWriters {
         let mut by_ino: HashMap<u64, Vec<WritableFd>> = HashMap::new();

@@ -189,7 +189,8 @@ impl MigsafeFs {
     }
 
     /// A device entry's size is the device's: truncating to it is a no-op,
-    /// to anything else EINVAL; ownership and mode belong to the device node.
+    /// to anything else EINVAL; ownership and mode belong to the device node
+    /// (EPERM), and its times are left as they are.
     /// A truncate by path needs write permission on the node, as any
     /// truncate(2) does.
     fn setattr_device(

@@ -85,7 +85,8 @@ impl MigsafeFs {
             .map(|(_, id)| *id)
     }
 
-    /// Attributes of any node (backing entry, device or control node).
+    /// Attributes of a node of the inode table (a backing entry or a
+    /// `--device` entry); control nodes are not in it (`ctl_attr`).
     pub(crate) fn attr_of(&self, inode: &Inode) -> Result<fuser::FileAttr, Error> {
         if let Some(dev) = &inode.device {
             return Ok(attr::device(inode.nodeid, &dev.node_stat()?, dev.size()));

@@ -417,7 +417,6 @@ impl MigsafeFs {
     }
 }
 
-/// What create hands back: attributes, handle, open flags, passthrough id.
 /// What an open registers: the handle number, the open flags for the
 /// kernel and the passthrough backing the reply names, if any.
 pub(super) type Opened = (u64, FopenFlags, Option<Arc<PassthroughBacking>>);

@@ -36,6 +36,10 @@ pub struct FsConfig {
 }
 
 impl MigsafeFs {
+    /// The filesystem of one mount: the root and each `--device` entry
+    /// pinned in the inode table (a device with its image, registered for the
+    /// life of the mount), and the control plane holding the same registry,
+    /// settings and root fd.
     pub fn new(
         config: FsConfig,
         settings: Arc<Settings>,
