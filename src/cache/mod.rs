@@ -1,12 +1,13 @@
 //! Page-cache inspection and control for backing files and block devices:
-//! counts (cachestat), resident ranges (mincore), eviction (fadvise) and the
-//! processes holding a file. Shared by the control commands and
-//! `migsafe residency`.
+//! counts (cachestat), resident ranges (mincore), eviction (fadvise), the
+//! processes holding a file and the writers outside the mount. Shared by the
+//! control commands and `migsafe residency`.
 
 pub mod holders;
 pub mod incarnation;
 pub mod invalidator;
 pub mod settle;
+mod writers;
 
 use std::fs::File;
 use std::io;
@@ -14,9 +15,10 @@ use std::os::fd::AsFd;
 
 use crate::sys::{self, PageCounts};
 
-pub use holders::{Holder, Identity, WriterCache, WriterScan, find_holders};
+pub use holders::{Holder, Identity, find_holders};
 pub use incarnation::Incarnation;
 pub use settle::Settle;
+pub use writers::{WriterCache, WriterScan};
 
 /// mincore is done in windows this size, like QEMU's check, so a huge image
 /// never needs one huge mapping.

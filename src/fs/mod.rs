@@ -1,88 +1,46 @@
-//! The fuser `Filesystem`: inode table, handles, and one module per group of
-//! operations (namespace, files, control directory).
+//! The fuser `Filesystem`: the op table, and one module per concern behind
+//! it (building it at mount time, the inode table, the open handles, the
+//! replies, and the operations on names, files and the control directory).
 
 pub mod attr;
 mod caller;
 mod ctl_node;
 mod files;
+mod handles;
 pub mod inodes;
 mod namespace;
+mod open;
+mod reply;
+mod setup;
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::backing::Device;
-use crate::cache::Identity;
-use crate::cache::invalidator::AttrInvalidator;
-use crate::ctl::{ControlPlane, CtlHandle};
+use crate::ctl::ControlPlane;
 use crate::error::Error;
-use crate::image::{Handle, Image, Registry, Source};
+use crate::image::{Image, Registry};
 use crate::settings::Settings;
 use crate::sys;
-use inodes::{Inode, InodeTable, Kind};
+use handles::{HandleTable, Open};
+use inodes::{Inode, InodeTable};
+use reply::{
+    reply_attr, reply_create, reply_data, reply_empty, reply_entry, reply_offset, reply_open,
+    reply_written, reply_xattr,
+};
 
 pub use crate::datapath::{DataPath, IoMode};
-
-/// Everything fixed at mount time.
-#[derive(Debug)]
-pub struct FsConfig {
-    pub io: IoMode,
-    pub ctl_name: String,
-    pub xattr: bool,
-    /// The user who mounted: besides root, the only one allowed to write
-    /// control files.
-    pub owner_uid: u32,
-    pub owner_gid: u32,
-    pub max_write: u32,
-    pub max_background: u16,
-    /// Absolute path of the mountpoint.
-    pub mountpoint: std::path::PathBuf,
-    /// Data path of `--device` entries (cached or relay).
-    pub device_io: DataPath,
-}
-
-/// An open file, directory or control file.
-#[derive(Clone)]
-pub(crate) enum Open {
-    File(Arc<Handle>),
-    Dir(Arc<namespace::DirSnapshot>),
-    Ctl(Arc<CtlHandle>),
-}
-
-/// The open handles by number.
-#[derive(Default)]
-pub(crate) struct HandleTable {
-    map: RwLock<HashMap<u64, Open>>,
-    last: AtomicU64,
-}
-
-impl HandleTable {
-    pub(crate) fn add(&self, open: Open) -> u64 {
-        let fh = self.last.fetch_add(1, Ordering::Relaxed) + 1;
-        self.map.write().expect("handles lock").insert(fh, open);
-        fh
-    }
-
-    pub(crate) fn get(&self, fh: u64) -> Option<Open> {
-        self.map.read().expect("handles lock").get(&fh).cloned()
-    }
-
-    pub(crate) fn remove(&self, fh: u64) -> Option<Open> {
-        self.map.write().expect("handles lock").remove(&fh)
-    }
-}
+pub use setup::FsConfig;
 
 pub struct MigsafeFs {
     pub(crate) config: FsConfig,
@@ -94,7 +52,7 @@ pub struct MigsafeFs {
     pub(crate) root_fd: Arc<OwnedFd>,
     pub(crate) inodes: InodeTable,
     /// Shared with the worker threads that finish a control file's open.
-    pub(crate) handles: Arc<HandleTable>,
+    handles: Arc<HandleTable>,
     /// (name, node id) of `--device` entries, in command-line order.
     pub(crate) devices: Vec<(String, u64)>,
     /// Filled after the session exists; used from worker threads only.
@@ -103,93 +61,8 @@ pub struct MigsafeFs {
 }
 
 impl MigsafeFs {
-    pub fn new(
-        config: FsConfig,
-        settings: Arc<Settings>,
-        root_fd: OwnedFd,
-        devices: Vec<Device>,
-    ) -> std::io::Result<MigsafeFs> {
-        let root_fd = Arc::new(root_fd);
-        let notifier = Arc::new(OnceLock::new());
-        let root_st = sys::fstat_fd(std::os::fd::AsFd::as_fd(&*root_fd))?;
-        let inodes = InodeTable::new();
-        inodes.insert_pinned(
-            Some(inodes::ROOT),
-            Some(root_fd.clone()),
-            Identity::of_stat(&root_st),
-            Kind::Directory,
-            None,
-        );
-        let registry = Arc::new(Registry::default());
-        let mut device_ids = Vec::new();
-        let mut device_images = Vec::new();
-        for dev in devices {
-            let dev = Arc::new(dev);
-            let identity = Identity::of_stat(&dev.stat);
-            // A device entry is one device for the life of the mount.
-            let image = registry.get_or_insert(identity, &Default::default(), || {
-                Image::new(identity, Source::Device(dev.clone()), dev.name.clone())
-            });
-            let inode = inodes.insert_pinned(
-                None,
-                None,
-                identity,
-                Kind::Image(image.clone()),
-                Some(dev.clone()),
-            );
-            image.nodeid.store(inode.nodeid, Ordering::Relaxed);
-            device_images.push((dev.name.clone(), image));
-            device_ids.push((dev.name.clone(), inode.nodeid));
-        }
-        let ctl = Arc::new(ControlPlane {
-            registry: registry.clone(),
-            settings: settings.clone(),
-            invalidator: Arc::new(AttrInvalidator::start(notifier.clone())),
-            devices: device_images,
-            root_fd: root_fd.clone(),
-            ctl_name: config.ctl_name.clone(),
-            mountpoint: config.mountpoint.clone(),
-            owner_uid: config.owner_uid,
-            io: config.io,
-            device_io: config.device_io,
-            passthrough_supported: AtomicBool::new(false),
-            passthrough_active: AtomicBool::new(false),
-            arrivals: Default::default(),
-            arrival_order: Default::default(),
-            writer_cache: Arc::new(crate::cache::WriterCache::new(config.mountpoint.clone())),
-            workers: Default::default(),
-        });
-        Ok(MigsafeFs {
-            config,
-            ctl,
-            settings,
-            registry,
-            root_fd,
-            inodes,
-            handles: Arc::default(),
-            devices: device_ids,
-            notifier,
-            mounted_at: SystemTime::now(),
-        })
-    }
-
     pub(crate) fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Error> {
         self.inodes.get(ino.0).ok_or(Errno::ENOENT.into())
-    }
-
-    pub(crate) fn add_handle(&self, open: Open) -> u64 {
-        self.handles.add(open)
-    }
-
-    pub(crate) fn file_handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Error> {
-        match self.handles.get(fh.0) {
-            Some(Open::File(h)) => Ok(h),
-            _ => Err(Errno::EBADF.into()),
-        }
-    }
-
-    pub(crate) fn remove_handle(&self, fh: FileHandle) -> Option<Open> {
-        self.handles.remove(fh.0)
     }
 
     /// The path of `name` in directory `parent`, relative to the mount root.
@@ -212,7 +85,8 @@ impl MigsafeFs {
             .map(|(_, id)| *id)
     }
 
-    /// Attributes of any node (backing entry, device or control node).
+    /// Attributes of a node of the inode table (a backing entry or a
+    /// `--device` entry); control nodes are not in it (`ctl_attr`).
     pub(crate) fn attr_of(&self, inode: &Inode) -> Result<fuser::FileAttr, Error> {
         if let Some(dev) = &inode.device {
             return Ok(attr::device(inode.nodeid, &dev.node_stat()?, dev.size()));
@@ -234,83 +108,6 @@ impl MigsafeFs {
 
     pub(crate) fn passthrough_active(&self) -> bool {
         self.ctl.passthrough_active.load(Ordering::Relaxed)
-    }
-}
-
-// The replies: each operation's result reaches the kernel here, its error
-// through the one conversion `Error` -> `Errno`.
-
-fn reply_empty(reply: ReplyEmpty, result: Result<(), Error>) {
-    match result {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-fn reply_entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Error>) {
-    match result {
-        Ok(a) => reply.entry_with_ttls(&attr::TTL, &attr::ENTRY_TTL, &a, Generation(0)),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-fn reply_attr(reply: ReplyAttr, result: Result<fuser::FileAttr, Error>) {
-    match result {
-        Ok(a) => reply.attr(&attr::TTL, &a),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-fn reply_data<D: AsRef<[u8]>>(reply: ReplyData, result: Result<D, Error>) {
-    match result {
-        Ok(d) => reply.data(d.as_ref()),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-fn reply_written(reply: ReplyWrite, result: Result<u32, Error>) {
-    match result {
-        Ok(n) => reply.written(n),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-fn reply_open(reply: ReplyOpen, result: Result<files::Opened, Error>) {
-    match result {
-        Ok((fh, fopen, Some(pt))) => reply.opened_passthrough(FileHandle(fh), fopen, &pt.id),
-        Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-/// A create reply has one TTL for the new name and its attributes: the
-/// name's (`ENTRY_TTL`) wins, the attributes are asked for again once.
-fn reply_create(reply: ReplyCreate, result: Result<files::Created, Error>) {
-    match result {
-        Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
-            &attr::ENTRY_TTL,
-            &attr,
-            Generation(0),
-            FileHandle(fh),
-            fopen,
-            &pt.id,
-        ),
-        Ok((attr, fh, fopen, None)) => reply.created(
-            &attr::ENTRY_TTL,
-            &attr,
-            Generation(0),
-            FileHandle(fh),
-            fopen,
-        ),
-        Err(e) => reply.error(e.into()),
-    }
-}
-
-fn reply_xattr(reply: ReplyXattr, result: Result<namespace::Xattr, Error>) {
-    match result {
-        Ok(namespace::Xattr::Size(n)) => reply.size(n),
-        Ok(namespace::Xattr::Data(d)) => reply.data(&d),
-        Err(e) => reply.error(e.into()),
     }
 }
 
@@ -731,10 +528,7 @@ impl Filesystem for MigsafeFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.do_lseek(fh, offset, whence) {
-            Ok(off) => reply.offset(off),
-            Err(e) => reply.error(e.into()),
-        }
+        reply_offset(reply, self.do_lseek(fh, offset, whence))
     }
 
     fn copy_file_range(
