@@ -796,6 +796,66 @@ fn cached_file_has_one_cache_the_fuse_inodes() {
     assert_eq!(doc["data_paths"]["passthrough_active"], false, "{doc}");
 }
 
+/// The invalidation a first open queues (the image's size may have changed
+/// on another host) drops the kernel's attributes, never the pages: those
+/// the open reply drops at once (no FOPEN_KEEP_CACHE). Queued, it may land
+/// at any later moment; held 1.5 s here on the invalidation thread alone,
+/// it lands after the opener has read the image through the cached path,
+/// and what was read stays cached. (It used to drop them: a late drop of
+/// fresh pages, and a status that counted fewer FUSE pages than were
+/// read.)
+#[test]
+fn a_late_queued_invalidation_keeps_the_pages_read_since() {
+    if !common::require_root() || !common::have_tool("strace") {
+        return;
+    }
+    let dir = scratch();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start(dir.path(), &backing, &["--io", "cached"]);
+    let path = m.path("one.img");
+    let data = pattern(4 * MIB, 0x5d);
+    fs::write(&path, &data).unwrap();
+    let pid = m.pid().unwrap();
+    let tid = thread_named(pid, "migsafe-inval").expect("the invalidation thread");
+    let held = Strace::inject_thread(tid, "write,writev", "delay_enter=1500000");
+    // The first open since the write: it queues the invalidation.
+    let _holder = hold_open(&path);
+    assert_same(&fs::read(&path).unwrap(), &data, "read through the mount");
+    let pages = (4 * MIB / 4096) as u64;
+    let before = residency(&path).cached;
+    assert!(before >= pages, "read pages cached: {before}");
+    // Bed check: the invalidation is held in the thread's write to
+    // /dev/fuse, not yet sent.
+    let syscall_nr = || {
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+    };
+    let nr = syscall_nr();
+    assert!(
+        nr == Some(libc::SYS_write) || nr == Some(libc::SYS_writev),
+        "the invalidation was not held in its write: syscall {nr:?}"
+    );
+    drop(held);
+    // Detached: the held write reaches the kernel and the thread waits for
+    // the next request again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while syscall_nr() != Some(libc::SYS_futex) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the invalidation thread never went back to waiting: syscall {:?}",
+            syscall_nr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let after = residency(&path).cached;
+    assert!(
+        after >= pages,
+        "the late invalidation dropped pages read after the open: {before} -> {after}"
+    );
+}
+
 /// A backing that refuses O_DIRECT (ramfs) serves `--io cached` images by
 /// relay, says so in the log, and keeps the data right.
 #[test]

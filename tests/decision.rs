@@ -9,68 +9,12 @@
 
 mod common;
 
-use common::{Mount, ctl_write_read, field, make_file, scratch};
+use common::{Mount, Strace, ctl_write_read, field, make_file, scratch};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
-
-/// `strace` attached to every thread of a daemon with `-e inject=SPEC`
-/// for each spec; detached (SIGINT, then SIGKILL) on drop.
-struct Strace(Child);
-
-impl Strace {
-    fn inject(pid: u32, syscall: &str, spec: &str) -> Strace {
-        let child = Command::new("strace")
-            .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()])
-            .arg("-e")
-            .arg(format!("trace={syscall}"))
-            .arg("-e")
-            .arg(format!("inject={syscall}:{spec}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn strace");
-        let guard = Strace(child);
-        let tracer = guard.0.id().to_string();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let tasks: Vec<_> = fs::read_dir(format!("/proc/{pid}/task"))
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .collect();
-            let traced = tasks.iter().all(|t| {
-                fs::read_to_string(t.path().join("status"))
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l.split_whitespace().eq(["TracerPid:", tracer.as_str()]))
-            });
-            if traced && !tasks.is_empty() {
-                return guard;
-            }
-            assert!(Instant::now() < deadline, "strace did not attach to {pid}");
-            sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Strace {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Whether some thread of `pid` is inside syscall number `nr` now.
 fn in_syscall(pid: u32, nr: i64) -> bool {

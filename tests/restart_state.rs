@@ -10,12 +10,12 @@
 
 mod common;
 
-use common::KMount;
+use common::{KMount, Strace};
 use common::{Mount, ctl_write_read, make_file, scratch, status, status_image};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -180,59 +180,6 @@ fn a_relay_fence_survives_a_crash() {
 fn a_passthrough_fence_survives_a_crash() {
     if common::require_root() {
         fence_survives_a_crash("passthrough", "strict", true);
-    }
-}
-
-/// `strace -e inject` on every thread of a daemon; detached on drop.
-struct Strace(Child);
-
-impl Strace {
-    fn inject(pid: u32, syscall: &str, spec: &str) -> Strace {
-        let child = Command::new("strace")
-            .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()])
-            .arg("-e")
-            .arg(format!("trace={syscall}"))
-            .arg("-e")
-            .arg(format!("inject={syscall}:{spec}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn strace");
-        let guard = Strace(child);
-        let tracer = guard.0.id().to_string();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let all = fs::read_dir(format!("/proc/{pid}/task"))
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .all(|t| {
-                    fs::read_to_string(t.path().join("status"))
-                        .unwrap_or_default()
-                        .lines()
-                        .any(|l| l.starts_with("TracerPid:") && l.ends_with(&tracer))
-                });
-            if all {
-                return guard;
-            }
-            assert!(Instant::now() < deadline, "strace did not attach to {pid}");
-            sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Strace {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

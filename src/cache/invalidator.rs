@@ -1,5 +1,6 @@
-//! Dropping the kernel's cached attributes (and FUSE-side pages) of an
-//! image's FUSE inode, from one long-lived worker thread.
+//! Dropping the kernel's cached attributes of an image's FUSE inode, from
+//! one long-lived worker thread, and its pages on a control command's
+//! demand.
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, OnceLock};
@@ -26,8 +27,13 @@ impl AttrInvalidator {
             .name("migsafe-inval".into())
             .spawn(move || {
                 for nodeid in rx {
+                    // Offset -1: the attributes only. Pages are the open
+                    // reply's business (no FOPEN_KEEP_CACHE on a first open)
+                    // and `invalidate_now`'s; a drop queued here would land
+                    // at any later moment, on pages read since, and also
+                    // where `drop-cache` is off.
                     if let Some(n) = worker_notifier.get()
-                        && let Err(e) = n.inval_inode(INodeNo(nodeid), 0, 0)
+                        && let Err(e) = n.inval_inode(INodeNo(nodeid), -1, 0)
                     {
                         log::debug!("inval_inode {nodeid}: {e}");
                     }
@@ -55,7 +61,8 @@ impl AttrInvalidator {
         }
     }
 
-    /// Queues an invalidation of FUSE node `nodeid` (0 = none: nothing to do).
+    /// Queues an invalidation of FUSE node `nodeid`'s attributes (0 = none:
+    /// nothing to do); its pages stay.
     pub fn request(&self, nodeid: u64) {
         if nodeid != 0 {
             // Fails only once the worker is gone (unmounting): nothing to do then.

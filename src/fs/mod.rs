@@ -98,8 +98,8 @@ impl MigsafeFs {
         Ok(attr::from_stat(inode.nodeid, &st))
     }
 
-    /// Asks the invalidation worker to drop the kernel's attributes (and any
-    /// FUSE-side pages) of the image's inode.
+    /// Asks the invalidation worker to drop the kernel's attributes of the
+    /// image's inode (not its pages).
     pub(crate) fn invalidate_attrs_async(&self, image: &Image) {
         self.ctl
             .invalidator

@@ -11,11 +11,12 @@ mod kmount;
 mod loopbed;
 mod procs;
 mod status;
+mod strace;
 
 // Re-exported so tests write `common::X` whatever file X lives in; each test
 // binary uses a subset, so a glob may be unused in one of them.
 #[allow(unused_imports)]
-pub use {direct::*, errno::*, kmount::*, loopbed::*, procs::*, status::*};
+pub use {direct::*, errno::*, kmount::*, loopbed::*, procs::*, status::*, strace::*};
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
