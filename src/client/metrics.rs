@@ -148,6 +148,10 @@ fn handles_by_path(
 /// Counters as the daemon keeps them in `counters` (since the mount
 /// started), and its failed control commands by errno.
 fn counter_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Value]) {
+    // Each help says what increments the counter in the daemon: reads and
+    // writes count in the FUSE read/write handlers (passthrough I/O never
+    // reaches them; a fenced write is refused before it counts), and an
+    // invalidation counts when it starts, whatever its outcome.
     let counters = [
         (
             "activations",
@@ -159,11 +163,17 @@ fn counter_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Val
         ),
         (
             "invalidations",
-            "Successful invalidations of this host's page cache.",
+            "Attempts to invalidate this host's page cache of the image (invalidate, activate, invalidate on open), failed ones included.",
         ),
         ("sync_errors", "Failed syncs of the image's backing."),
-        ("reads", "Read requests served by the daemon (relay)."),
-        ("writes", "Write requests served by the daemon (relay)."),
+        (
+            "reads",
+            "Read requests served by the daemon (relay and cached data paths; passthrough reads bypass it).",
+        ),
+        (
+            "writes",
+            "Write requests admitted by the daemon (relay and cached data paths; passthrough writes bypass it, fenced writes are not counted).",
+        ),
         ("fsyncs", "Fsync requests of the image."),
     ];
     for (name, help) in counters {
@@ -267,7 +277,7 @@ fn flag_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Value]
         s,
         "migsafe_image_fencing_partial",
         "gauge",
-        "1 while a writable passthrough handle is open: writes the daemon cannot fence.",
+        "1 while a writer the daemon cannot fence is open: a writable passthrough handle, or a process writing the backing outside this mount (status lists them under unfenced).",
     );
     for img in images {
         f.sample(
