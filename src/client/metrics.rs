@@ -314,7 +314,8 @@ fn last_command_families(s: &mut String, mountpoint: &str, images: &[&serde_json
         .filter(|i| !i["last_command"].is_null())
         .map(|i| (path_of(i), &i["last_command"]))
         .collect();
-    let families: [(&str, &str, fn(&serde_json::Value) -> String); 2] = [
+    type Value = fn(&serde_json::Value) -> String;
+    let families: [(&str, &str, Value); 2] = [
         (
             "migsafe_image_last_command_seconds",
             "Duration of the last control command on the image (result: ok or its errno).",
