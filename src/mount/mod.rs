@@ -2,14 +2,16 @@
 //! or signalled.
 
 use std::ffi::CString;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fuser::{Config, MountOption};
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::sys::signal::SigSet;
 
 use crate::backing::{self, Device};
 use crate::fs::{DataPath, FsConfig, IoMode, MigsafeFs};
+use crate::image::state_file::{Record, StateFile};
 use crate::settings::{Key, Settings};
 use crate::sys;
 
@@ -25,7 +27,7 @@ use kernel::{OwnMount, Unmounter, widen_readahead};
 use options::apply_options;
 pub use options::parse_device;
 use placement::{check_mountpoint, warn_about_placement};
-use state_path::state_file_path;
+use state_path::load_state;
 pub use state_path::systemd_escape_path;
 
 /// Everything `migsafe mount` was told.
@@ -71,8 +73,76 @@ pub fn default_threads() -> usize {
 }
 
 /// Mounts and serves; returns when the filesystem is unmounted.
+///
+/// The order of the steps is the point: everything that can refuse the
+/// start runs before `--daemon` detaches (so the operator sees why), the
+/// signal mask is set before any thread exists, and a waiting parent or
+/// service manager hears "ready" only once the mount is live.
 pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     let (mount_options, acl) = apply_options(&mut args)?;
+    let checked = check(&args)?;
+    raise_fd_limit();
+    if args.daemon {
+        daemonize(&args)?;
+    }
+    // Before any thread exists: every thread inherits the blocked mask, so
+    // SIGTERM/SIGINT reach only the waiting thread, which unmounts.
+    let signals = block_signals();
+    // The pid file is written before mounting, so a path that cannot be
+    // written fails the start with its error instead of leaving a mount
+    // that a unit or script cannot find; a mount that then fails removes it.
+    let pid_file = match &args.pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
+    let fs = build_fs(&args, checked)?;
+    let notifier_slot = fs.notifier.clone();
+    let Started {
+        session,
+        unmounter,
+        own_guard,
+    } = start_session(fs, &args, mount_options, acl)?;
+    let _ = notifier_slot.set(session.notifier());
+    widen_readahead(&args.mountpoint);
+    log::info!(
+        "migsafe {} serving {} on {} ({} threads)",
+        env!("CARGO_PKG_VERSION"),
+        args.backing.display(),
+        args.mountpoint.display(),
+        args.threads
+    );
+    if let Some(p) = pid_file {
+        p.keep();
+    }
+    daemon_ready(args.log_file.as_deref());
+    sd_notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+        std::process::id(),
+        args.backing.display(),
+        args.mountpoint.display()
+    ));
+    unmount_on_signal(signals, unmounter, args.mountpoint.clone());
+    serve(session, &args)?;
+    // The guard takes away a mount the session left behind (one that ended
+    // on an error leaves it dead; the `?` above drops the guard too); after
+    // a clean unmount it does nothing.
+    drop(own_guard);
+    log::info!("unmounted {}", args.mountpoint.display());
+    Ok(())
+}
+
+/// What the start-up checks opened and read, for the filesystem.
+struct Checked {
+    root: OwnedFd,
+    settings: Arc<Settings>,
+    devices: Vec<Device>,
+    state: Option<(StateFile, Vec<Record>)>,
+}
+
+/// Every check that can refuse the start, in the order an operator meets
+/// their errors; it opens the backing root and the devices and reads the
+/// state file on the way.
+fn check(args: &MountArgs) -> Result<Checked, StartError> {
     if let Some(p) = &args.log_file {
         // A --daemon parent still shows what goes wrong before it returns.
         crate::logging::to_file(p, args.daemon).map_err(|e| {
@@ -91,7 +161,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             "--threads 0: migsafe needs at least 1 event-loop thread (default: one per CPU, at least 2)",
         );
     }
-    warn_about_placement(&args, is_backing);
+    warn_about_placement(args, is_backing);
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
     }
@@ -114,12 +184,25 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     {
         return err(format!("invalid --ctl-name {:?}", args.ctl_name));
     }
+    let devices = open_devices(args, &root)?;
+    let state = load_state(args)?;
+    Ok(Checked {
+        root,
+        settings,
+        devices,
+        state,
+    })
+}
+
+/// Opens each `--device` entry (a name given twice is refused), and warns
+/// when the control directory hides an entry of the backing.
+fn open_devices(args: &MountArgs, root: &OwnedFd) -> Result<Vec<Device>, StartError> {
     let mut devices = Vec::new();
     for (name, path) in &args.devices {
         if devices.iter().any(|d: &Device| &d.name == name) {
             return err(format!("--device {name} given twice"));
         }
-        devices.push(backing::open_device(name, path, &root, &args.ctl_name).map_err(StartError)?);
+        devices.push(backing::open_device(name, path, root, &args.ctl_name).map_err(StartError)?);
     }
     if let Ok(c) = CString::new(args.ctl_name.as_bytes())
         && sys::fstatat(root.as_fd(), &c).is_ok()
@@ -129,44 +212,12 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             args.ctl_name
         );
     }
-    // Read (and checked) before detaching, so a state file that cannot be
-    // trusted stops the start where the operator sees why.
-    if args
-        .state_file
-        .as_ref()
-        .is_some_and(|p| p.as_os_str().is_empty() || p.ends_with(".."))
-    {
-        return err("--state-file: name a file (or none to keep no state file)");
-    }
-    let state = match state_file_path(&args) {
-        Some(p) => {
-            if p.starts_with(&args.mountpoint)
-                || std::fs::canonicalize(&args.mountpoint)
-                    .is_ok_and(|m| p.parent().is_some_and(|d| d.starts_with(m)))
-            {
-                return err(format!(
-                    "--state-file {}: beneath the mountpoint, where the mount would hide it; choose a path outside it",
-                    p.display()
-                ));
-            }
-            Some(crate::image::state_file::StateFile::load(&p).map_err(StartError)?)
-        }
-        None => None,
-    };
-    raise_fd_limit();
-    if args.daemon {
-        daemonize(&args)?;
-    }
-    // Before any thread exists: every thread inherits the blocked mask, so
-    // SIGTERM/SIGINT reach only the waiting thread, which unmounts.
-    let signals = block_signals();
-    // The pid file is written before mounting, so a path that cannot be
-    // written fails the start with its error instead of leaving a mount
-    // that a unit or script cannot find; a mount that then fails removes it.
-    let pid_file = match &args.pid_file {
-        Some(p) => Some(PidFile::write(p)?),
-        None => None,
-    };
+    Ok(devices)
+}
+
+/// The filesystem the session serves, with the images the state file
+/// brings back inactive (and their sticky errors).
+fn build_fs(args: &MountArgs, checked: Checked) -> Result<MigsafeFs, StartError> {
     let config = FsConfig {
         io: args.io,
         ctl_name: args.ctl_name.clone(),
@@ -179,9 +230,9 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             .unwrap_or_else(|_| args.mountpoint.clone()),
         device_io: args.device_io,
     };
-    let fs = MigsafeFs::new(config, settings, root, devices)
+    let fs = MigsafeFs::new(config, checked.settings, checked.root, checked.devices)
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;
-    if let Some((journal, records)) = state {
+    if let Some((journal, records)) = checked.state {
         let path = journal.path().to_path_buf();
         let n = records.len();
         let r = fs
@@ -195,7 +246,26 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             r.dropped
         );
     }
-    let notifier_slot = fs.notifier.clone();
+    Ok(fs)
+}
+
+/// A live mount and its session.
+struct Started {
+    session: Session<MigsafeFs>,
+    /// Who takes the mount away on a stop signal.
+    unmounter: Unmounter,
+    /// For migsafe's own mount: takes away a mount the session left behind.
+    own_guard: Option<Arc<OwnMount>>,
+}
+
+/// Mounts and opens the FUSE session: with migsafe's own mount(2) when it
+/// may, else through fuser's fusermount3.
+fn start_session(
+    fs: MigsafeFs,
+    args: &MountArgs,
+    mount_options: Vec<MountOption>,
+    acl: SessionACL,
+) -> Result<Started, StartError> {
     let mut fuse_config = Config::default();
     fuse_config.n_threads = Some(args.threads);
     fuse_config.clone_fd = true;
@@ -213,14 +283,17 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     } else {
         OwnMount::mount(&args.mountpoint, &mount_options, acl)?
     };
-    let mut own_guard = None;
-    let (session, unmounter) = match own {
+    match own {
         Some((dev_fuse, own)) => {
             let own = Arc::new(own);
-            own_guard = Some(own.clone());
-            let session = fuser::Session::from_fd(fs, dev_fuse, acl, fuse_config)
-                .map_err(|e| cannot_mount(&e))?;
-            (session, Unmounter::Own(own))
+            let own_guard = Some(own.clone());
+            let session =
+                Session::from_fd(fs, dev_fuse, acl, fuse_config).map_err(|e| cannot_mount(&e))?;
+            Ok(Started {
+                session,
+                unmounter: Unmounter::Own(own),
+                own_guard,
+            })
         }
         None => {
             // Not allowed to mount(2) (no CAP_SYS_ADMIN): fuser runs the
@@ -228,43 +301,35 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             // from the subtype option.
             fuse_config.mount_options = mount_options;
             fuse_config.acl = acl;
-            let mut session = fuser::Session::new(fs, &args.mountpoint, &fuse_config)
-                .map_err(|e| cannot_mount(&e))?;
+            let mut session =
+                Session::new(fs, &args.mountpoint, &fuse_config).map_err(|e| cannot_mount(&e))?;
             let unmounter = Unmounter::Fuser(session.unmount_callable());
-            (session, unmounter)
+            Ok(Started {
+                session,
+                unmounter,
+                own_guard: None,
+            })
         }
-    };
-    let _ = notifier_slot.set(session.notifier());
-    widen_readahead(&args.mountpoint);
-    log::info!(
-        "migsafe {} serving {} on {} ({} threads)",
-        env!("CARGO_PKG_VERSION"),
-        args.backing.display(),
-        args.mountpoint.display(),
-        args.threads
-    );
-    if let Some(p) = pid_file {
-        p.keep();
     }
-    daemon_ready(args.log_file.as_deref());
-    sd_notify(&format!(
-        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
-        std::process::id(),
-        args.backing.display(),
-        args.mountpoint.display()
-    ));
-    let mountpoint = args.mountpoint.clone();
+}
+
+/// One thread waits for SIGINT/SIGTERM/SIGHUP (blocked in every other
+/// thread) and unmounts, lazily if a plain unmount fails.
+fn unmount_on_signal(signals: SigSet, mut unmounter: Unmounter, mountpoint: PathBuf) {
     std::thread::spawn(move || {
         if let Ok(sig) = signals.wait() {
             log::info!("{sig:?}: unmounting {}", mountpoint.display());
             sd_notify("STOPPING=1");
-            let mut unmounter = unmounter;
             if let Err(e) = unmounter.unmount() {
                 log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
                 let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
         }
     });
+}
+
+/// Serves requests until the mount goes away.
+fn serve(session: Session<MigsafeFs>, args: &MountArgs) -> Result<(), StartError> {
     // Requests are served with each caller's groups (sys::FsCreds): the
     // daemon's own (root's 0 from a login shell) must never count. Only a
     // daemon that is not root (which serves as itself) cannot drop them.
@@ -284,9 +349,5 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
             "session on {} ended: {e}",
             args.mountpoint.display()
         ))
-    })?;
-    // A session that ended on an error leaves its mount dead: take it away.
-    drop(own_guard);
-    log::info!("unmounted {}", args.mountpoint.display());
-    Ok(())
+    })
 }

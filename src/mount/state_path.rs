@@ -1,8 +1,36 @@
-//! Where the state file lives when `--state-file` does not say.
+//! The state file a mount starts from: where it lives when `--state-file`
+//! does not say, and reading it before the start.
 
 use std::path::{Path, PathBuf};
 
-use super::MountArgs;
+use super::{MountArgs, StartError, err};
+use crate::image::state_file::{Record, StateFile};
+
+/// The state file's records, or none when the mount keeps no state file.
+/// Read (and checked) before detaching, so a state file that cannot be
+/// trusted stops the start where the operator sees why.
+pub(super) fn load_state(args: &MountArgs) -> Result<Option<(StateFile, Vec<Record>)>, StartError> {
+    if args
+        .state_file
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty() || p.ends_with(".."))
+    {
+        return err("--state-file: name a file (or none to keep no state file)");
+    }
+    let Some(p) = state_file_path(args) else {
+        return Ok(None);
+    };
+    if p.starts_with(&args.mountpoint)
+        || std::fs::canonicalize(&args.mountpoint)
+            .is_ok_and(|m| p.parent().is_some_and(|d| d.starts_with(m)))
+    {
+        return err(format!(
+            "--state-file {}: beneath the mountpoint, where the mount would hide it; choose a path outside it",
+            p.display()
+        ));
+    }
+    Ok(Some(StateFile::load(&p).map_err(StartError)?))
+}
 
 /// The state file `args` ask for: `--state-file PATH`, none for `none`,
 /// else the default place for the daemon's user (see `--state-file`). It is
@@ -11,7 +39,7 @@ use super::MountArgs;
 /// the systemd unit instance has, while one backing may be mounted twice.
 /// The directory is not the systemd unit's RuntimeDirectory=: systemd
 /// removes that at every stop, and a fence must outlive a stop and start.
-pub(super) fn state_file_path(args: &MountArgs) -> Option<PathBuf> {
+fn state_file_path(args: &MountArgs) -> Option<PathBuf> {
     if let Some(p) = &args.state_file {
         if p.as_os_str() == "none" {
             return None;
