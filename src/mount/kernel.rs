@@ -52,54 +52,11 @@ impl OwnMount {
         options: &[MountOption],
         acl: SessionACL,
     ) -> Result<Option<(OwnedFd, OwnMount)>, StartError> {
-        use nix::mount::MsFlags;
         let dev_fuse = open_dev_fuse()?;
         let canonical =
             std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-        let mut flags = MsFlags::empty();
-        let (mut dev, mut suid) = (false, false);
-        let mut source = "migsafe".to_string();
-        let mut data = format!(
-            "fd={},rootmode={:o},user_id={},group_id={}",
-            std::os::fd::AsRawFd::as_raw_fd(&dev_fuse),
-            libc::S_IFDIR,
-            nix::unistd::getuid(),
-            nix::unistd::getgid()
-        );
-        for opt in options {
-            match opt {
-                MountOption::FSName(n) => source = n.clone(),
-                MountOption::Subtype(_) | MountOption::AutoUnmount => {}
-                MountOption::DefaultPermissions => data.push_str(",default_permissions"),
-                MountOption::CUSTOM(c) => {
-                    data.push(',');
-                    data.push_str(c);
-                }
-                MountOption::Dev => dev = true,
-                MountOption::NoDev => dev = false,
-                MountOption::Suid => suid = true,
-                MountOption::NoSuid => suid = false,
-                MountOption::RO => flags |= MsFlags::MS_RDONLY,
-                MountOption::RW => flags &= !MsFlags::MS_RDONLY,
-                MountOption::Exec => flags &= !MsFlags::MS_NOEXEC,
-                MountOption::NoExec => flags |= MsFlags::MS_NOEXEC,
-                MountOption::Atime => flags &= !MsFlags::MS_NOATIME,
-                MountOption::NoAtime => flags |= MsFlags::MS_NOATIME,
-                MountOption::Sync => flags |= MsFlags::MS_SYNCHRONOUS,
-                MountOption::Async => flags &= !MsFlags::MS_SYNCHRONOUS,
-                MountOption::DirSync => flags |= MsFlags::MS_DIRSYNC,
-            }
-        }
-        // nodev,nosuid unless asked otherwise, as fuser and libfuse do.
-        if !dev {
-            flags |= MsFlags::MS_NODEV;
-        }
-        if !suid {
-            flags |= MsFlags::MS_NOSUID;
-        }
-        if acl != SessionACL::Owner {
-            data.push_str(",allow_other");
-        }
+        let (flags, source, data) =
+            mount_data(options, acl, std::os::fd::AsRawFd::as_raw_fd(&dev_fuse));
         match nix::mount::mount(
             Some(source.as_str()),
             mountpoint,
@@ -151,6 +108,61 @@ impl OwnMount {
             std::io::Error::from(e)
         })
     }
+}
+
+/// The mount(2) flags, source and data for `options`, as fuser and libfuse
+/// would pass them; `fd` is the /dev/fuse connection.
+fn mount_data(
+    options: &[MountOption],
+    acl: SessionACL,
+    fd: std::os::fd::RawFd,
+) -> (nix::mount::MsFlags, String, String) {
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::empty();
+    let (mut dev, mut suid) = (false, false);
+    let mut source = "migsafe".to_string();
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={}",
+        fd,
+        libc::S_IFDIR,
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    for opt in options {
+        match opt {
+            MountOption::FSName(n) => source = n.clone(),
+            MountOption::Subtype(_) | MountOption::AutoUnmount => {}
+            MountOption::DefaultPermissions => data.push_str(",default_permissions"),
+            MountOption::CUSTOM(c) => {
+                data.push(',');
+                data.push_str(c);
+            }
+            MountOption::Dev => dev = true,
+            MountOption::NoDev => dev = false,
+            MountOption::Suid => suid = true,
+            MountOption::NoSuid => suid = false,
+            MountOption::RO => flags |= MsFlags::MS_RDONLY,
+            MountOption::RW => flags &= !MsFlags::MS_RDONLY,
+            MountOption::Exec => flags &= !MsFlags::MS_NOEXEC,
+            MountOption::NoExec => flags |= MsFlags::MS_NOEXEC,
+            MountOption::Atime => flags &= !MsFlags::MS_NOATIME,
+            MountOption::NoAtime => flags |= MsFlags::MS_NOATIME,
+            MountOption::Sync => flags |= MsFlags::MS_SYNCHRONOUS,
+            MountOption::Async => flags &= !MsFlags::MS_SYNCHRONOUS,
+            MountOption::DirSync => flags |= MsFlags::MS_DIRSYNC,
+        }
+    }
+    // nodev,nosuid unless asked otherwise, as fuser and libfuse do.
+    if !dev {
+        flags |= MsFlags::MS_NODEV;
+    }
+    if !suid {
+        flags |= MsFlags::MS_NOSUID;
+    }
+    if acl != SessionACL::Owner {
+        data.push_str(",allow_other");
+    }
+    (flags, source, data)
 }
 
 impl Drop for OwnMount {
