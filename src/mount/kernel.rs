@@ -1,5 +1,7 @@
 //! The mount itself: migsafe's own mount(2) of /dev/fuse as `fuse.migsafe`,
-//! the unmount on a stop signal, and the mount's readahead window.
+//! the unmount on a stop signal, the mount's readahead window, and which mount
+//! is on top at a path (read from mountinfo: a stat of a new mount would send
+//! a request to this process before it serves).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -7,8 +9,8 @@ use std::sync::Arc;
 
 use fuser::{MountOption, SessionACL};
 
-use super::placement::top_mount_at;
 use super::{StartError, err};
+use crate::mountinfo::{MountEntry, mountinfo};
 
 /// Who takes the mount away on SIGTERM: migsafe's own mount(2), or fuser's
 /// fusermount3 mount.
@@ -227,4 +229,18 @@ pub(super) fn widen_readahead(mountpoint: &Path) {
     if let Err(e) = std::fs::write(&knob, format!("{READAHEAD_KB}\n")) {
         log::debug!("readahead of {}: {knob}: {e}", mountpoint.display());
     }
+}
+
+/// The mount on top at `path` (canonicalized), if `path` is a mountpoint.
+pub(super) fn top_mount(path: &Path) -> Option<MountEntry> {
+    top_mount_at(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
+/// Like [`top_mount`] for a path already canonical; touches no filesystem
+/// but /proc.
+fn top_mount_at(canonical: &Path) -> Option<MountEntry> {
+    mountinfo()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == canonical)
 }

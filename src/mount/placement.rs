@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use super::kernel::{FSTYPE, top_mount};
 use super::options::default_fsname;
-use super::{MountArgs, StartError, err, kernel::FSTYPE};
+use super::{MountArgs, StartError, err};
 use crate::mountinfo::{MountEntry, mountinfo};
 
 pub(super) fn check_mountpoint(path: &Path) -> Result<(), StartError> {
@@ -70,18 +71,4 @@ pub(super) fn warn_about_placement(args: &MountArgs, is_backing: bool) {
             );
         }
     }
-}
-
-/// The mount on top at `path` (canonicalized), if `path` is a mountpoint.
-fn top_mount(path: &Path) -> Option<MountEntry> {
-    top_mount_at(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
-}
-
-/// Like [`top_mount`] for a path already canonical; touches no filesystem
-/// but /proc.
-pub(super) fn top_mount_at(canonical: &Path) -> Option<MountEntry> {
-    mountinfo()
-        .into_iter()
-        .rev()
-        .find(|m| m.mountpoint == canonical)
 }
