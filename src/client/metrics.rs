@@ -42,6 +42,23 @@ impl<'a> Family<'a> {
             .collect();
         let _ = writeln!(self.out, "{name}{{{}}} {value}", l.join(","));
     }
+
+    /// One sample per image, labelled with the mountpoint and its path.
+    fn per_image<V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        mountpoint: &str,
+        images: &[&serde_json::Value],
+        value: impl Fn(&serde_json::Value) -> V,
+    ) {
+        for img in images {
+            self.sample(
+                name,
+                &[("mountpoint", mountpoint), ("path", path_of(img))],
+                value(img),
+            );
+        }
+    }
 }
 
 /// The metrics text for a mount, from its `status` document: everything the
@@ -180,14 +197,9 @@ fn counter_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Val
     for (name, help) in counters {
         let family = format!("migsafe_image_{name}");
         let sample = format!("{family}_total");
-        let mut f = Family::new(s, &family, "counter", help);
-        for img in images {
-            f.sample(
-                &sample,
-                &[("mountpoint", mountpoint), ("path", path_of(img))],
-                num(&img["counters"][name]),
-            );
-        }
+        Family::new(s, &family, "counter", help).per_image(&sample, mountpoint, images, |img| {
+            num(&img["counters"][name])
+        });
     }
     let mut f = Family::new(
         s,
@@ -260,14 +272,7 @@ fn gauge_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Value
     ];
     for (name, help, get) in gauges {
         let family = format!("migsafe_image_{name}");
-        let mut f = Family::new(s, &family, "gauge", help);
-        for img in images {
-            f.sample(
-                &family,
-                &[("mountpoint", mountpoint), ("path", path_of(img))],
-                get(img),
-            );
-        }
+        Family::new(s, &family, "gauge", help).per_image(&family, mountpoint, images, get);
     }
 }
 
@@ -280,13 +285,9 @@ fn flag_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Value]
         "gauge",
         "1 while a writer the daemon cannot fence is open: a writable passthrough handle, or a process writing the backing outside this mount (status lists them under unfenced).",
     );
-    for img in images {
-        f.sample(
-            "migsafe_image_fencing_partial",
-            &[("mountpoint", mountpoint), ("path", path_of(img))],
-            u8::from(img["fencing"] == "partial"),
-        );
-    }
+    f.per_image("migsafe_image_fencing_partial", mountpoint, images, |img| {
+        u8::from(img["fencing"] == "partial")
+    });
     let mut f = Family::new(
         s,
         "migsafe_image_sticky_error",
