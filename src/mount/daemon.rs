@@ -68,6 +68,8 @@ pub(super) fn raise_fd_limit() {
     }
 }
 
+/// The write end of the pipe a waiting `--daemon` parent reads: set in the
+/// child, taken when the mount is live or the start fails.
 static READY_FD: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
 
 /// Forks; the parent waits until the child reports the mount live (or its

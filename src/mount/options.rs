@@ -1,5 +1,6 @@
-//! `-o` mount options: kernel/fuser mount options, and migsafe's own
-//! `key=value` settings so an fstab line can carry them.
+//! `-o` mount options: the kernel's and fuser's, and migsafe's own (its
+//! command-line options and runtime settings as `key=value`), so an fstab
+//! line can carry a whole `migsafe mount` command line.
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +16,9 @@ pub(super) fn default_fsname(backing: &Path) -> String {
     format!("migsafe:{}", canonical.display())
 }
 
-/// Splits `-o` options into kernel/fuser mount options and migsafe's own
-/// `key=value` settings (so fstab lines can carry them).
+/// Splits `-o` options into kernel/fuser mount options (returned, with the
+/// session's access rule) and migsafe's own, which are written into `args`
+/// as their command-line forms would be (so fstab lines can carry them).
 pub(super) fn apply_options(
     args: &mut MountArgs,
 ) -> Result<(Vec<MountOption>, SessionACL), StartError> {

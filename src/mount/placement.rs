@@ -9,6 +9,8 @@ use super::options::default_fsname;
 use super::{MountArgs, StartError, err};
 use crate::mountinfo::{MountEntry, mountinfo};
 
+/// The mountpoint must be a directory that exists, is no dead FUSE mount
+/// and no live migsafe mount.
 pub(super) fn check_mountpoint(path: &Path) -> Result<(), StartError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => refuse_live_migsafe(path),
