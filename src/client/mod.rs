@@ -30,14 +30,14 @@ fn ctl_dir(mountpoint: &Path, ctl_name: &str) -> std::path::PathBuf {
 /// here a closed pipe just ends the output quietly (the command's own
 /// result still decides the exit status), and any other write error
 /// (a full disk) is reported once and makes the exit status 2.
-pub struct Out {
+pub(crate) struct Out {
     w: std::io::StdoutLock<'static>,
     closed: bool,
     error: Option<std::io::Error>,
 }
 
 impl Out {
-    pub fn new() -> Out {
+    pub(crate) fn new() -> Out {
         Out {
             w: std::io::stdout().lock(),
             closed: false,
@@ -54,7 +54,7 @@ impl Out {
     }
 
     /// Writes `text` (which carries its own newlines) unless output ended.
-    pub fn text(&mut self, text: &str) {
+    pub(crate) fn text(&mut self, text: &str) {
         if self.closed || self.error.is_some() {
             return;
         }
@@ -63,14 +63,14 @@ impl Out {
     }
 
     /// Writes one line.
-    pub fn line(&mut self, line: &str) {
+    pub(crate) fn line(&mut self, line: &str) {
         self.text(line);
         self.text("\n");
     }
 
     /// Flushes and turns `code` into the exit status: 2 if the output
     /// failed for another reason than a closed pipe.
-    pub fn finish(mut self, code: i32) -> i32 {
+    pub(crate) fn finish(mut self, code: i32) -> i32 {
         if !self.closed && self.error.is_none() {
             let r = self.w.flush();
             self.record(r);
@@ -142,6 +142,10 @@ fn explain(mountpoint: &Path, path: &Path, e: &std::io::Error) -> String {
     }
 }
 
+/// `migsafe ctl MNT set KEY VALUE`: writes a runtime setting. Exit status 1
+/// when the daemon refuses the value (the allowed words are printed), 2 for
+/// an unknown key, a daemon that is gone, a refused write permission or an
+/// open that fails.
 pub fn set(mountpoint: &Path, ctl_name: &str, key: &str, value: &str) -> i32 {
     if Key::from_name(key).is_none() {
         let keys: Vec<&str> = Key::ALL.iter().map(|k| k.name()).collect();

@@ -27,6 +27,8 @@ pub(super) fn status_doc(mountpoint: &Path, ctl_name: &str) -> Result<serde_json
     })
 }
 
+/// `migsafe ctl MNT status`: the daemon's JSON document as it is with
+/// `--json`, else a table for a person.
 pub fn status(mountpoint: &Path, ctl_name: &str, json: bool) -> i32 {
     let mut out = Out::new();
     if json {
