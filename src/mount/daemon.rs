@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::{MountArgs, StartError};
+use super::args::{MountArgs, StartError};
 use crate::sys;
 
 /// `--pid-file`, removed again unless the mount went live.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use fuser::{MountOption, SessionACL};
 
-use super::{StartError, err};
+use super::args::{StartError, err};
 use crate::mountinfo::{MountEntry, mountinfo};
 
 /// Who takes the mount away on SIGTERM: migsafe's own mount(2), or fuser's

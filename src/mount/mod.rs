@@ -10,17 +10,20 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use nix::sys::signal::SigSet;
 
 use crate::backing::{self, Device};
-use crate::fs::{DataPath, FsConfig, IoMode, MigsafeFs};
+use crate::fs::{FsConfig, IoMode, MigsafeFs};
 use crate::image::state_file::{Record, StateFile};
-use crate::settings::{Key, Settings};
+use crate::settings::Settings;
 use crate::sys;
 
+mod args;
 mod daemon;
 mod kernel;
 mod options;
 mod placement;
 mod state_path;
 
+use args::err;
+pub use args::{MountArgs, StartError};
 pub use daemon::report_start_error;
 use daemon::{PidFile, block_signals, daemon_ready, daemonize, raise_fd_limit, sd_notify};
 use kernel::{OwnMount, Unmounter, widen_readahead};
@@ -29,39 +32,6 @@ pub use options::parse_device;
 use placement::{check_mountpoint, warn_about_placement};
 use state_path::load_state;
 pub use state_path::systemd_escape_path;
-
-/// Everything `migsafe mount` was told.
-#[derive(Debug, Clone)]
-pub struct MountArgs {
-    pub backing: PathBuf,
-    pub mountpoint: PathBuf,
-    pub devices: Vec<(String, PathBuf)>,
-    pub io: IoMode,
-    /// Data path of `--device` entries: cached (default) or relay.
-    pub device_io: DataPath,
-    pub threads: usize,
-    pub ctl_name: String,
-    pub settings: Vec<(Key, String)>,
-    pub xattr: bool,
-    pub options: Vec<String>,
-    pub daemon: bool,
-    pub pid_file: Option<PathBuf>,
-    /// Where the log goes in every start form (else stderr in the
-    /// foreground, syslog once detached).
-    pub log_file: Option<PathBuf>,
-    pub max_write: u32,
-    /// `--state-file`: None for the default place, `none` for no file.
-    pub state_file: Option<PathBuf>,
-}
-
-/// A start-up error: printed as one line, exit status 1.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(pub String);
-
-fn err<T>(msg: impl Into<String>) -> Result<T, StartError> {
-    Err(StartError(msg.into()))
-}
 
 /// Default event-loop threads: one per CPU, at least 2 so a slow backing
 /// read never stalls every other request.

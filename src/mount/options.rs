@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use fuser::{MountOption, SessionACL};
 
-use super::{MountArgs, StartError, err};
+use super::args::{MountArgs, StartError, err};
 use crate::fs::{DataPath, IoMode};
 use crate::settings::Key;
 

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
+use super::args::{MountArgs, StartError, err};
 use super::kernel::{FSTYPE, top_mount};
 use super::options::default_fsname;
-use super::{MountArgs, StartError, err};
 use crate::mountinfo::{MountEntry, mountinfo};
 
 /// The mountpoint must be a directory that exists, is no dead FUSE mount

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{MountArgs, StartError, err};
+use super::args::{MountArgs, StartError, err};
 use crate::image::state_file::{Record, StateFile};
 
 /// The state file's records, or none when the mount keeps no state file.
