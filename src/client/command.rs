@@ -5,7 +5,8 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, Out, ctl_dir, daemon_gone, explain};
+use super::ctl_file::{ctl_dir, daemon_gone, explain};
+use super::out::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, Out};
 use crate::protocol::{self, key};
 
 /// Result keys whose values are counts: JSON numbers, and a line where

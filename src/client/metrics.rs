@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use super::out::{EXIT_OK, Out};
 use super::status::status_doc;
-use super::{EXIT_OK, Out};
 
 /// Escapes a label value of the Prometheus text exposition format.
 fn label_value(v: &str) -> String {

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use super::{EXIT_OK, EXIT_USAGE, Out, ctl_dir, explain};
+use super::ctl_file::{ctl_dir, explain};
+use super::out::{EXIT_OK, EXIT_USAGE, Out};
 use crate::protocol;
 
 /// Reads `.ctl/status` as text (the daemon's JSON document).
