@@ -1,0 +1,323 @@
+//! `migsafe mount`: validate the command line, mount, serve until unmounted
+//! or signalled.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::sys::signal::SigSet;
+
+use crate::backing::{self, Device};
+use crate::fs::{FsConfig, IoMode, MigsafeFs};
+use crate::image::state_file::{Record, StateFile};
+use crate::settings::Settings;
+use crate::sys;
+
+mod args;
+mod daemon;
+mod kernel;
+mod options;
+mod placement;
+mod state_path;
+
+use args::err;
+pub use args::{MountArgs, StartError};
+pub use daemon::report_start_error;
+use daemon::{PidFile, block_signals, daemon_ready, daemonize, raise_fd_limit, sd_notify};
+use kernel::{OwnMount, Unmounter, widen_readahead};
+use options::apply_options;
+pub use options::parse_device;
+use placement::{check_mountpoint, warn_about_placement};
+use state_path::load_state;
+pub use state_path::systemd_escape_path;
+
+/// Default event-loop threads: one per CPU, at least 2 so a slow backing
+/// read never stalls every other request.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}
+
+/// Mounts and serves; returns when the filesystem is unmounted.
+///
+/// The order of the steps is the point: everything that can refuse the
+/// start runs before `--daemon` detaches (so the operator sees why), the
+/// signal mask is set before any thread exists, and a waiting parent or
+/// service manager hears "ready" only once the mount is live.
+pub fn run(mut args: MountArgs) -> Result<(), StartError> {
+    let (mount_options, acl) = apply_options(&mut args)?;
+    let checked = check(&args)?;
+    raise_fd_limit();
+    if args.daemon {
+        daemonize(&args)?;
+    }
+    // Before any thread exists: every thread inherits the blocked mask, so
+    // SIGTERM/SIGINT reach only the waiting thread, which unmounts.
+    let signals = block_signals();
+    // The pid file is written before mounting, so a path that cannot be
+    // written fails the start with its error instead of leaving a mount
+    // that a unit or script cannot find; a mount that then fails removes it.
+    let pid_file = match &args.pid_file {
+        Some(p) => Some(PidFile::write(p)?),
+        None => None,
+    };
+    let fs = build_fs(&args, checked)?;
+    let notifier_slot = fs.notifier.clone();
+    let Started {
+        session,
+        unmounter,
+        own_guard,
+    } = start_session(fs, &args, mount_options, acl)?;
+    let _ = notifier_slot.set(session.notifier());
+    widen_readahead(&args.mountpoint);
+    log::info!(
+        "migsafe {} serving {} on {} ({} threads)",
+        env!("CARGO_PKG_VERSION"),
+        args.backing.display(),
+        args.mountpoint.display(),
+        args.threads
+    );
+    if let Some(p) = pid_file {
+        p.keep();
+    }
+    daemon_ready(args.log_file.as_deref());
+    sd_notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+        std::process::id(),
+        args.backing.display(),
+        args.mountpoint.display()
+    ));
+    unmount_on_signal(signals, unmounter, args.mountpoint.clone());
+    serve(session, &args)?;
+    // The guard takes away a mount the session left behind (one that ended
+    // on an error leaves it dead; the `?` above drops the guard too); after
+    // a clean unmount it does nothing.
+    drop(own_guard);
+    log::info!("unmounted {}", args.mountpoint.display());
+    Ok(())
+}
+
+/// What the start-up checks opened and read, for the filesystem.
+struct Checked {
+    root: OwnedFd,
+    settings: Arc<Settings>,
+    devices: Vec<Device>,
+    state: Option<(StateFile, Vec<Record>)>,
+}
+
+/// Every check that can refuse the start, in the order an operator meets
+/// their errors; it opens the backing root and the devices and reads the
+/// state file on the way.
+fn check(args: &MountArgs) -> Result<Checked, StartError> {
+    if let Some(p) = &args.log_file {
+        // A --daemon parent still shows what goes wrong before it returns.
+        crate::logging::to_file(p, args.daemon).map_err(|e| {
+            StartError(format!(
+                "--log-file {}: {e}; name a writable file",
+                p.display()
+            ))
+        })?;
+    }
+    let root = backing::open_root(&args.backing).map_err(StartError)?;
+    check_mountpoint(&args.mountpoint)?;
+    let is_backing = backing::check_mountpoint_outside(&root, &args.backing, &args.mountpoint)
+        .map_err(StartError)?;
+    if args.threads == 0 {
+        return err(
+            "--threads 0: migsafe needs at least 1 event-loop thread (default: one per CPU, at least 2)",
+        );
+    }
+    warn_about_placement(args, is_backing);
+    if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
+        return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
+    }
+    // A control request (up to 64 KiB) must arrive as one FUSE write, and
+    // fuser's buffers hold at most 16 MiB.
+    if !(128 << 10..=16 << 20).contains(&args.max_write) {
+        return err(format!(
+            "--max-write {}: must be between 131072 and 16777216 bytes",
+            args.max_write
+        ));
+    }
+    let settings = Arc::new(Settings::default());
+    for (key, value) in &args.settings {
+        settings.set(*key, value).map_err(StartError)?;
+    }
+    if args.ctl_name.is_empty()
+        || args.ctl_name.contains('/')
+        || args.ctl_name == "."
+        || args.ctl_name == ".."
+    {
+        return err(format!("invalid --ctl-name {:?}", args.ctl_name));
+    }
+    let devices = open_devices(args, &root)?;
+    let state = load_state(args)?;
+    Ok(Checked {
+        root,
+        settings,
+        devices,
+        state,
+    })
+}
+
+/// Opens each `--device` entry (a name given twice is refused), and warns
+/// when the control directory hides an entry of the backing.
+fn open_devices(args: &MountArgs, root: &OwnedFd) -> Result<Vec<Device>, StartError> {
+    let mut devices = Vec::new();
+    for (name, path) in &args.devices {
+        if devices.iter().any(|d: &Device| &d.name == name) {
+            return err(format!("--device {name} given twice"));
+        }
+        devices.push(backing::open_device(name, path, root, &args.ctl_name).map_err(StartError)?);
+    }
+    if let Ok(c) = CString::new(args.ctl_name.as_bytes())
+        && sys::fstatat(root.as_fd(), &c).is_ok()
+    {
+        log::warn!(
+            "backing entry {:?} is hidden by the control directory; use --ctl-name to pick another name",
+            args.ctl_name
+        );
+    }
+    Ok(devices)
+}
+
+/// The filesystem the session serves, with the images the state file
+/// brings back inactive (and their sticky errors).
+fn build_fs(args: &MountArgs, checked: Checked) -> Result<MigsafeFs, StartError> {
+    let config = FsConfig {
+        io: args.io,
+        ctl_name: args.ctl_name.clone(),
+        xattr: args.xattr,
+        owner_uid: nix::unistd::geteuid().as_raw(),
+        owner_gid: nix::unistd::getegid().as_raw(),
+        max_write: args.max_write,
+        max_background: 64,
+        mountpoint: std::fs::canonicalize(&args.mountpoint)
+            .unwrap_or_else(|_| args.mountpoint.clone()),
+        device_io: args.device_io,
+    };
+    let fs = MigsafeFs::new(config, checked.settings, checked.root, checked.devices)
+        .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;
+    if let Some((journal, records)) = checked.state {
+        let path = journal.path().to_path_buf();
+        let n = records.len();
+        let r = fs
+            .registry
+            .restore(Arc::new(journal), records, &fs.root_fd, &fs.ctl.devices);
+        log::info!(
+            "state file {}: restored {} images inactive, {} sticky errors ({} of {n} records dropped)",
+            path.display(),
+            r.inactive,
+            r.sticky,
+            r.dropped
+        );
+    }
+    Ok(fs)
+}
+
+/// A live mount and its session.
+struct Started {
+    session: Session<MigsafeFs>,
+    /// Who takes the mount away on a stop signal.
+    unmounter: Unmounter,
+    /// For migsafe's own mount: takes away a mount the session left behind.
+    own_guard: Option<Arc<OwnMount>>,
+}
+
+/// Mounts and opens the FUSE session: with migsafe's own mount(2) when it
+/// may, else through fuser's fusermount3.
+fn start_session(
+    fs: MigsafeFs,
+    args: &MountArgs,
+    mount_options: Vec<MountOption>,
+    acl: SessionACL,
+) -> Result<Started, StartError> {
+    let mut fuse_config = Config::default();
+    fuse_config.n_threads = Some(args.threads);
+    fuse_config.clone_fd = true;
+    let cannot_mount = |e: &dyn std::fmt::Display| {
+        StartError(format!(
+            "cannot mount {} on {}: {e}",
+            args.backing.display(),
+            args.mountpoint.display()
+        ))
+    };
+    let auto_unmount = mount_options.contains(&MountOption::AutoUnmount);
+    let own = if auto_unmount {
+        // Only fusermount3 can watch for our exit and unmount then.
+        None
+    } else {
+        OwnMount::mount(&args.mountpoint, &mount_options, acl)?
+    };
+    match own {
+        Some((dev_fuse, own)) => {
+            let own = Arc::new(own);
+            let own_guard = Some(own.clone());
+            let session =
+                Session::from_fd(fs, dev_fuse, acl, fuse_config).map_err(|e| cannot_mount(&e))?;
+            Ok(Started {
+                session,
+                unmounter: Unmounter::Own(own),
+                own_guard,
+            })
+        }
+        None => {
+            // Not allowed to mount(2) (no CAP_SYS_ADMIN): fuser runs the
+            // setuid fusermount3, which also names the type fuse.migsafe
+            // from the subtype option.
+            fuse_config.mount_options = mount_options;
+            fuse_config.acl = acl;
+            let mut session =
+                Session::new(fs, &args.mountpoint, &fuse_config).map_err(|e| cannot_mount(&e))?;
+            let unmounter = Unmounter::Fuser(session.unmount_callable());
+            Ok(Started {
+                session,
+                unmounter,
+                own_guard: None,
+            })
+        }
+    }
+}
+
+/// One thread waits for SIGINT/SIGTERM/SIGHUP (blocked in every other
+/// thread) and unmounts, lazily if a plain unmount fails.
+fn unmount_on_signal(signals: SigSet, mut unmounter: Unmounter, mountpoint: PathBuf) {
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            log::info!("{sig:?}: unmounting {}", mountpoint.display());
+            sd_notify("STOPPING=1");
+            if let Err(e) = unmounter.unmount() {
+                log::warn!("unmount {}: {e}; detaching lazily", mountpoint.display());
+                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    });
+}
+
+/// Serves requests until the mount goes away.
+fn serve(session: Session<MigsafeFs>, args: &MountArgs) -> Result<(), StartError> {
+    // Requests are served with each caller's groups (sys::FsCreds): the
+    // daemon's own (root's 0 from a login shell) must never count. Only a
+    // daemon that is not root (which serves as itself) cannot drop them.
+    if let Err(e) = sys::drop_supplementary_groups()
+        && nix::unistd::geteuid().is_root()
+    {
+        log::warn!(
+            "cannot drop the daemon's supplementary groups ({e}); requests of non-root callers will fail with EPERM rather than use them"
+        );
+    }
+    // The kernel has applied each caller's umask to the modes it sends;
+    // the daemon's own must not mask them again. Set after the pid and log
+    // files exist, which keep the daemon's umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    session.run().map_err(|e| {
+        StartError(format!(
+            "session on {} ended: {e}",
+            args.mountpoint.display()
+        ))
+    })
+}
