@@ -150,7 +150,7 @@ impl Filesystem for MigsafeFs {
         let _ = config.set_max_write(self.config.max_write);
         let _ = config.set_max_background(self.config.max_background);
         // The most the kernel offers: FUSE_INIT can only lower the mount's
-        // readahead window (mount.rs widens it through sysfs).
+        // readahead window (mount/kernel.rs widens it through sysfs).
         if let Err(max) = config.set_max_readahead(self.config.max_write) {
             let _ = config.set_max_readahead(max);
         }
