@@ -201,47 +201,10 @@ pub fn parse_line(line: &str) -> Result<Fields, ParseError> {
             return err(i, "expected '=' after the key");
         }
         i += 1;
-        let mut v = Vec::new();
-        if i < b.len() && b[i] == b'"' {
-            i += 1;
-            loop {
-                let Some(&c) = b.get(i) else {
-                    return err(i, "unterminated quoted value");
-                };
-                match c {
-                    b'"' => {
-                        i += 1;
-                        break;
-                    }
-                    b'\\' => {
-                        match b.get(i + 1) {
-                            Some(b'"') => v.push(b'"'),
-                            Some(b'\\') => v.push(b'\\'),
-                            Some(b'n') => v.push(b'\n'),
-                            Some(b't') => v.push(b'\t'),
-                            Some(b'x') => {
-                                let hex = line
-                                    .get(i + 2..i + 4)
-                                    .filter(|h| h.bytes().all(|d| d.is_ascii_hexdigit()));
-                                let Some(hex) = hex else {
-                                    return err(i, "\\x needs two hex digits");
-                                };
-                                v.push(u8::from_str_radix(hex, 16).expect("hex digits"));
-                                i += 2;
-                            }
-                            _ => return err(i, "unknown escape"),
-                        }
-                        i += 2;
-                    }
-                    c if c < 0x20 || c == 0x7f => {
-                        return err(i, "raw control byte in a quoted value");
-                    }
-                    c => {
-                        v.push(c);
-                        i += 1;
-                    }
-                }
-            }
+        let v = if i < b.len() && b[i] == b'"' {
+            let (v, next) = parse_quoted(line, i + 1)?;
+            i = next;
+            v
         } else {
             let vs = i;
             while i < b.len() && b[i] != b' ' {
@@ -253,8 +216,8 @@ pub fn parse_line(line: &str) -> Result<Fields, ParseError> {
             if i == vs {
                 return err(i, "empty unquoted value");
             }
-            v.extend_from_slice(&b[vs..i]);
-        }
+            b[vs..i].to_vec()
+        };
         fields.push((k.to_string(), v));
         if i == b.len() {
             return Ok(Fields(fields));
@@ -265,6 +228,49 @@ pub fn parse_line(line: &str) -> Result<Fields, ParseError> {
         i += 1;
         if i == b.len() {
             return err(i, "trailing space");
+        }
+    }
+}
+
+/// The value of a quoted field whose opening quote ends before `i`: the
+/// unescaped bytes and the index just past the closing quote.
+fn parse_quoted(line: &str, mut i: usize) -> Result<(Vec<u8>, usize), ParseError> {
+    let b = line.as_bytes();
+    let err = |at, message| Err(ParseError { at, message });
+    let mut v = Vec::new();
+    loop {
+        let Some(&c) = b.get(i) else {
+            return err(i, "unterminated quoted value");
+        };
+        match c {
+            b'"' => return Ok((v, i + 1)),
+            b'\\' => {
+                match b.get(i + 1) {
+                    Some(b'"') => v.push(b'"'),
+                    Some(b'\\') => v.push(b'\\'),
+                    Some(b'n') => v.push(b'\n'),
+                    Some(b't') => v.push(b'\t'),
+                    Some(b'x') => {
+                        let hex = line
+                            .get(i + 2..i + 4)
+                            .filter(|h| h.bytes().all(|d| d.is_ascii_hexdigit()));
+                        let Some(hex) = hex else {
+                            return err(i, "\\x needs two hex digits");
+                        };
+                        v.push(u8::from_str_radix(hex, 16).expect("hex digits"));
+                        i += 2;
+                    }
+                    _ => return err(i, "unknown escape"),
+                }
+                i += 2;
+            }
+            c if c < 0x20 || c == 0x7f => {
+                return err(i, "raw control byte in a quoted value");
+            }
+            c => {
+                v.push(c);
+                i += 1;
+            }
         }
     }
 }
