@@ -33,8 +33,6 @@ pub enum Error {
     Refused(i32),
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
 impl Error {
     /// The errno the caller gets.
     pub fn errno(&self) -> i32 {

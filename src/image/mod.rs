@@ -31,7 +31,7 @@ mod status;
 pub mod turns;
 
 pub use outcome::{CommandContext, FuseAccessError, FuseCache, Outcome};
-pub use registry::{Registry, Restored};
+pub use registry::Registry;
 pub use source::Source;
 
 use crate::cache::{Identity, Incarnation};

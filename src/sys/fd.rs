@@ -251,7 +251,9 @@ pub fn clear_direct(fd: BorrowedFd<'_>) -> io::Result<()> {
     .map(|_| ())
 }
 
-/// An all-zero `stat`, to fill in field by field.
+/// An all-zero `stat`, to fill in field by field (tests build attributes
+/// from one).
+#[cfg(test)]
 pub fn zeroed_stat() -> libc::stat {
     // SAFETY: libc::stat holds only integers (plain old data), for which
     // all-zero bytes are a valid value.
