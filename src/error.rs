@@ -45,15 +45,15 @@ impl Error {
     }
 }
 
-impl From<fuser::Errno> for Error {
-    fn from(e: fuser::Errno) -> Error {
+impl From<crate::session::Errno> for Error {
+    fn from(e: crate::session::Errno) -> Error {
         Error::Refused(e.code())
     }
 }
 
-impl From<Error> for fuser::Errno {
-    fn from(e: Error) -> fuser::Errno {
-        fuser::Errno::from_i32(e.errno())
+impl From<Error> for crate::session::Errno {
+    fn from(e: Error) -> crate::session::Errno {
+        crate::session::Errno::from_i32(e.errno())
     }
 }
 
@@ -71,7 +71,13 @@ mod tests {
         assert_eq!(Error::from(io).errno(), libc::ENOSPC);
         // An io::Error without an errno must not reach the kernel as 0.
         assert_eq!(Error::from(io::Error::other("x")).errno(), libc::EIO);
-        assert_eq!(fuser::Errno::from(Error::Fenced), fuser::Errno::EROFS);
-        assert_eq!(Error::from(fuser::Errno::EPERM).errno(), libc::EPERM);
+        assert_eq!(
+            crate::session::Errno::from(Error::Fenced),
+            crate::session::Errno::EROFS
+        );
+        assert_eq!(
+            Error::from(crate::session::Errno::EPERM).errno(),
+            libc::EPERM
+        );
     }
 }

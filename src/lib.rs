@@ -25,5 +25,6 @@ pub mod mount;
 pub(crate) mod mountinfo;
 pub mod protocol;
 pub mod residency;
+pub(crate) mod session;
 pub mod settings;
 pub(crate) mod sys;

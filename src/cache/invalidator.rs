@@ -5,7 +5,7 @@
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, OnceLock};
 
-use fuser::{INodeNo, Notifier};
+use crate::session::{INodeNo, Notifier};
 
 /// One long-lived thread that sends FUSE inode invalidations. The kernel
 /// may wait on locks held by the request being served when a notification

@@ -16,7 +16,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use fuser::BackingId;
+use crate::session::BackingId;
 
 use crate::sys::AlignedBuf;
 

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request};
+use crate::session::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request};
 
 use super::MigsafeFs;
 use super::inodes::Inode;
@@ -54,7 +54,6 @@ pub fn from_stat(nodeid: u64, st: &libc::stat) -> FileAttr {
         atime: time(st.st_atime, st.st_atime_nsec),
         mtime: time(st.st_mtime, st.st_mtime_nsec),
         ctime: time(st.st_ctime, st.st_ctime_nsec),
-        crtime: time(st.st_ctime, st.st_ctime_nsec),
         kind: file_type(st.st_mode),
         perm: (st.st_mode & 0o7777) as u16,
         nlink: st.st_nlink as u32,
@@ -62,7 +61,6 @@ pub fn from_stat(nodeid: u64, st: &libc::stat) -> FileAttr {
         gid: st.st_gid,
         rdev: st.st_rdev as u32,
         blksize: st.st_blksize as u32,
-        flags: 0,
     }
 }
 
@@ -96,7 +94,6 @@ pub fn virtual_node(
         atime: at,
         mtime: at,
         ctime: at,
-        crtime: at,
         kind: if dir {
             FileType::Directory
         } else {
@@ -108,7 +105,6 @@ pub fn virtual_node(
         gid,
         rdev: 0,
         blksize: 4096,
-        flags: 0,
     }
 }
 

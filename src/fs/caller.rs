@@ -1,7 +1,7 @@
 //! Who a request is served as: the caller's uid, gid and supplementary
 //! groups, switched on the serving thread for the request's backing calls.
 
-use fuser::Request;
+use crate::session::Request;
 
 use super::MigsafeFs;
 use crate::error::Error;

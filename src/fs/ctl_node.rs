@@ -5,7 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
-use fuser::{Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, Request};
+use crate::session::{Errno, FileAttr, FileHandle, FileType, FopenFlags, INodeNo, Request};
 
 use super::inodes::{CTL_DIR, CTL_FIRST};
 use super::{MigsafeFs, Open, attr};

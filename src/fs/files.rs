@@ -5,7 +5,7 @@
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
-use fuser::{Errno, FileAttr, FileHandle, INodeNo, Request, TimeOrNow};
+use crate::session::{Errno, FileAttr, FileHandle, INodeNo, Request, SetAttr, TimeOrNow};
 
 use super::MigsafeFs;
 use super::inodes::{Inode, Kind};
@@ -14,15 +14,6 @@ use crate::datapath;
 use crate::error::Error;
 use crate::image::DataPath;
 use crate::sys;
-
-pub(super) struct AttrChanges {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<TimeOrNow>,
-    pub mtime: Option<TimeOrNow>,
-}
 
 impl MigsafeFs {
     /// `respond` gets the bytes read, borrowed from this thread's buffer
@@ -117,9 +108,9 @@ impl MigsafeFs {
         &self,
         req: &Request,
         ino: INodeNo,
-        ch: AttrChanges,
-        fh: Option<FileHandle>,
+        ch: SetAttr,
     ) -> Result<FileAttr, Error> {
+        let fh = ch.fh;
         let inode = self.inode(ino)?;
         if let Some(dev) = &inode.device {
             return self.setattr_device(req, &inode, dev, &ch, fh);
@@ -198,7 +189,7 @@ impl MigsafeFs {
         req: &Request,
         inode: &Inode,
         dev: &Device,
-        ch: &AttrChanges,
+        ch: &SetAttr,
         fh: Option<FileHandle>,
     ) -> Result<FileAttr, Error> {
         if ch.mode.is_some() || ch.uid.is_some() || ch.gid.is_some() {

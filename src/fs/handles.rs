@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use fuser::{Errno, FileHandle};
+use crate::session::{Errno, FileHandle};
 
 use super::MigsafeFs;
 use super::namespace;

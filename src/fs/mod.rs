@@ -1,4 +1,4 @@
-//! The fuser `Filesystem`: the op table, and one module per concern behind
+//! The session's `Filesystem`: the op table, and one module per concern behind
 //! it (building it at mount time, the inode table, the open handles, the
 //! replies, and the operations on names, files and the control directory).
 
@@ -20,11 +20,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
-use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
-    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+use crate::session::{
+    Errno, FileHandle, Filesystem, FopenFlags, INodeNo, InitFlags, KernelConfig, Notifier,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SetAttr, StatFs,
 };
 
 use crate::ctl::ControlPlane;
@@ -87,7 +86,7 @@ impl MigsafeFs {
 
     /// Attributes of a node of the inode table (a backing entry or a
     /// `--device` entry); control nodes are not in it (`ctl_attr`).
-    pub(crate) fn attr_of(&self, inode: &Inode) -> Result<fuser::FileAttr, Error> {
+    pub(crate) fn attr_of(&self, inode: &Inode) -> Result<crate::session::FileAttr, Error> {
         if let Some(dev) = &inode.device {
             return Ok(attr::device(inode.nodeid, &dev.node_stat()?, dev.size()));
         }
@@ -112,21 +111,18 @@ impl MigsafeFs {
 }
 
 impl Filesystem for MigsafeFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let caps = config.capabilities();
+    fn init(&mut self, config: &mut KernelConfig) -> std::io::Result<()> {
         // relay and cached never use passthrough (nor need CAP_SYS_ADMIN).
         let want_pt = matches!(self.config.io, IoMode::Auto | IoMode::Passthrough);
-        let pt_offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
+        let pt_offered = config.offered(InitFlags::PASSTHROUGH);
         self.ctl
             .passthrough_supported
             .store(pt_offered && sys::has_cap_sys_admin(), Ordering::Relaxed);
         if want_pt && pt_offered && sys::has_cap_sys_admin() {
-            config
-                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
-                .map_err(|_| std::io::Error::other("kernel refused FUSE_PASSTHROUGH"))?;
+            config.request(InitFlags::PASSTHROUGH);
             // Backing files on ordinary filesystems have stack depth 0; 1 also
             // allows a backing that is itself a FUSE mount (mergerfs, NFS-like).
-            let _ = config.set_max_stack_depth(2);
+            config.set_max_stack_depth(2);
             self.ctl.passthrough_active.store(true, Ordering::Relaxed);
         } else if self.config.io == IoMode::Passthrough {
             let why = if !pt_offered {
@@ -138,22 +134,20 @@ impl Filesystem for MigsafeFs {
                 "--io passthrough: {why}; use --io relay or auto"
             )));
         }
-        // mmap of FOPEN_DIRECT_IO (relay) files fails with ENODEV without it.
-        if caps.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP) {
-            let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // mmap of FOPEN_DIRECT_IO (relay) files fails with ENODEV without
+        // DIRECT_IO_ALLOW_MMAP; flags the kernel does not offer stay off.
+        for flag in [
+            InitFlags::DIRECT_IO_ALLOW_MMAP,
+            InitFlags::PARALLEL_DIROPS,
+            InitFlags::ASYNC_DIO,
+        ] {
+            config.request(flag);
         }
-        for flag in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ASYNC_DIO] {
-            if caps.contains(flag) {
-                let _ = config.add_capabilities(flag);
-            }
-        }
-        let _ = config.set_max_write(self.config.max_write);
-        let _ = config.set_max_background(self.config.max_background);
+        config.set_max_write(self.config.max_write);
+        config.set_max_background(self.config.max_background);
         // The most the kernel offers: FUSE_INIT can only lower the mount's
         // readahead window (mount/kernel.rs widens it through sysfs).
-        if let Err(max) = config.set_max_readahead(self.config.max_write) {
-            let _ = config.set_max_readahead(max);
-        }
+        config.set_max_readahead(self.config.max_write);
         log::info!(
             "mounted: io={:?} passthrough={} max_write={} ctl={}",
             self.config.io,
@@ -171,7 +165,7 @@ impl Filesystem for MigsafeFs {
         reply_entry(reply, result)
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    fn forget(&self, ino: INodeNo, nlookup: u64) {
         self.inodes.forget(ino.0, nlookup);
     }
 
@@ -182,36 +176,11 @@ impl Filesystem for MigsafeFs {
         reply_attr(reply, self.inode(ino).and_then(|i| self.attr_of(&i)))
     }
 
-    fn setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
+    fn setattr(&self, req: &Request, ino: INodeNo, changes: SetAttr, reply: ReplyAttr) {
         if ctl_node::is_virtual(ino.0) {
             return reply_attr(reply, self.ctl_setattr(req, ino.0));
         }
-        let changes = files::AttrChanges {
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime,
-        };
-        reply_attr(reply, self.do_setattr(req, ino, changes, fh))
+        reply_attr(reply, self.do_setattr(req, ino, changes))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -224,22 +193,13 @@ impl Filesystem for MigsafeFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         reply_entry(reply, self.do_mknod(req, parent, name, mode, rdev))
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, reply: ReplyEntry) {
         reply_entry(reply, self.do_mkdir(req, parent, name, mode))
     }
 
@@ -269,12 +229,12 @@ impl Filesystem for MigsafeFs {
         name: &OsStr,
         newparent: INodeNo,
         newname: &OsStr,
-        flags: RenameFlags,
+        flags: u32,
         reply: ReplyEmpty,
     ) {
         reply_empty(
             reply,
-            self.do_rename(req, parent, name, newparent, newname, flags.bits()),
+            self.do_rename(req, parent, name, newparent, newname, flags),
         )
     }
 
@@ -289,13 +249,13 @@ impl Filesystem for MigsafeFs {
         reply_entry(reply, self.do_link(req, ino, newparent, newname))
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: i32, reply: ReplyOpen) {
         if ctl_node::is_virtual(ino.0) {
-            return self.ctl_open(req, ino.0, flags.0, |result| {
+            return self.ctl_open(req, ino.0, flags, |result| {
                 reply_open(reply, result.map(|(fh, fopen)| (fh, fopen, None)))
             });
         }
-        let result = self.do_open(req, ino, flags.0, &reply);
+        let result = self.do_open(req, ino, flags, &reply);
         reply_open(reply, result)
     }
 
@@ -306,8 +266,6 @@ impl Filesystem for MigsafeFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         if ctl_node::is_virtual(ino.0) {
@@ -323,46 +281,26 @@ impl Filesystem for MigsafeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        kill_suidgid: bool,
         reply: ReplyWrite,
     ) {
         if ctl_node::is_virtual(ino.0) {
             return self.ctl_write(req, fh, data, |result| reply_written(reply, result));
         }
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            && let Err(e) = self.clear_set_id_before_write(req, fh)
-        {
+        if kill_suidgid && let Err(e) = self.clear_set_id_before_write(req, fh) {
             return reply_written(reply, Err(e));
         }
         reply_written(reply, self.do_write(fh, offset, data).map(|n| n as u32))
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
         if ctl_node::is_virtual(ino.0) {
             return reply.ok();
         }
         reply_empty(reply, self.do_flush(fh))
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
         self.do_release(fh);
         reply.ok();
     }
@@ -381,7 +319,7 @@ impl Filesystem for MigsafeFs {
         reply_empty(reply, self.do_fsync(fh, datasync))
     }
 
-    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: i32, reply: ReplyOpen) {
         let result = self.do_opendir(req, ino);
         reply_open(reply, result.map(|fh| (fh, FopenFlags::empty(), None)))
     }
@@ -406,14 +344,7 @@ impl Filesystem for MigsafeFs {
         reply.ok();
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
         self.remove_handle(fh);
         reply.ok();
     }
@@ -433,16 +364,16 @@ impl Filesystem for MigsafeFs {
         match nix::sys::statvfs::statvfs(
             sys::proc_fd_path(std::os::fd::AsFd::as_fd(&*self.root_fd)).as_c_str(),
         ) {
-            Ok(s) => reply.statfs(
-                s.blocks(),
-                s.blocks_free(),
-                s.blocks_available(),
-                s.files(),
-                s.files_free(),
-                s.block_size() as u32,
-                s.name_max() as u32,
-                s.fragment_size() as u32,
-            ),
+            Ok(s) => reply.statfs(&StatFs {
+                blocks: s.blocks(),
+                bfree: s.blocks_free(),
+                bavail: s.blocks_available(),
+                files: s.files(),
+                ffree: s.files_free(),
+                bsize: s.block_size() as u32,
+                namelen: s.name_max() as u32,
+                frsize: s.fragment_size() as u32,
+            }),
             Err(e) => reply.error(Errno::from_i32(e as i32)),
         }
     }
@@ -454,7 +385,6 @@ impl Filesystem for MigsafeFs {
         name: &OsStr,
         value: &[u8],
         flags: i32,
-        _position: u32,
         reply: ReplyEmpty,
     ) {
         reply_empty(reply, self.do_setxattr(req, ino, name, value, flags))
@@ -472,8 +402,8 @@ impl Filesystem for MigsafeFs {
         reply_empty(reply, self.do_removexattr(req, ino, name))
     }
 
-    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_access(req, ino, mask.bits()))
+    fn access(&self, req: &Request, ino: INodeNo, mask: i32, reply: ReplyEmpty) {
+        reply_empty(reply, self.do_access(req, ino, mask))
     }
 
     fn create(
@@ -482,28 +412,11 @@ impl Filesystem for MigsafeFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let result = self.do_create(req, parent, name, mode, flags, &reply);
         reply_create(reply, result)
-    }
-
-    /// No ioctls are served (QEMU probes a few); ENOTTY is what a regular
-    /// file without them answers.
-    fn ioctl(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: fuser::ReplyIoctl,
-    ) {
-        reply.error(Errno::ENOTTY);
     }
 
     fn fallocate(
@@ -534,14 +447,11 @@ impl Filesystem for MigsafeFs {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
-        _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
         let result = self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len);

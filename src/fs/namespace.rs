@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fuser::{Errno, FileAttr, FileType, INodeNo, Request};
+use crate::session::{Errno, FileAttr, FileType, INodeNo, Request};
 
 use super::inodes::{self, Inode, Kind};
 use super::{MigsafeFs, Open, attr};

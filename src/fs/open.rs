@@ -6,7 +6,9 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use fuser::{Errno, FileAttr, FileHandle, FopenFlags, INodeNo, ReplyCreate, ReplyOpen, Request};
+use crate::session::{
+    Errno, FileAttr, FileHandle, FopenFlags, INodeNo, ReplyCreate, ReplyOpen, Request,
+};
 
 use super::inodes::{Inode, Kind};
 use super::{IoMode, MigsafeFs, Open};

@@ -1,9 +1,9 @@
 //! The replies: each operation's result reaches the kernel here, its error
 //! through the one conversion `Error` -> `Errno`.
 
-use fuser::{
-    FileHandle, Generation, ReplyAttr, ReplyCreate, ReplyData, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyWrite, ReplyXattr,
+use crate::session::{
+    FileHandle, ReplyAttr, ReplyCreate, ReplyData, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyWrite, ReplyXattr,
 };
 
 use super::{attr, namespace, open};
@@ -16,16 +16,16 @@ pub(super) fn reply_empty(reply: ReplyEmpty, result: Result<(), Error>) {
     }
 }
 
-pub(super) fn reply_entry(reply: ReplyEntry, result: Result<fuser::FileAttr, Error>) {
+pub(super) fn reply_entry(reply: ReplyEntry, result: Result<crate::session::FileAttr, Error>) {
     match result {
-        Ok(a) => reply.entry_with_ttls(&attr::TTL, &attr::ENTRY_TTL, &a, Generation(0)),
+        Ok(a) => reply.entry(attr::ENTRY_TTL, attr::TTL, &a),
         Err(e) => reply.error(e.into()),
     }
 }
 
-pub(super) fn reply_attr(reply: ReplyAttr, result: Result<fuser::FileAttr, Error>) {
+pub(super) fn reply_attr(reply: ReplyAttr, result: Result<crate::session::FileAttr, Error>) {
     match result {
-        Ok(a) => reply.attr(&attr::TTL, &a),
+        Ok(a) => reply.attr(attr::TTL, &a),
         Err(e) => reply.error(e.into()),
     }
 }
@@ -53,8 +53,8 @@ pub(super) fn reply_offset(reply: ReplyLseek, result: Result<i64, Error>) {
 
 pub(super) fn reply_open(reply: ReplyOpen, result: Result<open::Opened, Error>) {
     match result {
-        Ok((fh, fopen, Some(pt))) => reply.opened_passthrough(FileHandle(fh), fopen, &pt.id),
-        Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen),
+        Ok((fh, fopen, Some(pt))) => reply.opened(FileHandle(fh), fopen, Some(&pt.id)),
+        Ok((fh, fopen, None)) => reply.opened(FileHandle(fh), fopen, None),
         Err(e) => reply.error(e.into()),
     }
 }
@@ -63,20 +63,12 @@ pub(super) fn reply_open(reply: ReplyOpen, result: Result<open::Opened, Error>) 
 /// name's (`ENTRY_TTL`) wins, the attributes are asked for again once.
 pub(super) fn reply_create(reply: ReplyCreate, result: Result<open::Created, Error>) {
     match result {
-        Ok((attr, fh, fopen, Some(pt))) => reply.created_passthrough(
-            &attr::ENTRY_TTL,
+        Ok((attr, fh, fopen, pt)) => reply.created(
+            attr::ENTRY_TTL,
             &attr,
-            Generation(0),
             FileHandle(fh),
             fopen,
-            &pt.id,
-        ),
-        Ok((attr, fh, fopen, None)) => reply.created(
-            &attr::ENTRY_TTL,
-            &attr,
-            Generation(0),
-            FileHandle(fh),
-            fopen,
+            pt.as_ref().map(|p| &p.id),
         ),
         Err(e) => reply.error(e.into()),
     }

@@ -7,29 +7,30 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{MountOption, SessionACL};
+use super::options::MountOption;
+use crate::session::Acl;
 
 use super::args::{StartError, err};
 use crate::mountinfo::{MountEntry, mountinfo};
 
-/// Who takes the mount away on SIGTERM: migsafe's own mount(2), or fuser's
-/// fusermount3 mount.
+/// Who takes the mount away on SIGTERM: migsafe's own mount(2), or
+/// fusermount3 for a mount it made.
 pub(super) enum Unmounter {
     Own(Arc<OwnMount>),
-    Fuser(fuser::SessionUnmounter),
+    Fusermount(Arc<super::fusermount::UserMount>),
 }
 
 impl Unmounter {
     pub(super) fn unmount(&mut self) -> std::io::Result<()> {
         match self {
             Unmounter::Own(m) => m.unmount(),
-            Unmounter::Fuser(u) => u.unmount(),
+            Unmounter::Fusermount(m) => m.unmount(),
         }
     }
 }
 
 /// A FUSE mount migsafe made itself with mount(2), so the kernel records the
-/// type `fuse.migsafe` (fuser's own mount(2) says plain `fuse`, which
+/// type `fuse.migsafe` (a plain mount(2) of `fuse` says just `fuse`, which
 /// `findmnt -t fuse.migsafe` and libvirt do not recognise). It also keeps the
 /// /dev/fuse connection in migsafe's hands.
 pub(super) struct OwnMount {
@@ -52,7 +53,7 @@ impl OwnMount {
     pub(super) fn mount(
         mountpoint: &Path,
         options: &[MountOption],
-        acl: SessionACL,
+        acl: Acl,
     ) -> Result<Option<(OwnedFd, OwnMount)>, StartError> {
         let dev_fuse = open_dev_fuse()?;
         let canonical =
@@ -112,11 +113,11 @@ impl OwnMount {
     }
 }
 
-/// The mount(2) flags, source and data for `options`, as fuser and libfuse
-/// would pass them; `fd` is the /dev/fuse connection.
+/// The mount(2) flags, source and data for `options`, as libfuse would
+/// pass them; `fd` is the /dev/fuse connection.
 fn mount_data(
     options: &[MountOption],
-    acl: SessionACL,
+    acl: Acl,
     fd: std::os::fd::RawFd,
 ) -> (nix::mount::MsFlags, String, String) {
     use nix::mount::MsFlags;
@@ -135,10 +136,6 @@ fn mount_data(
             MountOption::FSName(n) => source = n.clone(),
             MountOption::Subtype(_) | MountOption::AutoUnmount => {}
             MountOption::DefaultPermissions => data.push_str(",default_permissions"),
-            MountOption::CUSTOM(c) => {
-                data.push(',');
-                data.push_str(c);
-            }
             MountOption::Dev => dev = true,
             MountOption::NoDev => dev = false,
             MountOption::Suid => suid = true,
@@ -154,14 +151,14 @@ fn mount_data(
             MountOption::DirSync => flags |= MsFlags::MS_DIRSYNC,
         }
     }
-    // nodev,nosuid unless asked otherwise, as fuser and libfuse do.
+    // nodev,nosuid unless asked otherwise, as libfuse does.
     if !dev {
         flags |= MsFlags::MS_NODEV;
     }
     if !suid {
         flags |= MsFlags::MS_NOSUID;
     }
-    if acl != SessionACL::Owner {
+    if acl != Acl::Owner {
         data.push_str(",allow_other");
     }
     (flags, source, data)

@@ -6,17 +6,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fuser::{Config, MountOption, Session, SessionACL};
 use nix::sys::signal::SigSet;
 
 use crate::backing::{self, Device};
 use crate::fs::{FsConfig, IoMode, MigsafeFs};
 use crate::image::state_file::{Record, StateFile};
+use crate::session::{Acl, Session};
 use crate::settings::Settings;
 use crate::sys;
 
 mod args;
 mod daemon;
+mod fusermount;
 mod kernel;
 mod options;
 mod placement;
@@ -26,9 +27,10 @@ use args::err;
 pub use args::{MountArgs, StartError};
 pub use daemon::report_start_error;
 use daemon::{PidFile, block_signals, daemon_ready, daemonize, raise_fd_limit, sd_notify};
+use fusermount::UserMount;
 use kernel::{OwnMount, Unmounter, widen_readahead};
-use options::apply_options;
 pub use options::parse_device;
+use options::{MountOption, apply_options};
 use placement::{check_mountpoint, warn_about_placement};
 use state_path::load_state;
 pub use state_path::systemd_escape_path;
@@ -136,7 +138,7 @@ fn check(args: &MountArgs) -> Result<Checked, StartError> {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
     }
     // A control request (up to 64 KiB) must arrive as one FUSE write, and
-    // fuser's buffers hold at most 16 MiB.
+    // the kernel caps a request at 16 MiB (FUSE_MAX_MAX_PAGES pages).
     if !(128 << 10..=16 << 20).contains(&args.max_write) {
         return err(format!(
             "--max-write {}: must be between 131072 and 16777216 bytes",
@@ -228,17 +230,14 @@ struct Started {
     own_guard: Option<Arc<OwnMount>>,
 }
 
-/// Mounts and opens the FUSE session: with migsafe's own mount(2) when it
-/// may, else through fuser's fusermount3.
+/// Mounts and opens the FUSE session (FUSE_INIT answered): with migsafe's
+/// own mount(2) when it may, else through the setuid fusermount3.
 fn start_session(
     fs: MigsafeFs,
     args: &MountArgs,
     mount_options: Vec<MountOption>,
-    acl: SessionACL,
+    acl: Acl,
 ) -> Result<Started, StartError> {
-    let mut fuse_config = Config::default();
-    fuse_config.n_threads = Some(args.threads);
-    fuse_config.clone_fd = true;
     let cannot_mount = |e: &dyn std::fmt::Display| {
         StartError(format!(
             "cannot mount {} on {}: {e}",
@@ -253,34 +252,25 @@ fn start_session(
     } else {
         OwnMount::mount(&args.mountpoint, &mount_options, acl)?
     };
-    match own {
+    let (dev_fuse, unmounter, own_guard) = match own {
         Some((dev_fuse, own)) => {
             let own = Arc::new(own);
-            let own_guard = Some(own.clone());
-            let session =
-                Session::from_fd(fs, dev_fuse, acl, fuse_config).map_err(|e| cannot_mount(&e))?;
-            Ok(Started {
-                session,
-                unmounter: Unmounter::Own(own),
-                own_guard,
-            })
+            (dev_fuse, Unmounter::Own(own.clone()), Some(own))
         }
         None => {
-            // Not allowed to mount(2) (no CAP_SYS_ADMIN): fuser runs the
-            // setuid fusermount3, which also names the type fuse.migsafe
-            // from the subtype option.
-            fuse_config.mount_options = mount_options;
-            fuse_config.acl = acl;
-            let mut session =
-                Session::new(fs, &args.mountpoint, &fuse_config).map_err(|e| cannot_mount(&e))?;
-            let unmounter = Unmounter::Fuser(session.unmount_callable());
-            Ok(Started {
-                session,
-                unmounter,
-                own_guard: None,
-            })
+            // Not allowed to mount(2) (no CAP_SYS_ADMIN): fusermount3
+            // mounts, and names the type fuse.migsafe from the subtype.
+            let (dev_fuse, user) = UserMount::mount(&args.mountpoint, &mount_options, acl)?;
+            (dev_fuse, Unmounter::Fusermount(Arc::new(user)), None)
         }
-    }
+    };
+    let mut session = Session::new(fs, dev_fuse, acl);
+    session.handshake().map_err(|e| cannot_mount(&e))?;
+    Ok(Started {
+        session,
+        unmounter,
+        own_guard,
+    })
 }
 
 /// One thread waits for SIGINT/SIGTERM/SIGHUP (blocked in every other
@@ -314,7 +304,7 @@ fn serve(session: Session<MigsafeFs>, args: &MountArgs) -> Result<(), StartError
     // the daemon's own must not mask them again. Set after the pid and log
     // files exist, which keep the daemon's umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    session.run().map_err(|e| {
+    session.run(args.threads).map_err(|e| {
         StartError(format!(
             "session on {} ended: {e}",
             args.mountpoint.display()

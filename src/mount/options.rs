@@ -1,14 +1,61 @@
-//! `-o` mount options: the kernel's and fuser's, and migsafe's own (its
+//! `-o` mount options: the kernel's and fusermount3's, and migsafe's own (its
 //! command-line options and runtime settings as `key=value`), so an fstab
 //! line can carry a whole `migsafe mount` command line.
 
 use std::path::{Path, PathBuf};
 
-use fuser::{MountOption, SessionACL};
+use crate::session::Acl;
 
 use super::args::{MountArgs, StartError, err};
 use crate::fs::{DataPath, IoMode};
 use crate::settings::Key;
+
+/// A mount option for mount(2) or fusermount3, as `-o` named it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum MountOption {
+    FSName(String),
+    Subtype(String),
+    AutoUnmount,
+    DefaultPermissions,
+    Dev,
+    NoDev,
+    Suid,
+    NoSuid,
+    RO,
+    RW,
+    Exec,
+    NoExec,
+    Atime,
+    NoAtime,
+    DirSync,
+    Sync,
+    Async,
+}
+
+impl MountOption {
+    /// The option as fusermount3's `-o` spells it.
+    pub(super) fn to_option_string(&self) -> String {
+        match self {
+            MountOption::FSName(n) => format!("fsname={n}"),
+            MountOption::Subtype(t) => format!("subtype={t}"),
+            MountOption::AutoUnmount => "auto_unmount".into(),
+            MountOption::DefaultPermissions => "default_permissions".into(),
+            MountOption::Dev => "dev".into(),
+            MountOption::NoDev => "nodev".into(),
+            MountOption::Suid => "suid".into(),
+            MountOption::NoSuid => "nosuid".into(),
+            MountOption::RO => "ro".into(),
+            MountOption::RW => "rw".into(),
+            MountOption::Exec => "exec".into(),
+            MountOption::NoExec => "noexec".into(),
+            MountOption::Atime => "atime".into(),
+            MountOption::NoAtime => "noatime".into(),
+            MountOption::DirSync => "dirsync".into(),
+            MountOption::Sync => "sync".into(),
+            MountOption::Async => "async".into(),
+        }
+    }
+}
 
 /// `migsafe:` and the canonical backing path: what findmnt shows as SOURCE.
 pub(super) fn default_fsname(backing: &Path) -> String {
@@ -16,14 +63,12 @@ pub(super) fn default_fsname(backing: &Path) -> String {
     format!("migsafe:{}", canonical.display())
 }
 
-/// Splits `-o` options into kernel/fuser mount options (returned, with the
+/// Splits `-o` options into kernel/fusermount3 mount options (returned, with the
 /// session's access rule) and migsafe's own, which are written into `args`
 /// as their command-line forms would be (so fstab lines can carry them).
-pub(super) fn apply_options(
-    args: &mut MountArgs,
-) -> Result<(Vec<MountOption>, SessionACL), StartError> {
+pub(super) fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, Acl), StartError> {
     let mut opts = Vec::new();
-    let mut acl = SessionACL::Owner;
+    let mut acl = Acl::Owner;
     let mut fsname = None;
     for opt in args.options.clone().iter().flat_map(|o| o.split(',')) {
         let (key, value) = match opt.split_once('=') {
@@ -32,8 +77,8 @@ pub(super) fn apply_options(
         };
         match (key, value) {
             ("", _) => {}
-            ("allow_other", None) => acl = SessionACL::All,
-            ("allow_root", None) => acl = SessionACL::RootAndOwner,
+            ("allow_other", None) => acl = Acl::All,
+            ("allow_root", None) => acl = Acl::RootAndOwner,
             ("default_permissions", None) => opts.push(MountOption::DefaultPermissions),
             ("auto_unmount", None) => opts.push(MountOption::AutoUnmount),
             ("ro", None) => opts.push(MountOption::RO),

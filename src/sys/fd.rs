@@ -259,3 +259,10 @@ pub fn zeroed_stat() -> libc::stat {
     // all-zero bytes are a valid value.
     unsafe { std::mem::zeroed() }
 }
+
+/// Takes ownership of an fd received in an SCM_RIGHTS message.
+pub fn owned_fd_from_scm_rights(fd: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed `fd` in this process while receiving the
+    // message; nothing else refers to it, so it is owned exactly once here.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
