@@ -87,16 +87,51 @@ struct MountCmd {
     /// Name of the control directory at the mount root.
     #[arg(long, default_value = ".ctl")]
     ctl_name: String,
+    /// Verify after a drop: start value of the check-cache-dropped setting.
+    ///
+    /// on: after invalidate, activate or a first open has dropped the
+    /// image's cached pages, check that no page read before the drop is
+    /// left, and fail with EBUSY if one is. off: drop without checking.
+    /// Has no effect while drop-cache is off.
     #[arg(long, value_enum, default_value = "on")]
     check_cache_dropped: OnOff,
+    /// Drop cached pages: start value of the drop-cache setting.
+    ///
+    /// on: invalidate, activate and a first open drop this host's cached
+    /// pages of the image (the backing's and the FUSE inode's); inactivate
+    /// drops them once written back. off: keep them (no check-cache-dropped
+    /// check, no invalidate-on-open drop, the FUSE pages kept at every open).
     #[arg(long, value_enum, default_value = "on")]
     drop_cache: OnOff,
+    /// Sync on close: start value of the fsync-on-close setting.
+    ///
+    /// on: a handle that wrote is synced when it is closed (in the FUSE
+    /// FLUSH that close() waits for, so close() gets the error). off: syncs
+    /// only on fsync, flush and inactivate.
     #[arg(long, value_enum, default_value = "on")]
     fsync_on_close: OnOff,
+    /// Drop on first open: start value of the invalidate-on-open setting.
+    ///
+    /// on: the first open of an image on this host (no other handle open)
+    /// drops what this host cached of it, as invalidate does, before the
+    /// open completes; a failed check fails the open with EBUSY. warn: log
+    /// how many pages were cached, drop nothing. off: nothing.
     #[arg(long, value_enum, default_value = "on")]
     invalidate_on_open: OnWarnOff,
+    /// How the backing is synced: start value of the sync setting.
+    ///
+    /// fsync: every sync is a full fsync (NFS also commits size and
+    /// mtime). fdatasync: a caller's fdatasync stays an fdatasync on the
+    /// backing (syncs at close, flush and inactivate stay full fsyncs).
     #[arg(long, value_enum, default_value = "fsync")]
     sync: SyncMode,
+    /// Writes to an inactive image: start value of the inactive-writes setting.
+    ///
+    /// deny: every write that reaches the daemon gets EROFS. strict: also
+    /// refuse writable opens (EROFS), for flows where no VMM opens the
+    /// image read-write before activation. allow: let writes through
+    /// (inactivate then syncs and drops without checking that nothing
+    /// dirty is left).
     #[arg(long, value_enum, default_value = "deny")]
     inactive_writes: DenyAllow,
     /// Pass extended attributes through (costs one GETXATTR round trip per write).
@@ -116,7 +151,8 @@ struct MountCmd {
     /// foreground, syslog once detached).
     #[arg(long)]
     log_file: Option<PathBuf>,
-    /// Largest FUSE write request in bytes.
+    /// Largest FUSE write request in bytes (131072 to 16777216; a control
+    /// request must fit in one write).
     #[arg(long, default_value_t = 1 << 20)]
     max_write: u32,
     /// Where the handover state that must survive the daemon is kept: which
@@ -160,8 +196,10 @@ enum Cmd {
         /// Drop the clean cached pages first (POSIX_FADV_DONTNEED).
         #[arg(long)]
         evict: bool,
+        /// Machine-readable output (one JSON document).
         #[arg(long)]
         json: bool,
+        /// Files or block devices to report on.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -176,7 +214,10 @@ enum Cmd {
     /// Write the man pages and shell completions generated from this
     /// command line into DIR (man8/, completions/): used to build the package.
     #[command(hide = true)]
-    GenerateAssets { dir: PathBuf },
+    GenerateAssets {
+        /// Directory to write man8/ and completions/ into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
@@ -344,4 +385,28 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand carries help text, so `--help`,
+    /// the man pages and the completion explain each one.
+    #[test]
+    fn every_argument_has_help() {
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        for sub in std::iter::once(&cmd).chain(cmd.get_subcommands()) {
+            if sub.get_about().is_none() && sub.get_name() != cmd.get_name() {
+                missing.push(format!("subcommand {}", sub.get_name()));
+            }
+            for arg in sub.get_arguments() {
+                if arg.get_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
 }
