@@ -7,8 +7,10 @@
 //!
 //! relay: the daemon serves each request with pread/pwrite on a buffered (or,
 //! for O_DIRECT openers, O_DIRECT) backing fd, while the FUSE side is opened
-//! FOPEN_DIRECT_IO so the FUSE inode caches nothing: the only page cache is
-//! the backing's, the one migration control manages.
+//! FOPEN_DIRECT_IO so reads and writes leave nothing in the FUSE inode: the
+//! page cache is the backing's, the one migration control manages. Only a
+//! mapping of the image fills the FUSE inode's pages (direct-io mmap), and
+//! the handover drops those too (`DataPath::fuse_pages`).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -115,8 +117,9 @@ pub fn relay_read<R>(
 /// Writes `data` at `offset`. For O_DIRECT backing fds the data is copied
 /// into an aligned buffer first: FUSE places write data at an arbitrary
 /// offset inside its request buffer, and O_DIRECT rejects unaligned memory
-/// with EINVAL. A short write is returned as such; an error after partial
-/// progress reports the progress (POSIX write semantics).
+/// with EINVAL. Short writes are retried; a write that takes no bytes ends
+/// it short, and an error after partial progress reports the progress
+/// (POSIX write semantics).
 pub fn relay_write(file: &File, offset: u64, data: &[u8], direct: bool) -> io::Result<usize> {
     if direct {
         BUFFER.with(|cell| {
