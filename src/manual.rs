@@ -20,9 +20,9 @@ pub fn ctl_commands() -> PossibleValuesParser {
         PossibleValue::new("activate")
             .help("destination: drop the image's cached pages, verify, allow writes"),
         PossibleValue::new("inactivate")
-            .help("source: write back, drop the FUSE pages, refuse writes"),
+            .help("source: write back, sync, drop cached pages, refuse writes"),
         PossibleValue::new("invalidate").help("drop the image's cached pages and verify"),
-        PossibleValue::new("flush").help("write back dirty pages (fsync/fdatasync)"),
+        PossibleValue::new("flush").help("write back dirty pages and fsync; fences nothing"),
         PossibleValue::new("check").help("report resident pages and who holds them"),
         PossibleValue::new("status").help("state of the mount and its images"),
         PossibleValue::new("metrics").help("status as Prometheus text"),
