@@ -8,10 +8,11 @@
 //!
 //! This file holds the state and the rules every command shares; each
 //! concern has its own file beside it: the registry (registry.rs), where an
-//! image's bytes are (source.rs), what a command returns (outcome.rs), the
-//! source side of a handover (handover.rs), the destination side
-//! (arrival.rs), writers that cannot be fenced (fencing.rs), and the
-//! `status` entry (status.rs).
+//! image's bytes are (source.rs), an open handle and its sync rules
+//! (handle.rs), what a command returns (outcome.rs), the source side of a
+//! handover (handover.rs), the destination side (arrival.rs), writers that
+//! cannot be fenced (fencing.rs), the `status` entry (status.rs), the state
+//! file (state_file.rs) and the per-image command order (turns.rs).
 
 use std::collections::HashMap;
 use std::fs::File;
