@@ -137,7 +137,7 @@ fn mount_families(
         s,
         "migsafe_images",
         "gauge",
-        "Images this mount has seen and can still reach.",
+        "Images this mount has seen and not found deleted (status lists one it cannot reach with an error).",
     )
     .sample("migsafe_images", &mnt, images.len());
 }
@@ -192,7 +192,10 @@ fn counter_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Val
             "writes",
             "Write requests admitted by the daemon (relay and cached data paths; passthrough writes bypass it, fenced writes are not counted).",
         ),
-        ("fsyncs", "Fsync requests of the image."),
+        (
+            "fsyncs",
+            "Syncs of the image's backing fds (fsync requests, syncs at close, flush and inactivate), failed ones included.",
+        ),
     ];
     for (name, help) in counters {
         let family = format!("migsafe_image_{name}");
