@@ -10,7 +10,8 @@ use fuser::{Config, MountOption, Session, SessionACL};
 use nix::sys::signal::SigSet;
 
 use crate::backing::{self, Device};
-use crate::fs::{FsConfig, IoMode, MigsafeFs};
+use crate::ctl::FsConfig;
+use crate::fs::{IoMode, MigsafeFs};
 use crate::image::state_file::{Record, StateFile};
 use crate::settings::Settings;
 use crate::sys;
@@ -205,9 +206,10 @@ fn build_fs(args: &MountArgs, checked: Checked) -> Result<MigsafeFs, StartError>
     if let Some((journal, records)) = checked.state {
         let path = journal.path().to_path_buf();
         let n = records.len();
-        let r = fs
-            .registry
-            .restore(Arc::new(journal), records, &fs.root_fd, &fs.ctl.devices);
+        let r =
+            fs.ctl
+                .registry
+                .restore(Arc::new(journal), records, &fs.ctl.root_fd, &fs.ctl.devices);
         log::info!(
             "state file {}: restored {} images inactive, {} sticky errors ({} of {n} records dropped)",
             path.display(),
