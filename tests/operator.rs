@@ -633,6 +633,67 @@ fn threads_zero_is_an_error() {
     }
 }
 
+/// `--ctl-name` and a `--device` entry's name must be one path component
+/// (not empty, `.`, `..`, nor holding `/`): each such name is refused at
+/// start, naming it. The control: names next to them (`...`, `.x`) mount,
+/// and show up at the mount root.
+#[test]
+fn names_that_are_not_one_component_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let lun = dir.path().join("lun.raw");
+    fs::write(&lun, vec![0u8; 4096]).unwrap();
+    for name in ["", ".", "..", "a/b"] {
+        let (code, stderr) = start_refused(
+            &[
+                "--ctl-name".as_ref(),
+                name.as_ref(),
+                backing.as_os_str(),
+                mnt.as_os_str(),
+            ],
+            &mnt,
+        );
+        assert_eq!(code, Some(1), "--ctl-name {name:?} accepted: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid --ctl-name {name:?}")),
+            "--ctl-name {name:?}: {stderr}"
+        );
+    }
+    for name in [".", "..", "a/b"] {
+        let entry = format!("{name}={}", lun.display());
+        let (code, stderr) = start_refused(
+            &[
+                "--device".as_ref(),
+                entry.as_ref(),
+                backing.as_os_str(),
+                mnt.as_os_str(),
+            ],
+            &mnt,
+        );
+        assert_eq!(code, Some(1), "--device {entry} accepted: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid name {name:?}")),
+            "--device {entry}: {stderr}"
+        );
+    }
+    assert!(!is_mounted(&mnt));
+    // Control: one component each, however dotted.
+    let entry = format!("...={}", lun.display());
+    let m = Mount::start(
+        dir.path(),
+        &backing,
+        &["--ctl-name", ".x", "--device", &entry],
+    );
+    assert!(m.path(".x/status").is_file(), "control directory .x");
+    assert_eq!(fs::metadata(m.path("...")).unwrap().len(), 4096);
+    assert_eq!(m.stop(), Some(0));
+}
+
 /// Warnings, not refusals: a non-empty mountpoint, and a backing another
 /// migsafe mount on this host already serves. A first, clean mount (the
 /// control) warns about neither.

@@ -31,10 +31,9 @@ pub(crate) enum Xattr {
 }
 
 /// Rejects names the kernel should never send but a confused client could:
-/// anything but a single path component.
-fn component(name: &OsStr) -> Result<CString, Error> {
-    let b = name.as_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+/// anything but a single path component (`sys::is_component`).
+pub(super) fn component(name: &OsStr) -> Result<CString, Error> {
+    if !sys::is_component(name.as_bytes()) {
         return Err(Errno::EINVAL.into());
     }
     Ok(sys::cstring(name)?)

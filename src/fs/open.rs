@@ -328,10 +328,7 @@ impl MigsafeFs {
                 return self.open_created(req, inode, None, flags, reply);
             }
             let dir = self.parent_dir(parent)?;
-            let cname = sys::cstring(name)?;
-            if name.is_empty() || name.as_encoded_bytes().contains(&b'/') {
-                return Err(Errno::EINVAL.into());
-            }
+            let cname = super::namespace::component(name)?;
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
             let (file, opath) = {
                 let _creds = self.as_caller(req)?;

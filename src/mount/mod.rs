@@ -148,11 +148,7 @@ fn check(args: &MountArgs) -> Result<Checked, StartError> {
     for (key, value) in &args.settings {
         settings.set(*key, value).map_err(StartError)?;
     }
-    if args.ctl_name.is_empty()
-        || args.ctl_name.contains('/')
-        || args.ctl_name == "."
-        || args.ctl_name == ".."
-    {
+    if !sys::is_component(args.ctl_name.as_bytes()) {
         return err(format!("invalid --ctl-name {:?}", args.ctl_name));
     }
     let devices = open_devices(args, &root)?;
