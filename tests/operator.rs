@@ -648,38 +648,31 @@ fn names_that_are_not_one_component_are_refused() {
     fs::create_dir(&mnt).unwrap();
     let lun = dir.path().join("lun.raw");
     fs::write(&lun, vec![0u8; 4096]).unwrap();
-    for name in ["", ".", "..", "a/b"] {
-        let (code, stderr) = start_refused(
-            &[
-                "--ctl-name".as_ref(),
-                name.as_ref(),
-                backing.as_os_str(),
-                mnt.as_os_str(),
-            ],
-            &mnt,
-        );
-        assert_eq!(code, Some(1), "--ctl-name {name:?} accepted: {stderr}");
-        assert!(
-            stderr.contains(&format!("invalid --ctl-name {name:?}")),
-            "--ctl-name {name:?}: {stderr}"
-        );
+    // (option, its value, what the refusal says)
+    let mut cases: Vec<(&str, String, String)> = ["", ".", "..", "a/b"]
+        .into_iter()
+        .map(|n| {
+            (
+                "--ctl-name",
+                n.to_string(),
+                format!("invalid --ctl-name {n:?}"),
+            )
+        })
+        .collect();
+    for n in [".", "..", "a/b"] {
+        let entry = format!("{n}={}", lun.display());
+        cases.push(("--device", entry, format!("invalid name {n:?}")));
     }
-    for name in [".", "..", "a/b"] {
-        let entry = format!("{name}={}", lun.display());
-        let (code, stderr) = start_refused(
-            &[
-                "--device".as_ref(),
-                entry.as_ref(),
-                backing.as_os_str(),
-                mnt.as_os_str(),
-            ],
-            &mnt,
-        );
-        assert_eq!(code, Some(1), "--device {entry} accepted: {stderr}");
-        assert!(
-            stderr.contains(&format!("invalid name {name:?}")),
-            "--device {entry}: {stderr}"
-        );
+    for (option, value, says) in &cases {
+        let args = [
+            option.as_ref(),
+            value.as_ref(),
+            backing.as_os_str(),
+            mnt.as_os_str(),
+        ];
+        let (code, stderr) = start_refused(&args, &mnt);
+        assert_eq!(code, Some(1), "{option} {value:?} accepted: {stderr}");
+        assert!(stderr.contains(says), "{option} {value:?}: {stderr}");
     }
     assert!(!is_mounted(&mnt));
     // Control: one component each, however dotted.
