@@ -90,23 +90,22 @@ pub(super) fn apply_options(
 }
 
 fn parse_device_io(v: &str) -> Result<DataPath, StartError> {
-    DataPath::device_from_name(v).ok_or_else(|| {
-        let words = DataPath::DEVICE.map(DataPath::name);
-        StartError(format!(
-            "invalid device io {v:?}: expected {}",
-            one_of(&words)
-        ))
-    })
+    let words = DataPath::DEVICE.map(DataPath::name);
+    choice(DataPath::device_from_name(v), v, "device io", &words)
 }
 
 fn parse_io(v: &str) -> Result<IoMode, StartError> {
-    IoMode::from_name(v).ok_or_else(|| {
-        let words = IoMode::ALL.map(IoMode::name);
-        StartError(format!(
-            "invalid io mode {v:?}: expected {}",
-            one_of(&words)
-        ))
-    })
+    choice(
+        IoMode::from_name(v),
+        v,
+        "io mode",
+        &IoMode::ALL.map(IoMode::name),
+    )
+}
+
+/// The value `v` named, or the error that names the `words` it may be.
+fn choice<T>(found: Option<T>, v: &str, what: &str, words: &[&str]) -> Result<T, StartError> {
+    found.ok_or_else(|| StartError(format!("invalid {what} {v:?}: expected {}", one_of(words))))
 }
 
 /// `a, b or c`.
