@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use migsafe::client;
@@ -20,20 +21,6 @@ use migsafe::settings::Key;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Io {
-    Auto,
-    Passthrough,
-    Relay,
-    Cached,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceIo {
-    Cached,
-    Relay,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,12 +62,12 @@ struct MountCmd {
     /// privileges allow, else relay), passthrough, relay (every read and
     /// write through the daemon), or cached (the FUSE page cache, O_DIRECT
     /// on the backing).
-    #[arg(long, value_enum, default_value = "auto")]
-    io: Io,
+    #[arg(long, default_value = IoMode::Auto.name(), value_parser = io_mode_parser())]
+    io: IoMode,
     /// Data path for --device entries: cached (the FUSE page cache, O_DIRECT
     /// on the device) or relay (every read and write through the daemon).
-    #[arg(long, value_enum, default_value = "cached")]
-    device_io: DeviceIo,
+    #[arg(long, default_value = DataPath::DEVICE[0].name(), value_parser = device_io_parser())]
+    device_io: DataPath,
     /// FUSE event-loop threads (default: number of CPUs, at least 2).
     #[arg(long)]
     threads: Option<usize>,
@@ -220,6 +207,19 @@ enum Cmd {
     },
 }
 
+/// `--io`'s words, from their one list (`IoMode::ALL`); clap shows them
+/// in help and errors.
+fn io_mode_parser() -> impl TypedValueParser<Value = IoMode> {
+    PossibleValuesParser::new(IoMode::ALL.map(IoMode::name))
+        .try_map(|w| IoMode::from_name(&w).ok_or("not an --io mode"))
+}
+
+/// `--device-io`'s words, from their one list (`DataPath::DEVICE`).
+fn device_io_parser() -> impl TypedValueParser<Value = DataPath> {
+    PossibleValuesParser::new(DataPath::DEVICE.map(DataPath::name))
+        .try_map(|w| DataPath::device_from_name(&w).ok_or("not a --device-io data path"))
+}
+
 fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
     let mut devices = Vec::new();
     for d in &m.devices {
@@ -266,16 +266,8 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         backing: m.backing,
         mountpoint: m.mountpoint,
         devices,
-        io: match m.io {
-            Io::Auto => IoMode::Auto,
-            Io::Passthrough => IoMode::Passthrough,
-            Io::Relay => IoMode::Relay,
-            Io::Cached => IoMode::Cached,
-        },
-        device_io: match m.device_io {
-            DeviceIo::Cached => DataPath::Cached,
-            DeviceIo::Relay => DataPath::Relay,
-        },
+        io: m.io,
+        device_io: m.device_io,
         threads: m.threads.unwrap_or_else(mount::default_threads),
         ctl_name: m.ctl_name,
         settings,

@@ -245,6 +245,18 @@ mod tests {
     }
 
     #[test]
+    fn mount_options_list_the_data_path_words() {
+        use crate::datapath::{DataPath, IoMode};
+        let io = format!("io={},", IoMode::ALL.map(IoMode::name).join("|"));
+        let device = format!(
+            "device-io={},",
+            DataPath::DEVICE.map(DataPath::name).join("|")
+        );
+        assert!(MOUNT_AFTER_HELP.contains(&io), "{io}");
+        assert!(MOUNT_AFTER_HELP.contains(&device), "{device}");
+    }
+
+    #[test]
     fn headings_become_sections() {
         let mut out = Vec::new();
         after_help_sections(CTL_AFTER_HELP)

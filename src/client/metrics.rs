@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::out::{EXIT_OK, Out};
 use super::status::status_doc;
+use crate::datapath::DataPath;
 
 /// Escapes a label value of the Prometheus text exposition format.
 fn label_value(v: &str) -> String {
@@ -148,9 +149,9 @@ fn handles_by_path(
     images: &[&serde_json::Value],
 ) -> std::collections::BTreeMap<(String, bool), u64> {
     let mut by_path: std::collections::BTreeMap<(String, bool), u64> = Default::default();
-    for dp in ["passthrough", "relay", "cached"] {
+    for dp in DataPath::ALL {
         for w in [false, true] {
-            by_path.insert((dp.to_string(), w), 0);
+            by_path.insert((dp.name().to_string(), w), 0);
         }
     }
     for img in images {

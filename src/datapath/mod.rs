@@ -35,6 +35,20 @@ pub enum IoMode {
 }
 
 impl IoMode {
+    /// Every mode, in the order help and errors list them: the one home of
+    /// the `--io` words (the command line, `-o io=`, `status`).
+    pub const ALL: [IoMode; 4] = [
+        IoMode::Auto,
+        IoMode::Passthrough,
+        IoMode::Relay,
+        IoMode::Cached,
+    ];
+
+    /// The mode called `word`.
+    pub fn from_name(word: &str) -> Option<IoMode> {
+        IoMode::ALL.into_iter().find(|m| m.name() == word)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             IoMode::Auto => "auto",
@@ -55,6 +69,19 @@ pub enum DataPath {
 }
 
 impl DataPath {
+    /// Every data path, as handles and `status` name them.
+    pub const ALL: [DataPath; 3] = [DataPath::Passthrough, DataPath::Relay, DataPath::Cached];
+
+    /// The data paths a `--device` entry may use (`--device-io`,
+    /// `-o device-io=`), the default first: the kernel refuses a block
+    /// device as passthrough backing.
+    pub const DEVICE: [DataPath; 2] = [DataPath::Cached, DataPath::Relay];
+
+    /// The device data path called `word`.
+    pub fn device_from_name(word: &str) -> Option<DataPath> {
+        DataPath::DEVICE.into_iter().find(|p| p.name() == word)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DataPath::Passthrough => "passthrough",

@@ -27,9 +27,9 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::ctl::ControlPlane;
+use crate::ctl::{ControlPlane, FsConfig};
 use crate::error::Error;
-use crate::image::{Image, Registry};
+use crate::image::Registry;
 use crate::settings::Settings;
 use crate::sys;
 use handles::{HandleTable, Open};
@@ -40,27 +40,45 @@ use reply::{
 };
 
 pub use crate::datapath::{DataPath, IoMode};
-pub use setup::FsConfig;
 
 pub struct MigsafeFs {
-    pub(crate) config: FsConfig,
-    /// The control plane; `settings`, `registry` and `root_fd` below are the
-    /// same objects it holds, kept here for the operations' short paths.
+    /// The mount's one record: configuration, settings, registry, backing
+    /// root, device entries and the control plane (reached through the
+    /// accessors below).
     pub(crate) ctl: Arc<ControlPlane>,
-    pub settings: Arc<Settings>,
-    pub registry: Arc<Registry>,
-    pub(crate) root_fd: Arc<OwnedFd>,
     pub(crate) inodes: InodeTable,
     /// Shared with the worker threads that finish a control file's open.
     handles: Arc<HandleTable>,
-    /// (name, node id) of `--device` entries, in command-line order.
-    pub(crate) devices: Vec<(String, u64)>,
     /// Filled after the session exists; used from worker threads only.
     pub notifier: Arc<OnceLock<Notifier>>,
     pub(crate) mounted_at: SystemTime,
 }
 
 impl MigsafeFs {
+    pub(crate) fn config(&self) -> &FsConfig {
+        &self.ctl.config
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.ctl.settings
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.ctl.registry
+    }
+
+    pub(crate) fn root_fd(&self) -> &Arc<OwnedFd> {
+        &self.ctl.root_fd
+    }
+
+    /// (name, node id) of the `--device` entries, in command-line order.
+    pub(crate) fn devices(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.ctl
+            .devices
+            .iter()
+            .map(|(name, image)| (name.as_str(), image.nodeid.load(Ordering::Relaxed)))
+    }
+
     pub(crate) fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Error> {
         self.inodes.get(ino.0).ok_or(Errno::ENOENT.into())
     }
@@ -79,10 +97,9 @@ impl MigsafeFs {
         if parent != INodeNo::ROOT {
             return None;
         }
-        self.devices
-            .iter()
+        self.devices()
             .find(|(n, _)| OsStr::new(n) == name)
-            .map(|(_, id)| *id)
+            .map(|(_, id)| id)
     }
 
     /// Attributes of a node of the inode table (a backing entry or a
@@ -98,14 +115,6 @@ impl MigsafeFs {
         Ok(attr::from_stat(inode.nodeid, &st))
     }
 
-    /// Asks the invalidation worker to drop the kernel's attributes of the
-    /// image's inode (not its pages).
-    pub(crate) fn invalidate_attrs_async(&self, image: &Image) {
-        self.ctl
-            .invalidator
-            .request(image.nodeid.load(Ordering::Relaxed));
-    }
-
     pub(crate) fn passthrough_active(&self) -> bool {
         self.ctl.passthrough_active.load(Ordering::Relaxed)
     }
@@ -115,7 +124,7 @@ impl Filesystem for MigsafeFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
         // relay and cached never use passthrough (nor need CAP_SYS_ADMIN).
-        let want_pt = matches!(self.config.io, IoMode::Auto | IoMode::Passthrough);
+        let want_pt = matches!(self.config().io, IoMode::Auto | IoMode::Passthrough);
         let pt_offered = caps.contains(InitFlags::FUSE_PASSTHROUGH);
         self.ctl
             .passthrough_supported
@@ -128,7 +137,7 @@ impl Filesystem for MigsafeFs {
             // allows a backing that is itself a FUSE mount (mergerfs, NFS-like).
             let _ = config.set_max_stack_depth(2);
             self.ctl.passthrough_active.store(true, Ordering::Relaxed);
-        } else if self.config.io == IoMode::Passthrough {
+        } else if self.config().io == IoMode::Passthrough {
             let why = if !pt_offered {
                 "the kernel does not offer FUSE passthrough (needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
             } else {
@@ -147,19 +156,19 @@ impl Filesystem for MigsafeFs {
                 let _ = config.add_capabilities(flag);
             }
         }
-        let _ = config.set_max_write(self.config.max_write);
-        let _ = config.set_max_background(self.config.max_background);
+        let _ = config.set_max_write(self.config().max_write);
+        let _ = config.set_max_background(self.config().max_background);
         // The most the kernel offers: FUSE_INIT can only lower the mount's
         // readahead window (mount/kernel.rs widens it through sysfs).
-        if let Err(max) = config.set_max_readahead(self.config.max_write) {
+        if let Err(max) = config.set_max_readahead(self.config().max_write) {
             let _ = config.set_max_readahead(max);
         }
         log::info!(
             "mounted: io={:?} passthrough={} max_write={} ctl={}",
-            self.config.io,
+            self.config().io,
             self.passthrough_active(),
-            self.config.max_write,
-            self.config.ctl_name
+            self.config().max_write,
+            self.config().ctl_name
         );
         Ok(())
     }
@@ -431,7 +440,7 @@ impl Filesystem for MigsafeFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match nix::sys::statvfs::statvfs(
-            sys::proc_fd_path(std::os::fd::AsFd::as_fd(&*self.root_fd)).as_c_str(),
+            sys::proc_fd_path(std::os::fd::AsFd::as_fd(self.root_fd())).as_c_str(),
         ) {
             Ok(s) => reply.statfs(
                 s.blocks(),

@@ -73,7 +73,8 @@ impl Outcome {
     }
 }
 
-/// What a command needs from the filesystem around the image.
+/// What a command needs from the filesystem around the image (the mount
+/// builds it in one place, `ctl::scope`; the unit tests build their own).
 pub struct CommandContext<'a> {
     pub settings: &'a Settings,
     /// Drops the kernel's cached attributes of the image's FUSE inode (its
