@@ -116,8 +116,7 @@ impl Job {
             start,
             queued,
             scope,
-            first_errno: None,
-            text: String::new(),
+            results: Vec::new(),
             done: Box::new(done),
         }
         .next();
@@ -260,9 +259,19 @@ struct Progress {
     queued: VecDeque<Queued>,
     /// What its images' commands work with besides the image.
     scope: CommandScope,
-    first_errno: Option<i32>,
-    text: String,
+    /// Each target's outcome, in request order, reported only once all
+    /// are settled (`finish`).
+    results: Vec<Ran>,
     done: Box<dyn FnOnce(Option<i32>, String) + Send>,
+}
+
+/// One target's outcome: the image's name, what the command gave, how
+/// long it took, and the image when it ran (to settle a staged record).
+struct Ran {
+    name: String,
+    outcome: Outcome,
+    ms: u128,
+    image: Option<Arc<Image>>,
 }
 
 type Queued = Result<(Ticket, Arc<Image>), (String, Outcome)>;
@@ -274,13 +283,18 @@ impl Progress {
     fn next(mut self) {
         while let Some(entry) = self.queued.pop_front() {
             match entry {
-                Err((name, outcome)) => self.record(&name, &outcome, 0),
-                Ok((turn, image)) if turn.is_turn() => self.apply(turn, &image),
+                Err((name, outcome)) => self.results.push(Ran {
+                    name,
+                    outcome,
+                    ms: 0,
+                    image: None,
+                }),
+                Ok((turn, image)) if turn.is_turn() => self.apply(turn, image),
                 Ok((turn, image)) => {
                     let parked = self.job.lane.park();
                     turn.when_turn(move |turn| {
                         parked.resume(move || {
-                            self.apply(turn, &image);
+                            self.apply(turn, image);
                             self.next();
                         })
                     });
@@ -291,11 +305,12 @@ impl Progress {
         self.finish();
     }
 
-    /// Runs the command on `image`, whose turn `turn` holds.
-    fn apply(&mut self, turn: Ticket, image: &Image) {
+    /// Runs the command on `image`, whose turn `turn` holds. A record it
+    /// staged in the state file is written with the others at `finish`.
+    fn apply(&mut self, turn: Ticket, image: Arc<Image>) {
         let fuse = self.scope.mount_cache();
         let t0 = Instant::now();
-        let outcome = self.job.apply(image, &self.scope.context(Some(&fuse)));
+        let outcome = self.job.apply(&image, &self.scope.context(Some(&fuse)));
         drop(turn);
         // Its file of the mount is closed after the turn, as before the
         // next image's open.
@@ -303,32 +318,46 @@ impl Progress {
         let ms = t0.elapsed().as_millis();
         // Named after the command: it may have found the image under a new
         // name (renamed on the backing).
-        self.record(&image.path(), &outcome, ms);
+        self.results.push(Ran {
+            name: image.path(),
+            outcome,
+            ms,
+            image: Some(image),
+        });
     }
 
-    fn record(&mut self, name: &str, outcome: &Outcome, ms: u128) {
-        self.first_errno = self.first_errno.or(outcome.errno);
-        self.text.push_str(&result_line(name, outcome, ms));
-    }
-
+    /// Settles every outcome (the first staged record's commit writes the
+    /// state file once for all images of the command; an image whose
+    /// record could not be written fails here), then reports them all.
+    /// No result is reported before: `inactivate` says ok for no image
+    /// whose fence is not durable.
     fn finish(self) {
+        let mut first_errno = None;
+        let mut text = String::new();
+        for ran in self.results {
+            let outcome = match &ran.image {
+                Some(image) => image.settle(ran.outcome),
+                None => ran.outcome,
+            };
+            first_errno = first_errno.or(outcome.errno);
+            text.push_str(&result_line(&ran.name, &outcome, ran.ms));
+        }
         let name = self.job.command.name();
         let ms = self.start.elapsed().as_millis();
-        match self.first_errno {
+        match first_errno {
             None => log::info!("{name} ({} targets): ok in {ms} ms", self.targets),
             // The failing images' result lines name each image and errno.
             Some(e) => log::warn!(
                 "{name} ({} targets): {} in {ms} ms: {}",
                 self.targets,
                 sys::errno_name(e),
-                self.text
-                    .lines()
+                text.lines()
                     .filter(|l| l.contains(" result=error "))
                     .collect::<Vec<_>>()
                     .join("; ")
             ),
         }
-        (self.done)(self.first_errno, self.text)
+        (self.done)(first_errno, text)
     }
 }
 
@@ -410,7 +439,7 @@ mod tests {
             errno,
             resident_pages: 2,
             detail: detail.into(),
-            unfenced: false,
+            ..Outcome::default()
         }
     }
 
