@@ -1,6 +1,8 @@
-//! The one error type a request fails with, from the image rules and data
-//! paths up to the FUSE operations, and its one conversion into the errno
-//! the kernel hands the caller.
+//! The one error type a FUSE request fails with (the image's write and sync
+//! rules and a device entry's rules return it; a data path's or syscall's
+//! `io::Error` becomes its `Io` variant on the way up to the FUSE
+//! operations), and its one conversion into the errno the kernel hands the
+//! caller.
 //!
 //! The errno is the contract (docs/DESIGN.md §6): a backing error reaches
 //! the VMM unchanged, a fenced write is EROFS, a sticky sync error repeats

@@ -34,7 +34,8 @@ static SINK: Mutex<Sink> = Mutex::new(Sink::Stderr);
 /// each) rather than as text lines.
 static SYSLOG_FORMAT: AtomicBool = AtomicBool::new(false);
 
-/// Installs the logger (RUST_LOG filters, default `info`).
+/// Installs the logger (RUST_LOG filters; default `info`, with fuser's
+/// session messages at `error` only).
 pub fn init() {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,fuser::session=error"),

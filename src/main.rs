@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use migsafe::client;
@@ -20,20 +21,6 @@ use migsafe::settings::Key;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Io {
-    Auto,
-    Passthrough,
-    Relay,
-    Cached,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceIo {
-    Cached,
-    Relay,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,28 +62,63 @@ struct MountCmd {
     /// privileges allow, else relay), passthrough, relay (every read and
     /// write through the daemon), or cached (the FUSE page cache, O_DIRECT
     /// on the backing).
-    #[arg(long, value_enum, default_value = "auto")]
-    io: Io,
+    #[arg(long, default_value = IoMode::Auto.name(), value_parser = io_mode_parser())]
+    io: IoMode,
     /// Data path for --device entries: cached (the FUSE page cache, O_DIRECT
     /// on the device) or relay (every read and write through the daemon).
-    #[arg(long, value_enum, default_value = "cached")]
-    device_io: DeviceIo,
+    #[arg(long, default_value = DataPath::DEVICE[0].name(), value_parser = device_io_parser())]
+    device_io: DataPath,
     /// FUSE event-loop threads (default: number of CPUs, at least 2).
     #[arg(long)]
     threads: Option<usize>,
     /// Name of the control directory at the mount root.
     #[arg(long, default_value = ".ctl")]
     ctl_name: String,
+    /// Verify after a drop: start value of the check-cache-dropped setting.
+    ///
+    /// on: after invalidate, activate or a first open has dropped the
+    /// image's cached pages, check that no page read before the drop is
+    /// left, and fail with EBUSY if one is. off: drop without checking.
+    /// Has no effect while drop-cache is off.
     #[arg(long, value_enum, default_value = "on")]
     check_cache_dropped: OnOff,
+    /// Drop cached pages: start value of the drop-cache setting.
+    ///
+    /// on: invalidate, activate and a first open drop this host's cached
+    /// pages of the image (the backing's and the FUSE inode's); inactivate
+    /// drops them once written back. off: keep them (no check-cache-dropped
+    /// check, no invalidate-on-open drop, the FUSE pages kept at every open).
     #[arg(long, value_enum, default_value = "on")]
     drop_cache: OnOff,
+    /// Sync on close: start value of the fsync-on-close setting.
+    ///
+    /// on: a handle that wrote is synced when it is closed (in the FUSE
+    /// FLUSH that close() waits for, so close() gets the error). off: syncs
+    /// only on fsync, flush and inactivate.
     #[arg(long, value_enum, default_value = "on")]
     fsync_on_close: OnOff,
+    /// Drop on first open: start value of the invalidate-on-open setting.
+    ///
+    /// on: the first open of an image on this host (no other handle open)
+    /// drops what this host cached of it, as invalidate does, before the
+    /// open completes; a failed check fails the open with EBUSY. warn: log
+    /// how many pages were cached, drop nothing. off: nothing.
     #[arg(long, value_enum, default_value = "on")]
     invalidate_on_open: OnWarnOff,
+    /// How the backing is synced: start value of the sync setting.
+    ///
+    /// fsync: every sync is a full fsync (NFS also commits size and
+    /// mtime). fdatasync: a caller's fdatasync stays an fdatasync on the
+    /// backing (syncs at close, flush and inactivate stay full fsyncs).
     #[arg(long, value_enum, default_value = "fsync")]
     sync: SyncMode,
+    /// Writes to an inactive image: start value of the inactive-writes setting.
+    ///
+    /// deny: every write that reaches the daemon gets EROFS. strict: also
+    /// refuse writable opens (EROFS), for flows where no VMM opens the
+    /// image read-write before activation. allow: let writes through
+    /// (inactivate then syncs and drops without checking that nothing
+    /// dirty is left).
     #[arg(long, value_enum, default_value = "deny")]
     inactive_writes: DenyAllow,
     /// Pass extended attributes through (costs one GETXATTR round trip per write).
@@ -116,7 +138,8 @@ struct MountCmd {
     /// foreground, syslog once detached).
     #[arg(long)]
     log_file: Option<PathBuf>,
-    /// Largest FUSE write request in bytes.
+    /// Largest FUSE write request in bytes (131072 to 16777216; a control
+    /// request must fit in one write).
     #[arg(long, default_value_t = 1 << 20)]
     max_write: u32,
     /// Where the handover state that must survive the daemon is kept: which
@@ -160,8 +183,10 @@ enum Cmd {
         /// Drop the clean cached pages first (POSIX_FADV_DONTNEED).
         #[arg(long)]
         evict: bool,
+        /// Machine-readable output (one JSON document).
         #[arg(long)]
         json: bool,
+        /// Files or block devices to report on.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -176,7 +201,23 @@ enum Cmd {
     /// Write the man pages and shell completions generated from this
     /// command line into DIR (man8/, completions/): used to build the package.
     #[command(hide = true)]
-    GenerateAssets { dir: PathBuf },
+    GenerateAssets {
+        /// Directory to write man8/ and completions/ into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+/// `--io`'s words, from their one list (`IoMode::ALL`); clap shows them
+/// in help and errors.
+fn io_mode_parser() -> impl TypedValueParser<Value = IoMode> {
+    PossibleValuesParser::new(IoMode::ALL.map(IoMode::name))
+        .try_map(|w| IoMode::from_name(&w).ok_or("not an --io mode"))
+}
+
+/// `--device-io`'s words, from their one list (`DataPath::DEVICE`).
+fn device_io_parser() -> impl TypedValueParser<Value = DataPath> {
+    PossibleValuesParser::new(DataPath::DEVICE.map(DataPath::name))
+        .try_map(|w| DataPath::device_from_name(&w).ok_or("not a --device-io data path"))
 }
 
 fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
@@ -225,16 +266,8 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         backing: m.backing,
         mountpoint: m.mountpoint,
         devices,
-        io: match m.io {
-            Io::Auto => IoMode::Auto,
-            Io::Passthrough => IoMode::Passthrough,
-            Io::Relay => IoMode::Relay,
-            Io::Cached => IoMode::Cached,
-        },
-        device_io: match m.device_io {
-            DeviceIo::Cached => DataPath::Cached,
-            DeviceIo::Relay => DataPath::Relay,
-        },
+        io: m.io,
+        device_io: m.device_io,
         threads: m.threads.unwrap_or_else(mount::default_threads),
         ctl_name: m.ctl_name,
         settings,
@@ -344,4 +377,28 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand carries help text, so `--help`,
+    /// the man pages and the completion explain each one.
+    #[test]
+    fn every_argument_has_help() {
+        let cmd = Cli::command();
+        let mut missing = Vec::new();
+        for sub in std::iter::once(&cmd).chain(cmd.get_subcommands()) {
+            if sub.get_about().is_none() && sub.get_name() != cmd.get_name() {
+                missing.push(format!("subcommand {}", sub.get_name()));
+            }
+            for arg in sub.get_arguments() {
+                if arg.get_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
 }

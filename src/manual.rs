@@ -20,9 +20,9 @@ pub fn ctl_commands() -> PossibleValuesParser {
         PossibleValue::new("activate")
             .help("destination: drop the image's cached pages, verify, allow writes"),
         PossibleValue::new("inactivate")
-            .help("source: write back, drop the FUSE pages, refuse writes"),
+            .help("source: write back, sync, drop cached pages, refuse writes"),
         PossibleValue::new("invalidate").help("drop the image's cached pages and verify"),
-        PossibleValue::new("flush").help("write back dirty pages (fsync/fdatasync)"),
+        PossibleValue::new("flush").help("write back dirty pages and fsync; fences nothing"),
         PossibleValue::new("check").help("report resident pages and who holds them"),
         PossibleValue::new("status").help("state of the mount and its images"),
         PossibleValue::new("metrics").help("status as Prometheus text"),
@@ -242,6 +242,18 @@ mod tests {
                 assert!(line.chars().count() <= 72, "too long: {line:?}");
             }
         }
+    }
+
+    #[test]
+    fn mount_options_list_the_data_path_words() {
+        use crate::datapath::{DataPath, IoMode};
+        let io = format!("io={},", IoMode::ALL.map(IoMode::name).join("|"));
+        let device = format!(
+            "device-io={},",
+            DataPath::DEVICE.map(DataPath::name).join("|")
+        );
+        assert!(MOUNT_AFTER_HELP.contains(&io), "{io}");
+        assert!(MOUNT_AFTER_HELP.contains(&device), "{device}");
     }
 
     #[test]

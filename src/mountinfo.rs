@@ -1,8 +1,10 @@
 //! `/proc/self/mountinfo`: the one parser for everyone who asks what is
-//! mounted where: the start-up refusals (a live migsafe mountpoint, a nested
-//! mount), the unmount check, the scan for writers outside this mount, and
-//! `migsafe ctl`'s backing path. Each call reads the table afresh (mounts
-//! come and go).
+//! mounted where: the start-up refusals and warnings (a live migsafe
+//! mountpoint, a second mount of the same backing), the mount on top at a
+//! path (the unmount check, the readahead window), the commands' own mount
+//! ids and the writer and holder scans' mount ids, `migsafe ctl status`'s
+//! backing path and `migsafe doctor`'s live mounts. Each call reads the
+//! table afresh (mounts come and go).
 
 use std::path::{Path, PathBuf};
 

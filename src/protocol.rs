@@ -52,8 +52,9 @@ pub mod key {
     pub const RESIDENT_PAGES: &str = "resident_pages";
     /// Duration of the command on this image, in milliseconds.
     pub const MS: &str = "ms";
-    /// `partial` on an ok result when writable handles exist whose writes
-    /// the daemon cannot fence (passthrough); `detail` names them.
+    /// `partial` on an ok result when writers exist that the daemon cannot
+    /// fence (its own writable passthrough handles, processes writing the
+    /// backing outside this mount); `detail` names them.
     pub const FENCING: &str = "fencing";
     /// Human-readable explanation, on errors (and with `fencing=partial`).
     pub const DETAIL: &str = "detail";

@@ -1,10 +1,11 @@
-//! Runtime settings of a mount: start values come from the command line,
-//! control files change them until unmount. Each is an atomic so the data
+//! Runtime settings of a mount: start values come from the command line
+//! (or `-o KEY=WORD`), control files change them until unmount. Each is an atomic so the data
 //! path reads them without a lock.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// A setting's allowed words, in the order of their stored index.
+/// A runtime setting: one control file each (docs/DESIGN.md §3,
+/// "Settings").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Key {
     CheckCacheDropped,
@@ -37,6 +38,8 @@ impl Key {
         }
     }
 
+    /// The setting's allowed words, in the order of their stored index;
+    /// the first is the default.
     pub fn words(self) -> &'static [&'static str] {
         match self {
             Key::CheckCacheDropped | Key::DropCache | Key::FsyncOnClose => &["on", "off"],
@@ -71,7 +74,8 @@ pub struct Settings {
 }
 
 impl Default for Settings {
-    /// The defaults of docs/DESIGN.md §3: every safety step on.
+    /// Every setting at its first word (docs/DESIGN.md §3, "Settings"):
+    /// every safety step on.
     fn default() -> Self {
         Settings {
             values: Default::default(),

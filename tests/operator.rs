@@ -633,6 +633,60 @@ fn threads_zero_is_an_error() {
     }
 }
 
+/// `--ctl-name` and a `--device` entry's name must be one path component
+/// (not empty, `.`, `..`, nor holding `/`): each such name is refused at
+/// start, naming it. The control: names next to them (`...`, `.x`) mount,
+/// and show up at the mount root.
+#[test]
+fn names_that_are_not_one_component_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let backing = backing_dir(dir.path());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let lun = dir.path().join("lun.raw");
+    fs::write(&lun, vec![0u8; 4096]).unwrap();
+    // (option, its value, what the refusal says)
+    let mut cases: Vec<(&str, String, String)> = ["", ".", "..", "a/b"]
+        .into_iter()
+        .map(|n| {
+            (
+                "--ctl-name",
+                n.to_string(),
+                format!("invalid --ctl-name {n:?}"),
+            )
+        })
+        .collect();
+    for n in [".", "..", "a/b"] {
+        let entry = format!("{n}={}", lun.display());
+        cases.push(("--device", entry, format!("invalid name {n:?}")));
+    }
+    for (option, value, says) in &cases {
+        let args = [
+            option.as_ref(),
+            value.as_ref(),
+            backing.as_os_str(),
+            mnt.as_os_str(),
+        ];
+        let (code, stderr) = start_refused(&args, &mnt);
+        assert_eq!(code, Some(1), "{option} {value:?} accepted: {stderr}");
+        assert!(stderr.contains(says), "{option} {value:?}: {stderr}");
+    }
+    assert!(!is_mounted(&mnt));
+    // Control: one component each, however dotted.
+    let entry = format!("...={}", lun.display());
+    let m = Mount::start(
+        dir.path(),
+        &backing,
+        &["--ctl-name", ".x", "--device", &entry],
+    );
+    assert!(m.path(".x/status").is_file(), "control directory .x");
+    assert_eq!(fs::metadata(m.path("...")).unwrap().len(), 4096);
+    assert_eq!(m.stop(), Some(0));
+}
+
 /// Warnings, not refusals: a non-empty mountpoint, and a backing another
 /// migsafe mount on this host already serves. A first, clean mount (the
 /// control) warns about neither.

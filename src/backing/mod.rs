@@ -84,7 +84,7 @@ pub fn open_device(
     root: &OwnedFd,
     ctl_name: &str,
 ) -> Result<Device, String> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name == ctl_name {
+    if !sys::is_component(name.as_bytes()) || name == ctl_name {
         return Err(format!(
             "--device {name}={}: invalid name {name:?}",
             path.display()

@@ -1,5 +1,5 @@
-//! Which processes keep a file's pages alive: an open fd (`/proc/*/fd`) or a
-//! mapping (`/proc/*/maps`). A mapped, touched page survives
+//! Which processes keep a file's pages alive: an open fd (`/proc/*/fdinfo`)
+//! or a mapping (`/proc/*/maps`). A mapped, touched page survives
 //! `POSIX_FADV_DONTNEED`, so this is the operator's next question when a
 //! residency check fails.
 

@@ -1,7 +1,9 @@
 //! Page-cache inspection and control for backing files and block devices:
 //! counts (cachestat), resident ranges (mincore), eviction (fadvise), the
 //! processes holding a file and the writers outside the mount. Shared by the
-//! control commands and `migsafe residency`.
+//! control commands and `migsafe residency`. Beside them: step 4's settle
+//! rule (`settle`), which file holds a (device, inode) (`incarnation`), and
+//! the FUSE inode invalidations (`invalidator`).
 
 pub mod holders;
 pub mod incarnation;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::out::{EXIT_OK, Out};
 use super::status::status_doc;
+use crate::datapath::DataPath;
 
 /// Escapes a label value of the Prometheus text exposition format.
 fn label_value(v: &str) -> String {
@@ -137,7 +138,7 @@ fn mount_families(
         s,
         "migsafe_images",
         "gauge",
-        "Images this mount has seen and can still reach.",
+        "Images this mount has seen and not found deleted (status lists one it cannot reach with an error).",
     )
     .sample("migsafe_images", &mnt, images.len());
 }
@@ -148,9 +149,9 @@ fn handles_by_path(
     images: &[&serde_json::Value],
 ) -> std::collections::BTreeMap<(String, bool), u64> {
     let mut by_path: std::collections::BTreeMap<(String, bool), u64> = Default::default();
-    for dp in ["passthrough", "relay", "cached"] {
+    for dp in DataPath::ALL {
         for w in [false, true] {
-            by_path.insert((dp.to_string(), w), 0);
+            by_path.insert((dp.name().to_string(), w), 0);
         }
     }
     for img in images {
@@ -192,7 +193,10 @@ fn counter_families(s: &mut String, mountpoint: &str, images: &[&serde_json::Val
             "writes",
             "Write requests admitted by the daemon (relay and cached data paths; passthrough writes bypass it, fenced writes are not counted).",
         ),
-        ("fsyncs", "Fsync requests of the image."),
+        (
+            "fsyncs",
+            "Syncs of the image's backing fds (fsync requests, syncs at close, flush and inactivate), failed ones included.",
+        ),
     ];
     for (name, help) in counters {
         let family = format!("migsafe_image_{name}");

@@ -1,7 +1,7 @@
 //! Running control commands on images and formatting their results.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -11,13 +11,12 @@ use serde_json::json;
 use super::ControlPlane;
 use super::arrivals::{Arrival, RESOLVE_BOUND};
 use super::request::{self, Target};
+use super::scope::CommandScope;
 use super::workers::CommandLane;
-use crate::cache::invalidator::AttrInvalidator;
 use crate::cache::{Identity, Incarnation};
 use crate::image::turns::Ticket;
-use crate::image::{CommandContext, Image, Outcome, Registry, Source};
+use crate::image::{CommandContext, Image, Outcome, Source};
 use crate::protocol::{self, key};
-use crate::settings::Settings;
 use crate::sys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,35 +40,21 @@ impl Command {
     }
 }
 
-/// A command request detached from the request handler, owning everything
-/// it needs so it can run on a worker thread.
+/// A command request detached from the request handler, holding the
+/// mount's record so it can run on a worker thread.
 pub struct Job {
     command: Command,
     data: Vec<u8>,
-    ctl_name: String,
-    registry: Arc<Registry>,
-    settings: Arc<Settings>,
-    root_fd: Arc<OwnedFd>,
-    invalidator: Arc<AttrInvalidator>,
-    devices: Vec<(String, Arc<Image>)>,
-    mountpoint: std::path::PathBuf,
-    writer_cache: Arc<crate::cache::WriterCache>,
+    plane: Arc<ControlPlane>,
     lane: CommandLane,
 }
 
 impl Job {
-    pub fn new(plane: &ControlPlane, command: Command, data: &[u8]) -> Job {
+    pub fn new(plane: &Arc<ControlPlane>, command: Command, data: &[u8]) -> Job {
         Job {
             command,
             data: data.to_vec(),
-            ctl_name: plane.ctl_name.clone(),
-            registry: plane.registry.clone(),
-            settings: plane.settings.clone(),
-            root_fd: plane.root_fd.clone(),
-            invalidator: plane.invalidator.clone(),
-            devices: plane.devices.clone(),
-            mountpoint: plane.mountpoint.clone(),
-            writer_cache: plane.writer_cache.clone(),
+            plane: plane.clone(),
             lane: plane.workers.command_lane(),
         }
     }
@@ -87,7 +72,7 @@ impl Job {
     /// parks on the image's ticket and the command lane resumes it.
     pub fn run(self, arrival: Arrival, done: impl FnOnce(Option<i32>, String) + Send + 'static) {
         let start = Instant::now();
-        let targets = match request::parse(&self.data, &self.ctl_name) {
+        let targets = match request::parse(&self.data, &self.plane.config.ctl_name) {
             Ok(t) => t,
             Err(bad) => {
                 drop(arrival);
@@ -102,7 +87,9 @@ impl Job {
                 );
             }
         };
-        let own_mounts = crate::mountinfo::ids_at(&self.mountpoint);
+        // One /proc pass at most for all images of this command, none for
+        // an image whose last answer still holds.
+        let scope = CommandScope::of_worker(&self.plane);
         arrival.resolving();
         let resolved: Vec<_> = targets.iter().flat_map(|t| self.resolve(t)).collect();
         let number = arrival.number();
@@ -123,18 +110,13 @@ impl Job {
                 RESOLVE_BOUND.as_millis()
             );
         }
-        let writers = crate::cache::WriterScan::with_cache(&self.writer_cache);
         Progress {
             job: self,
             targets: targets.len(),
             start,
             queued,
-            own_mounts,
-            // One /proc pass at most for all images of this command, none
-            // for an image whose last answer still holds.
-            writers,
-            first_errno: None,
-            text: String::new(),
+            scope,
+            results: Vec::new(),
             done: Box::new(done),
         }
         .next();
@@ -157,10 +139,11 @@ impl Job {
             // another host), with its error: `*` never skips an image
             // silently. Images known to be deleted are forgotten.
             Target::All => self
+                .plane
                 .registry
                 .all()
                 .into_iter()
-                .filter(|img| !self.registry.forget_if_deleted(img))
+                .filter(|img| !self.plane.registry.forget_if_deleted(img))
                 .map(|img| match img.locate() {
                     Ok(()) => Ok(img),
                     Err(outcome) => Err((img.path(), outcome)),
@@ -173,7 +156,7 @@ impl Job {
     /// Resolves a path beneath the backing root with `openat2(RESOLVE_BENEATH)`:
     /// `..`, absolute symlinks and symlinks leading outside fail in the kernel.
     fn resolve_path(&self, path: &str) -> Result<Arc<Image>, Outcome> {
-        if let Some((_, img)) = self.devices.iter().find(|(n, _)| n == path) {
+        if let Some((_, img)) = self.plane.devices.iter().find(|(n, _)| n == path) {
             return Ok(img.clone());
         }
         let fail = |errno: i32, detail: String| Outcome {
@@ -183,8 +166,8 @@ impl Job {
         };
         let cpath = sys::cstring(std::ffi::OsStr::new(path))
             .map_err(|_| fail(libc::EINVAL, "bad path".into()))?;
-        let fd = sys::openat2_beneath(self.root_fd.as_fd(), &cpath, libc::O_PATH).map_err(|e| {
-            match sys::errno_of(&e) {
+        let fd = sys::openat2_beneath(self.plane.root_fd.as_fd(), &cpath, libc::O_PATH).map_err(
+            |e| match sys::errno_of(&e) {
                 libc::EXDEV | libc::ELOOP => {
                     fail(libc::EINVAL, "path leads outside the mount".into())
                 }
@@ -193,8 +176,8 @@ impl Job {
                     "no such image; paths are relative to the mount root".into(),
                 ),
                 errno => fail(errno, format!("cannot resolve: {e}")),
-            }
-        })?;
+            },
+        )?;
         let st = sys::fstat_fd(fd.as_fd()).map_err(|e| fail(sys::errno_of(&e), e.to_string()))?;
         match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => {}
@@ -207,7 +190,7 @@ impl Job {
         // that went stale (a directory renamed on the backing), unless it
         // reached the image through a symlink, which must not rename it.
         let through_symlink = sys::openat2_beneath(
-            self.root_fd.as_fd(),
+            self.plane.root_fd.as_fd(),
             &cpath,
             libc::O_PATH | libc::O_NOFOLLOW,
         )
@@ -218,7 +201,7 @@ impl Job {
         // (the link's target beneath the root): the alias leads to it only
         // while it stays a symlink, and later steps open the image by its
         // name without following one.
-        let name = if through_symlink && self.registry.get(&identity).is_none() {
+        let name = if through_symlink && self.plane.registry.get(&identity).is_none() {
             self.own_path(fd.as_fd(), identity).ok_or_else(|| {
                 fail(
                     libc::EINVAL,
@@ -230,17 +213,20 @@ impl Job {
         } else {
             path.to_string()
         };
-        let image = self.registry.get_or_insert(identity, &incarnation, || {
-            Image::new(
-                identity,
-                Source::File {
-                    root: self.root_fd.clone(),
-                    live: Default::default(),
-                },
-                name,
-            )
-            .with_incarnation(incarnation.clone())
-        });
+        let image = self
+            .plane
+            .registry
+            .get_or_insert(identity, &incarnation, || {
+                Image::new(
+                    identity,
+                    Source::File {
+                        root: self.plane.root_fd.clone(),
+                        live: Default::default(),
+                    },
+                    name,
+                )
+                .with_incarnation(incarnation.clone())
+            });
         if !through_symlink {
             image.set_path(path.to_string());
         }
@@ -250,10 +236,10 @@ impl Job {
     /// The path beneath the backing root of the file open as `fd`, if it
     /// leads to that very file without following a symlink.
     fn own_path(&self, fd: std::os::fd::BorrowedFd<'_>, identity: Identity) -> Option<String> {
-        let path = sys::path_beneath(self.root_fd.as_fd(), fd)?;
+        let path = sys::path_beneath(self.plane.root_fd.as_fd(), fd)?;
         let cpath = sys::cstring(std::ffi::OsStr::new(&path)).ok()?;
         let own = sys::openat2_beneath(
-            self.root_fd.as_fd(),
+            self.plane.root_fd.as_fd(),
             &cpath,
             libc::O_PATH | libc::O_NOFOLLOW,
         )
@@ -271,11 +257,21 @@ struct Progress {
     /// Its images not yet run, each with its ticket (or the error that
     /// resolving it gave).
     queued: VecDeque<Queued>,
-    own_mounts: Vec<u64>,
-    writers: crate::cache::WriterScan,
-    first_errno: Option<i32>,
-    text: String,
+    /// What its images' commands work with besides the image.
+    scope: CommandScope,
+    /// Each target's outcome, in request order, reported only once all
+    /// are settled (`finish`).
+    results: Vec<Ran>,
     done: Box<dyn FnOnce(Option<i32>, String) + Send>,
+}
+
+/// One target's outcome: the image's name, what the command gave, how
+/// long it took, and the image when it ran (to settle a staged record).
+struct Ran {
+    name: String,
+    outcome: Outcome,
+    ms: u128,
+    image: Option<Arc<Image>>,
 }
 
 type Queued = Result<(Ticket, Arc<Image>), (String, Outcome)>;
@@ -287,13 +283,18 @@ impl Progress {
     fn next(mut self) {
         while let Some(entry) = self.queued.pop_front() {
             match entry {
-                Err((name, outcome)) => self.record(&name, &outcome, 0),
-                Ok((turn, image)) if turn.is_turn() => self.apply(turn, &image),
+                Err((name, outcome)) => self.results.push(Ran {
+                    name,
+                    outcome,
+                    ms: 0,
+                    image: None,
+                }),
+                Ok((turn, image)) if turn.is_turn() => self.apply(turn, image),
                 Ok((turn, image)) => {
                     let parked = self.job.lane.park();
                     turn.when_turn(move |turn| {
                         parked.resume(move || {
-                            self.apply(turn, &image);
+                            self.apply(turn, image);
                             self.next();
                         })
                     });
@@ -304,21 +305,12 @@ impl Progress {
         self.finish();
     }
 
-    /// Runs the command on `image`, whose turn `turn` holds.
-    fn apply(&mut self, turn: Ticket, image: &Image) {
-        let job = &self.job;
-        let invalidator = job.invalidator.clone();
-        let invalidate = move |img: &Image| invalidator.request(img.nodeid.load(Ordering::Relaxed));
-        let fuse = super::fuse_cache::MountCache::new(&job.mountpoint, &job.invalidator);
-        let ctx = CommandContext {
-            settings: &job.settings,
-            invalidate_attrs: &invalidate,
-            fuse: Some(&fuse),
-            own_mounts: &self.own_mounts,
-            writers: &self.writers,
-        };
+    /// Runs the command on `image`, whose turn `turn` holds. A record it
+    /// staged in the state file is written with the others at `finish`.
+    fn apply(&mut self, turn: Ticket, image: Arc<Image>) {
+        let fuse = self.scope.mount_cache();
         let t0 = Instant::now();
-        let outcome = job.apply(image, &ctx);
+        let outcome = self.job.apply(&image, &self.scope.context(Some(&fuse)));
         drop(turn);
         // Its file of the mount is closed after the turn, as before the
         // next image's open.
@@ -326,32 +318,46 @@ impl Progress {
         let ms = t0.elapsed().as_millis();
         // Named after the command: it may have found the image under a new
         // name (renamed on the backing).
-        self.record(&image.path(), &outcome, ms);
+        self.results.push(Ran {
+            name: image.path(),
+            outcome,
+            ms,
+            image: Some(image),
+        });
     }
 
-    fn record(&mut self, name: &str, outcome: &Outcome, ms: u128) {
-        self.first_errno = self.first_errno.or(outcome.errno);
-        self.text.push_str(&result_line(name, outcome, ms));
-    }
-
+    /// Settles every outcome (the first staged record's commit writes the
+    /// state file once for all images of the command; an image whose
+    /// record could not be written fails here), then reports them all.
+    /// No result is reported before: `inactivate` says ok for no image
+    /// whose fence is not durable.
     fn finish(self) {
+        let mut first_errno = None;
+        let mut text = String::new();
+        for ran in self.results {
+            let outcome = match &ran.image {
+                Some(image) => image.settle(ran.outcome),
+                None => ran.outcome,
+            };
+            first_errno = first_errno.or(outcome.errno);
+            text.push_str(&result_line(&ran.name, &outcome, ran.ms));
+        }
         let name = self.job.command.name();
         let ms = self.start.elapsed().as_millis();
-        match self.first_errno {
+        match first_errno {
             None => log::info!("{name} ({} targets): ok in {ms} ms", self.targets),
             // The failing images' result lines name each image and errno.
             Some(e) => log::warn!(
                 "{name} ({} targets): {} in {ms} ms: {}",
                 self.targets,
                 sys::errno_name(e),
-                self.text
-                    .lines()
+                text.lines()
                     .filter(|l| l.contains(" result=error "))
                     .collect::<Vec<_>>()
                     .join("; ")
             ),
         }
-        (self.done)(self.first_errno, self.text)
+        (self.done)(first_errno, text)
     }
 }
 
@@ -389,12 +395,11 @@ fn result_line(name: &str, o: &Outcome, ms: u128) -> String {
 
 /// The `status` document. Runs on a worker thread: it measures the FUSE
 /// inode's cache through a file of this mount.
-pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
-    let own = crate::mountinfo::ids_at(&plane.mountpoint);
-    let fuse = super::fuse_cache::MountCache::new(&plane.mountpoint, &plane.invalidator);
-    let fuse = Some(&fuse as &dyn crate::image::FuseCache);
+pub fn status_json(plane: &Arc<ControlPlane>) -> serde_json::Value {
     // One /proc pass at most for the whole document.
-    let writers = crate::cache::WriterScan::with_cache(&plane.writer_cache);
+    let scope = CommandScope::of_worker(plane);
+    let fuse = scope.mount_cache();
+    let ctx = scope.context(Some(&fuse));
     let images: Vec<serde_json::Value> = plane
         .registry
         .all()
@@ -402,13 +407,11 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         .filter(|img| !plane.registry.forget_if_deleted(img))
         .map(|img| {
             if let Some(dev) = img.device() {
-                return img.status_json(Some(dev.size()), None, &own, &writers, fuse);
+                return img.status_json(Some(dev.size()), None, &ctx);
             }
             match img.open_backing(libc::O_RDONLY) {
-                Ok(f) => {
-                    img.status_json(crate::cache::file_size(&f).ok(), None, &own, &writers, fuse)
-                }
-                Err(e) => img.status_json(None, Some(e), &own, &writers, fuse),
+                Ok(f) => img.status_json(crate::cache::file_size(&f).ok(), None, &ctx),
+                Err(e) => img.status_json(None, Some(e), &ctx),
             }
         })
         .collect();
@@ -417,10 +420,10 @@ pub fn status_json(plane: &ControlPlane) -> serde_json::Value {
         "passthrough_supported": plane.passthrough_supported.load(Ordering::Relaxed),
         "data_paths": {
             "passthrough_active": plane.passthrough_active.load(Ordering::Relaxed),
-            "io": plane.io.name(),
-            "devices": plane.device_io.name(),
+            "io": plane.config.io.name(),
+            "devices": plane.config.device_io.name(),
         },
-        "ctl_name": plane.ctl_name,
+        "ctl_name": plane.config.ctl_name,
         "state_file": plane.registry.state_file(),
         "settings": plane.settings.to_json(),
         "images": images,
@@ -436,7 +439,7 @@ mod tests {
             errno,
             resident_pages: 2,
             detail: detail.into(),
-            unfenced: false,
+            ..Outcome::default()
         }
     }
 

@@ -7,6 +7,7 @@ pub mod arrivals;
 pub mod commands;
 pub mod fuse_cache;
 pub mod request;
+pub mod scope;
 pub mod workers;
 
 use std::os::fd::OwnedFd;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::cache::invalidator::AttrInvalidator;
-use crate::datapath::IoMode;
+use crate::datapath::{DataPath, IoMode};
 use crate::error::Error;
 use crate::image::{Image, Registry};
 use crate::protocol;
@@ -66,10 +67,32 @@ pub fn file_mode(index: Option<usize>) -> u16 {
     }
 }
 
-/// Everything the control plane works on, and nothing of the filesystem
-/// around it: the image registry, the settings, the attribute invalidator,
-/// the device entries and who may write.
+/// Everything fixed at mount time.
+#[derive(Debug)]
+pub struct FsConfig {
+    pub io: IoMode,
+    pub ctl_name: String,
+    pub xattr: bool,
+    /// The user who mounted: besides root, the only one allowed to write
+    /// control files.
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    pub max_write: u32,
+    pub max_background: u16,
+    /// Absolute path of the mountpoint: control commands reach the FUSE
+    /// inodes' page caches through files of the mount.
+    pub mountpoint: std::path::PathBuf,
+    /// Data path of `--device` entries (cached or relay).
+    pub device_io: DataPath,
+}
+
+/// The mount's one record: its configuration, the image registry, the
+/// settings, the backing root, the device entries, and what the control
+/// plane needs to run commands (the attribute invalidator, the arrival
+/// order, the workers). The filesystem reaches all of it through its
+/// `ctl`; a command job holds an `Arc` of it.
 pub struct ControlPlane {
+    pub config: FsConfig,
     pub registry: Arc<Registry>,
     pub settings: Arc<Settings>,
     pub invalidator: Arc<AttrInvalidator>,
@@ -77,15 +100,6 @@ pub struct ControlPlane {
     pub devices: Vec<(String, Arc<Image>)>,
     /// The backing directory's O_PATH root, beneath which paths resolve.
     pub root_fd: Arc<OwnedFd>,
-    pub ctl_name: String,
-    /// Where this mount is: control commands reach the FUSE inodes' page
-    /// caches through files of the mount.
-    pub mountpoint: std::path::PathBuf,
-    /// Besides root, the only user allowed to write control files.
-    pub owner_uid: u32,
-    pub io: IoMode,
-    /// The data path of `--device` entries.
-    pub device_io: crate::datapath::DataPath,
     /// Set once the kernel answered FUSE_INIT.
     pub passthrough_supported: AtomicBool,
     pub passthrough_active: AtomicBool,
@@ -129,7 +143,7 @@ impl ControlPlane {
     /// Only root, or the user who mounted, may change anything: with
     /// `allow_other` every user reaches these files.
     pub fn check_writer(&self, uid: u32) -> Result<(), Error> {
-        if uid == 0 || uid == self.owner_uid {
+        if uid == 0 || uid == self.config.owner_uid {
             Ok(())
         } else {
             Err(Error::Refused(libc::EACCES))
@@ -206,7 +220,7 @@ impl ControlPlane {
     /// The command's result lines are added to the open file's text (see
     /// [`CtlHandle`]).
     pub fn write(
-        &self,
+        self: &Arc<Self>,
         h: Arc<CtlHandle>,
         uid: u32,
         data: &[u8],

@@ -1,11 +1,13 @@
 //! The cached data path: the kernel keeps the image's pages in the FUSE
 //! inode's page cache and serves hits itself; misses and writes reach the
 //! daemon, which reads and writes the backing with O_DIRECT, so the backing
-//! (the block device) caches nothing of the image. One cache on the host,
+//! (the block device, or the regular file's filesystem) caches nothing of
+//! the image. One cache on the host,
 //! the FUSE inode's, is the one the handover drops and verifies.
 //!
-//! O_DIRECT needs offsets, lengths and memory aligned to the device's
-//! logical block size, but the kernel sends writes as the caller made them
+//! O_DIRECT needs offsets, lengths and memory aligned to the backing's
+//! O_DIRECT alignment (`STATX_DIOALIGN`, else the logical block size:
+//! `sys::dio_block`), but the kernel sends writes as the caller made them
 //! (write-through, no FUSE writeback cache) and O_DIRECT callers' reads as
 //! they came. Unaligned requests are served through an aligned bounce
 //! buffer; on a device, a write that covers a block only partly reads that

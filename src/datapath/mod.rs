@@ -7,8 +7,10 @@
 //!
 //! relay: the daemon serves each request with pread/pwrite on a buffered (or,
 //! for O_DIRECT openers, O_DIRECT) backing fd, while the FUSE side is opened
-//! FOPEN_DIRECT_IO so the FUSE inode caches nothing: the only page cache is
-//! the backing's, the one migration control manages.
+//! FOPEN_DIRECT_IO so reads and writes leave nothing in the FUSE inode: the
+//! page cache is the backing's, the one migration control manages. Only a
+//! mapping of the image fills the FUSE inode's pages (direct-io mmap), and
+//! the handover drops those too (`DataPath::fuse_pages`).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -33,6 +35,20 @@ pub enum IoMode {
 }
 
 impl IoMode {
+    /// Every mode, in the order help and errors list them: the one home of
+    /// the `--io` words (the command line, `-o io=`, `status`).
+    pub const ALL: [IoMode; 4] = [
+        IoMode::Auto,
+        IoMode::Passthrough,
+        IoMode::Relay,
+        IoMode::Cached,
+    ];
+
+    /// The mode called `word`.
+    pub fn from_name(word: &str) -> Option<IoMode> {
+        IoMode::ALL.into_iter().find(|m| m.name() == word)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             IoMode::Auto => "auto",
@@ -53,6 +69,19 @@ pub enum DataPath {
 }
 
 impl DataPath {
+    /// Every data path, as handles and `status` name them.
+    pub const ALL: [DataPath; 3] = [DataPath::Passthrough, DataPath::Relay, DataPath::Cached];
+
+    /// The data paths a `--device` entry may use (`--device-io`,
+    /// `-o device-io=`), the default first: the kernel refuses a block
+    /// device as passthrough backing.
+    pub const DEVICE: [DataPath; 2] = [DataPath::Cached, DataPath::Relay];
+
+    /// The device data path called `word`.
+    pub fn device_from_name(word: &str) -> Option<DataPath> {
+        DataPath::DEVICE.into_iter().find(|p| p.name() == word)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DataPath::Passthrough => "passthrough",
@@ -115,8 +144,9 @@ pub fn relay_read<R>(
 /// Writes `data` at `offset`. For O_DIRECT backing fds the data is copied
 /// into an aligned buffer first: FUSE places write data at an arbitrary
 /// offset inside its request buffer, and O_DIRECT rejects unaligned memory
-/// with EINVAL. A short write is returned as such; an error after partial
-/// progress reports the progress (POSIX write semantics).
+/// with EINVAL. Short writes are retried; a write that takes no bytes ends
+/// it short, and an error after partial progress reports the progress
+/// (POSIX write semantics).
 pub fn relay_write(file: &File, offset: u64, data: &[u8], direct: bool) -> io::Result<usize> {
     if direct {
         BUFFER.with(|cell| {

@@ -61,7 +61,7 @@ pub(crate) fn dir_entries() -> Vec<(u64, FileType, OsString)> {
 
 impl MigsafeFs {
     pub(crate) fn is_ctl_name(&self, parent: INodeNo, name: &OsStr) -> bool {
-        parent == INodeNo::ROOT && name == OsStr::new(&self.config.ctl_name)
+        parent == INodeNo::ROOT && name == OsStr::new(&self.config().ctl_name)
     }
 
     /// Lookups the control plane answers: the directory at the root and
@@ -90,8 +90,8 @@ impl MigsafeFs {
             nodeid,
             nodeid == CTL_DIR,
             ctl::file_mode(index_of(nodeid)),
-            self.config.owner_uid,
-            self.config.owner_gid,
+            self.config().owner_uid,
+            self.config().owner_gid,
             self.mounted_at,
         );
         if is_command(nodeid) {

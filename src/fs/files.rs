@@ -63,7 +63,7 @@ impl MigsafeFs {
         data: &[u8],
     ) -> Result<usize, Error> {
         let h = self.file_handle(fh)?;
-        let _admitted = h.image.admit_write(&self.settings)?;
+        let _admitted = h.image.admit_write(self.settings())?;
         let room = h.image.write_room(offset, data.len())?;
         let data = &data[..room];
         h.image.counters.writes.fetch_add(1, Ordering::Relaxed);
@@ -94,14 +94,14 @@ impl MigsafeFs {
 
     pub(super) fn do_fsync(&self, fh: FileHandle, datasync: bool) -> Result<(), Error> {
         let h = self.file_handle(fh)?;
-        h.fsync(datasync, &self.settings)
+        h.fsync(datasync, self.settings())
     }
 
     /// `close()` waits for FLUSH (not for RELEASE), so the fsync-on-close
     /// rule syncs here and its error reaches the closing process.
     pub(super) fn do_flush(&self, fh: FileHandle) -> Result<(), Error> {
         let h = self.file_handle(fh)?;
-        h.sync_on_flush(&self.settings)
+        h.sync_on_flush(self.settings())
     }
 
     pub(super) fn do_setattr(
@@ -151,7 +151,7 @@ impl MigsafeFs {
         if let Some(size) = ch.size {
             let image = inode.image().ok_or(Errno::EISDIR)?;
             // A truncate is a write: admitted (and so fenced) like one.
-            let _admitted = image.admit_write(&self.settings)?;
+            let _admitted = image.admit_write(self.settings())?;
             let handle_file = fh
                 .and_then(|fh| self.file_handle(fh).ok())
                 .filter(|h| h.writable);
@@ -213,7 +213,7 @@ impl MigsafeFs {
         mode: i32,
     ) -> Result<(), Error> {
         let h = self.file_handle(fh)?;
-        let _admitted = h.image.admit_write(&self.settings)?;
+        let _admitted = h.image.admit_write(self.settings())?;
         if mode & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) == 0 {
             // Growing: a device cannot, past its end.
             h.image.grow_allowed(offset.saturating_add(length))?;
@@ -251,7 +251,7 @@ impl MigsafeFs {
             // mount's read and write instead.
             return Err(Error::Refused(libc::EOPNOTSUPP));
         }
-        let _admitted = hout.image.admit_write(&self.settings)?;
+        let _admitted = hout.image.admit_write(self.settings())?;
         let len = hout
             .image
             .write_room(off_out, len.min(u32::MAX as u64 & !0xfff) as usize)?;

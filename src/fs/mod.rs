@@ -26,9 +26,9 @@ use crate::session::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SetAttr, StatFs,
 };
 
-use crate::ctl::ControlPlane;
+use crate::ctl::{ControlPlane, FsConfig};
 use crate::error::Error;
-use crate::image::{Image, Registry};
+use crate::image::Registry;
 use crate::settings::Settings;
 use crate::sys;
 use handles::{HandleTable, Open};
@@ -39,27 +39,45 @@ use reply::{
 };
 
 pub use crate::datapath::{DataPath, IoMode};
-pub use setup::FsConfig;
 
 pub struct MigsafeFs {
-    pub(crate) config: FsConfig,
-    /// The control plane; `settings`, `registry` and `root_fd` below are the
-    /// same objects it holds, kept here for the operations' short paths.
+    /// The mount's one record: configuration, settings, registry, backing
+    /// root, device entries and the control plane (reached through the
+    /// accessors below).
     pub(crate) ctl: Arc<ControlPlane>,
-    pub settings: Arc<Settings>,
-    pub registry: Arc<Registry>,
-    pub(crate) root_fd: Arc<OwnedFd>,
     pub(crate) inodes: InodeTable,
     /// Shared with the worker threads that finish a control file's open.
     handles: Arc<HandleTable>,
-    /// (name, node id) of `--device` entries, in command-line order.
-    pub(crate) devices: Vec<(String, u64)>,
     /// Filled after the session exists; used from worker threads only.
     pub notifier: Arc<OnceLock<Notifier>>,
     pub(crate) mounted_at: SystemTime,
 }
 
 impl MigsafeFs {
+    pub(crate) fn config(&self) -> &FsConfig {
+        &self.ctl.config
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.ctl.settings
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.ctl.registry
+    }
+
+    pub(crate) fn root_fd(&self) -> &Arc<OwnedFd> {
+        &self.ctl.root_fd
+    }
+
+    /// (name, node id) of the `--device` entries, in command-line order.
+    pub(crate) fn devices(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.ctl
+            .devices
+            .iter()
+            .map(|(name, image)| (name.as_str(), image.nodeid.load(Ordering::Relaxed)))
+    }
+
     pub(crate) fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>, Error> {
         self.inodes.get(ino.0).ok_or(Errno::ENOENT.into())
     }
@@ -78,10 +96,9 @@ impl MigsafeFs {
         if parent != INodeNo::ROOT {
             return None;
         }
-        self.devices
-            .iter()
+        self.devices()
             .find(|(n, _)| OsStr::new(n) == name)
-            .map(|(_, id)| *id)
+            .map(|(_, id)| id)
     }
 
     /// Attributes of a node of the inode table (a backing entry or a
@@ -97,14 +114,6 @@ impl MigsafeFs {
         Ok(attr::from_stat(inode.nodeid, &st))
     }
 
-    /// Asks the invalidation worker to drop the kernel's attributes of the
-    /// image's inode (not its pages).
-    pub(crate) fn invalidate_attrs_async(&self, image: &Image) {
-        self.ctl
-            .invalidator
-            .request(image.nodeid.load(Ordering::Relaxed));
-    }
-
     pub(crate) fn passthrough_active(&self) -> bool {
         self.ctl.passthrough_active.load(Ordering::Relaxed)
     }
@@ -113,7 +122,7 @@ impl MigsafeFs {
 impl Filesystem for MigsafeFs {
     fn init(&mut self, config: &mut KernelConfig) -> std::io::Result<()> {
         // relay and cached never use passthrough (nor need CAP_SYS_ADMIN).
-        let want_pt = matches!(self.config.io, IoMode::Auto | IoMode::Passthrough);
+        let want_pt = matches!(self.config().io, IoMode::Auto | IoMode::Passthrough);
         let pt_offered = config.offered(InitFlags::PASSTHROUGH);
         self.ctl
             .passthrough_supported
@@ -124,7 +133,7 @@ impl Filesystem for MigsafeFs {
             // allows a backing that is itself a FUSE mount (mergerfs, NFS-like).
             config.set_max_stack_depth(2);
             self.ctl.passthrough_active.store(true, Ordering::Relaxed);
-        } else if self.config.io == IoMode::Passthrough {
+        } else if self.config().io == IoMode::Passthrough {
             let why = if !pt_offered {
                 "the kernel does not offer FUSE passthrough (needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)"
             } else {
@@ -143,17 +152,17 @@ impl Filesystem for MigsafeFs {
         ] {
             config.request(flag);
         }
-        config.set_max_write(self.config.max_write);
-        config.set_max_background(self.config.max_background);
+        config.set_max_write(self.config().max_write);
+        config.set_max_background(self.config().max_background);
         // The most the kernel offers: FUSE_INIT can only lower the mount's
         // readahead window (mount/kernel.rs widens it through sysfs).
-        config.set_max_readahead(self.config.max_write);
+        config.set_max_readahead(self.config().max_write);
         log::info!(
             "mounted: io={:?} passthrough={} max_write={} ctl={}",
-            self.config.io,
+            self.config().io,
             self.passthrough_active(),
-            self.config.max_write,
-            self.config.ctl_name
+            self.config().max_write,
+            self.config().ctl_name
         );
         Ok(())
     }
@@ -362,7 +371,7 @@ impl Filesystem for MigsafeFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match nix::sys::statvfs::statvfs(
-            sys::proc_fd_path(std::os::fd::AsFd::as_fd(&*self.root_fd)).as_c_str(),
+            sys::proc_fd_path(std::os::fd::AsFd::as_fd(self.root_fd())).as_c_str(),
         ) {
             Ok(s) => reply.statfs(&StatFs {
                 blocks: s.blocks(),

@@ -31,10 +31,9 @@ pub(crate) enum Xattr {
 }
 
 /// Rejects names the kernel should never send but a confused client could:
-/// anything but a single path component.
-fn component(name: &OsStr) -> Result<CString, Error> {
-    let b = name.as_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+/// anything but a single path component (`sys::is_component`).
+pub(super) fn component(name: &OsStr) -> Result<CString, Error> {
+    if !sys::is_component(name.as_bytes()) {
         return Err(Errno::EINVAL.into());
     }
     Ok(sys::cstring(name)?)
@@ -94,19 +93,21 @@ impl MigsafeFs {
                 .lookup_or_insert(identity, incarnation.clone(), path.clone(), || {
                     let kind = match st.st_mode & libc::S_IFMT {
                         libc::S_IFDIR => Kind::Directory,
-                        libc::S_IFREG => {
-                            Kind::Image(self.registry.get_or_insert(identity, &incarnation, || {
+                        libc::S_IFREG => Kind::Image(self.registry().get_or_insert(
+                            identity,
+                            &incarnation,
+                            || {
                                 Image::new(
                                     identity,
                                     Source::File {
-                                        root: self.root_fd.clone(),
+                                        root: self.root_fd().clone(),
                                         live: Default::default(),
                                     },
                                     path.clone(),
                                 )
                                 .with_incarnation(incarnation.clone())
-                            }))
-                        }
+                            },
+                        )),
                         libc::S_IFLNK => Kind::Symlink,
                         _ => Kind::Special,
                     };
@@ -213,7 +214,7 @@ impl MigsafeFs {
             && st.st_mode & libc::S_IFMT == libc::S_IFREG
             && st.st_nlink <= 1
         {
-            self.registry.remove(&Identity::of_stat(&st));
+            self.registry().remove(&Identity::of_stat(&st));
         }
         Ok(())
     }
@@ -258,7 +259,7 @@ impl MigsafeFs {
         // Keep the moved image's name current for status and control paths.
         if let Ok(st) = sys::fstatat(d2.as_fd(), &cnew) {
             let id = Identity::of_stat(&st);
-            if let Some(img) = self.registry.get(&id) {
+            if let Some(img) = self.registry().get(&id) {
                 img.set_path(Self::child_path(&newdir, newname));
             }
         }
@@ -316,7 +317,7 @@ impl MigsafeFs {
             let entry = entry.map_err(|e| Errno::from_i32(e as i32))?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
             if ino == INodeNo::ROOT
-                && (name == OsStr::new(&self.config.ctl_name)
+                && (name == OsStr::new(&self.config().ctl_name)
                     || self.device_at_root(ino, &name).is_some())
             {
                 continue;
@@ -335,8 +336,8 @@ impl MigsafeFs {
         // "." and ".." first, as every directory listing has them.
         entries.sort_by_key(|(_, _, n)| n.as_bytes() != b"." && n.as_bytes() != b"..");
         if ino == INodeNo::ROOT {
-            for (name, id) in &self.devices {
-                entries.push((*id, FileType::RegularFile, OsString::from(name)));
+            for (name, id) in self.devices() {
+                entries.push((id, FileType::RegularFile, OsString::from(name)));
             }
         }
         Ok(self.add_handle(Open::Dir(Arc::new(DirSnapshot { entries }))))
@@ -375,7 +376,7 @@ impl MigsafeFs {
     }
 
     fn xattr_path(&self, ino: INodeNo) -> Result<CString, Error> {
-        if !self.config.xattr {
+        if !self.config().xattr {
             // ENOSYS makes the kernel stop asking for the whole mount; else it
             // asks for security.capability before every write (docs/DESIGN.md §2).
             return Err(Errno::ENOSYS.into());

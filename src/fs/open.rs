@@ -12,10 +12,11 @@ use crate::session::{
 
 use super::inodes::{Inode, Kind};
 use super::{IoMode, MigsafeFs, Open};
+use crate::ctl::scope::CommandScope;
 use crate::datapath::{self, PassthroughBacking};
 use crate::error::Error;
 use crate::image::handle::is_internal_opener;
-use crate::image::{CommandContext, DataPath, Handle, Image};
+use crate::image::{DataPath, Handle, Image};
 use crate::settings::OnOpen;
 use crate::sys;
 
@@ -31,9 +32,9 @@ impl MigsafeFs {
         if inode.device.is_some() {
             // The kernel refuses a block device as passthrough backing
             // (EINVAL): cached (default) or relay.
-            return self.config.device_io;
+            return self.config().device_io;
         }
-        match self.config.io {
+        match self.config().io {
             IoMode::Relay => DataPath::Relay,
             IoMode::Cached => DataPath::Cached,
             _ if self.passthrough_active() => DataPath::Passthrough,
@@ -44,8 +45,8 @@ impl MigsafeFs {
     /// Close-to-open (docs/DESIGN.md §3): on the first open of an image on this
     /// host, drop whatever this host cached of it before the open completes.
     fn invalidate_on_first_open(&self, image: &Image) -> Result<(), Error> {
-        let mode = self.settings.on_open();
-        if mode == OnOpen::Off || !self.settings.drop_cache() || image.open_handle_count() > 0 {
+        let mode = self.settings().on_open();
+        if mode == OnOpen::Off || !self.settings().drop_cache() || image.open_handle_count() > 0 {
             return Ok(());
         }
         if mode == OnOpen::Warn {
@@ -63,19 +64,10 @@ impl MigsafeFs {
             }
             return Ok(());
         }
-        let invalidate = |img: &Image| self.invalidate_attrs_async(img);
         // Inside the open request: the FUSE inode's cache is dropped by the
         // reply (no FOPEN_KEEP_CACHE on a first open), never from here.
-        // Its steps name no writers: the scan is never taken.
-        let writers = crate::cache::WriterScan::new();
-        let ctx = CommandContext {
-            settings: &self.settings,
-            invalidate_attrs: &invalidate,
-            fuse: None,
-            own_mounts: &[],
-            writers: &writers,
-        };
-        let outcome = image.invalidate_on_open(&ctx);
+        let scope = CommandScope::in_handler(&self.ctl);
+        let outcome = image.invalidate_on_open(&scope.context(None));
         match outcome.errno {
             None => Ok(()),
             Some(e) => {
@@ -155,7 +147,7 @@ impl MigsafeFs {
     ) -> Result<Opened, Error> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY
             && !image.is_active()
-            && self.settings.refuse_inactive_opens()
+            && self.settings().refuse_inactive_opens()
         {
             log::warn!(
                 "open {}: writable open by pid {} refused: the image is inactive on this host \
@@ -175,8 +167,8 @@ impl MigsafeFs {
         // close-to-open point: without FOPEN_KEEP_CACHE the kernel drops the
         // FUSE inode's pages as the open completes.
         let keep_cache = image.open_handle_count() > 0
-            || self.settings.on_open() != OnOpen::Invalidate
-            || !self.settings.drop_cache();
+            || self.settings().on_open() != OnOpen::Invalidate
+            || !self.settings().drop_cache();
         let mut handle = Handle::new(
             image.clone(),
             Arc::new(file),
@@ -221,7 +213,7 @@ impl MigsafeFs {
         }
         match self.passthrough_backing(inode, reply) {
             Ok(b) => Ok((data_path, Some(b))),
-            Err(e) if self.config.io == IoMode::Passthrough => {
+            Err(e) if self.config().io == IoMode::Passthrough => {
                 log::warn!(
                     "open {}: passthrough registration failed: {e}",
                     image.path()
@@ -280,7 +272,7 @@ impl MigsafeFs {
                 _ => return Err(Errno::EINVAL.into()),
             };
             if flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0 {
-                image.check_writable(&self.settings)?;
+                image.check_writable(self.settings())?;
             }
             if is_internal_opener(req.pid()) {
                 return self.open_internal(inode, image);
@@ -338,10 +330,7 @@ impl MigsafeFs {
                 return self.open_created(req, inode, None, flags, reply);
             }
             let dir = self.parent_dir(parent)?;
-            let cname = sys::cstring(name)?;
-            if name.is_empty() || name.as_encoded_bytes().contains(&b'/') {
-                return Err(Errno::EINVAL.into());
-            }
+            let cname = super::namespace::component(name)?;
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;
             let (file, opath) = {
                 let _creds = self.as_caller(req)?;
@@ -390,7 +379,7 @@ impl MigsafeFs {
         let image = inode.image().ok_or(Errno::EISDIR)?.clone();
         let truncate = flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY;
         if truncate {
-            image.check_writable(&self.settings)?;
+            image.check_writable(self.settings())?;
         }
         let file = match file {
             Some(f) => f,
@@ -398,7 +387,7 @@ impl MigsafeFs {
         };
         // O_TRUNC leaves a device as it is, as on the block device itself.
         if truncate && inode.device.is_none() {
-            let _admitted = image.admit_write(&self.settings)?;
+            let _admitted = image.admit_write(self.settings())?;
             // As the caller, so the kernel clears set-id bits as it would.
             let _creds = self.as_caller(req)?;
             let _resize = image.io_locks.resize();
@@ -414,7 +403,7 @@ impl MigsafeFs {
         let Some(Open::File(h)) = self.remove_handle(fh) else {
             return;
         };
-        h.sync_on_release(&self.settings);
+        h.sync_on_release(self.settings());
         h.image.remove_handle(fh.0);
     }
 }

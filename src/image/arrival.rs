@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::record::Change;
 use super::{CommandContext, FuseCache, Image, Outcome};
 use crate::cache::{self, Report, format_ranges, holders::format_holders};
 use crate::sys;
@@ -52,18 +53,13 @@ impl Image {
             self.clear_sticky_error();
             self.restored.store(false, Ordering::Relaxed);
             self.counters.activations.fetch_add(1, Ordering::Relaxed);
-            // A record left behind errs on the safe side: a restarted daemon
-            // brings the image back inactive, and the operator activates
-            // it again. So the command does not fail for it.
-            if let Err(e) = self.record_update(Some("activate"), |_| None) {
-                log::warn!(
-                    "image {}: active, but the state file {} still records it inactive or failed ({e}); \
-                     after a restart activate it again",
-                    self.path(),
-                    self.journal_path()
-                );
-            }
-            Ok(self.fencing_outcome(ctx))
+            // Staged: the caller writes it (`settle`); a record left behind
+            // does not fail the command (`lift_not_recorded`).
+            let staged = self.stage_change(Change::Lift, |_| None);
+            Ok(Outcome {
+                staged,
+                ..self.fencing_outcome(ctx)
+            })
         })
     }
 

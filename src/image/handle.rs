@@ -18,7 +18,9 @@ use crate::sys;
 pub struct Handle {
     pub image: Arc<Image>,
     /// The backing fd this handle reads, writes and syncs (opened with the
-    /// caller's access mode and O_DIRECT/O_SYNC flags).
+    /// caller's access mode and O_DIRECT/O_SYNC flags; on the cached path
+    /// O_DIRECT, and read-write for a write-only open:
+    /// `datapath::cached::prepare`).
     pub file: Arc<File>,
     pub data_path: DataPath,
     /// Cached path, writable handle of a regular file: a buffered

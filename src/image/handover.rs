@@ -4,8 +4,8 @@
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
+use super::record::Change;
 use super::{CommandContext, Image, Outcome};
 use crate::cache;
 use crate::settings::Settings;
@@ -81,39 +81,35 @@ impl Image {
             self.drain_writes();
             let result = self.inactivate_steps(ctx);
             let handed_over = result.is_ok();
-            // The fence is recorded before the command says ok (and before
-            // the writes waiting for the decision get EROFS). A record that
-            // cannot be written fails the command, but the image stays
-            // fenced: its data is synced and the destination may already
-            // own it, so letting writes through would be the unsafe side.
-            let result = result.and_then(|o| self.record_fence().map(|()| o));
+            // The fence is recorded before the command says ok: staged
+            // here, written by the caller once for all images of its
+            // request, then the outcome is settled (`settle`: ok only once
+            // the fence is on disk). A record that cannot be written fails
+            // the command, but the image stays fenced: its data is synced
+            // and the destination may already own it, so letting writes
+            // through would be the unsafe side. The writes waiting for the
+            // decision get EROFS before the record is on disk: still the
+            // safe side, as no ok was reported yet.
+            let result = result.map(|o| self.stage_fence(o));
             decision.end(handed_over);
-            if result.is_ok() {
-                self.counters.inactivations.fetch_add(1, Ordering::Relaxed);
-            }
             result
         })
     }
 
-    /// Records that the image is inactive, durably.
-    fn record_fence(&self) -> Result<(), Outcome> {
-        self.record_update(Some("inactivate"), |r| {
+    /// Stages the record that the image is inactive; the outcome carries
+    /// it to `settle`.
+    fn stage_fence(&self, outcome: Outcome) -> Outcome {
+        let staged = self.stage_change(Change::Fence, |r| {
             let mut r = r.unwrap_or_else(|| self.new_record());
             r.path = self.path();
             r.inactive = true;
             Some(r)
-        })
-        .map(|()| self.restored.store(false, Ordering::Relaxed))
-        .map_err(|e| {
-            Outcome::io(
-                &e,
-                format!(
-                    "the image is fenced here but its fence cannot be recorded in the state file {} ({e}); \
-                     a restarted daemon would forget it: make the state file writable and run inactivate again",
-                    self.journal_path()
-                ),
-            )
-        })
+        });
+        if staged.is_none() {
+            // No state file: nothing to wait for.
+            self.fence_recorded();
+        }
+        Outcome { staged, ..outcome }
     }
 
     fn inactivate_steps(&self, ctx: &CommandContext<'_>) -> Result<Outcome, Outcome> {

@@ -8,10 +8,12 @@
 //!
 //! This file holds the state and the rules every command shares; each
 //! concern has its own file beside it: the registry (registry.rs), where an
-//! image's bytes are (source.rs), what a command returns (outcome.rs), the
-//! source side of a handover (handover.rs), the destination side
-//! (arrival.rs), writers that cannot be fenced (fencing.rs), and the
-//! `status` entry (status.rs).
+//! image's bytes are (source.rs), an open handle and its sync rules
+//! (handle.rs), what a command returns (outcome.rs), the source side of a
+//! handover (handover.rs), the destination side (arrival.rs), writers that
+//! cannot be fenced (fencing.rs), the `status` entry (status.rs), the state
+//! file (state_file.rs), a command's state-file record (record.rs) and the
+//! per-image command order (turns.rs).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,6 +26,7 @@ mod fencing;
 pub mod handle;
 mod handover;
 mod outcome;
+mod record;
 mod registry;
 mod source;
 pub mod state_file;
@@ -31,6 +34,7 @@ mod status;
 pub mod turns;
 
 pub use outcome::{CommandContext, FuseAccessError, FuseCache, Outcome};
+pub use record::StagedRecord;
 pub use registry::Registry;
 pub use source::Source;
 
@@ -211,10 +215,21 @@ impl Image {
         command: Option<&str>,
         f: impl FnOnce(Option<Record>) -> Option<Record>,
     ) -> std::io::Result<()> {
-        let Some(journal) = self.journal.get() else {
-            return Ok(());
-        };
-        journal.update(self.identity, |old| {
+        match self.stage_record(command, f) {
+            Some((journal, generation)) => journal.commit(generation),
+            None => Ok(()),
+        }
+    }
+
+    /// `record_update` in memory only: the state file and the generation
+    /// its `commit` must reach (None: the mount keeps no state file).
+    fn stage_record(
+        &self,
+        command: Option<&str>,
+        f: impl FnOnce(Option<Record>) -> Option<Record>,
+    ) -> Option<(&Arc<StateFile>, u64)> {
+        let journal = self.journal.get()?;
+        let generation = journal.stage(self.identity, |old| {
             let old = old.filter(|r| {
                 r.device == self.is_device() && r.incarnation.same_file(&self.incarnation)
             });
@@ -225,7 +240,8 @@ impl Image {
                 }
                 r
             })
-        })
+        });
+        Some((journal, generation))
     }
 
     /// A fresh record of this image (active, no error).
@@ -465,14 +481,24 @@ impl Image {
         })
     }
 
-    /// Runs one command on this image: logs its result (a first open's ok
-    /// only at debug; a warning when it failed or fencing is partial),
-    /// counts a failure by errno name, and keeps it as the last command
-    /// for `status`.
+    /// Runs one command on this image, then `conclude`s it; a command
+    /// whose record is staged is concluded by `settle` once the record is
+    /// written.
     fn run_command(&self, name: &str, f: impl FnOnce() -> Result<Outcome, Outcome>) -> Outcome {
         let start = Instant::now();
-        let outcome = f().unwrap_or_else(|e| e);
+        let mut outcome = f().unwrap_or_else(|e| e);
         let ms = start.elapsed().as_millis() as u64;
+        if let Some(staged) = &mut outcome.staged {
+            staged.ms = ms;
+            return outcome;
+        }
+        self.conclude(name, outcome, ms)
+    }
+
+    /// Logs a command's result (a first open's ok only at debug; a warning
+    /// when it failed or fencing is partial), counts a failure by errno
+    /// name, and keeps it as the last command for `status`.
+    fn conclude(&self, name: &str, outcome: Outcome, ms: u64) -> Outcome {
         let result = match outcome.errno {
             None => "ok".to_string(),
             Some(e) => sys::errno_name(e),

@@ -7,7 +7,7 @@ use crate::cache::WriterScan;
 use crate::settings::Settings;
 use crate::sys;
 
-use super::Image;
+use super::{Image, StagedRecord};
 
 /// The outcome of one control command on one image.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +19,10 @@ pub struct Outcome {
     /// passthrough handles, processes writing the backing outside this
     /// mount; named in `detail`), also on success.
     pub unfenced: bool,
+    /// The command's state-file record, staged and not yet written: until
+    /// `Image::settle` the outcome is not final and must not be reported
+    /// (and the command's log line and `last_command` wait for it).
+    pub staged: Option<StagedRecord>,
 }
 
 impl Outcome {
@@ -42,7 +46,7 @@ impl Outcome {
             errno: Some(libc::EBUSY),
             resident_pages,
             detail: detail.into(),
-            unfenced: false,
+            ..Outcome::default()
         }
     }
 
@@ -73,7 +77,8 @@ impl Outcome {
     }
 }
 
-/// What a command needs from the filesystem around the image.
+/// What a command needs from the filesystem around the image (the mount
+/// builds it in one place, `ctl::scope`; the unit tests build their own).
 pub struct CommandContext<'a> {
     pub settings: &'a Settings,
     /// Drops the kernel's cached attributes of the image's FUSE inode (its

@@ -60,7 +60,9 @@ impl Image {
         }
     }
 
-    /// Opens a fresh backing fd (never O_DIRECT: it must see the page cache).
+    /// Opens a fresh backing fd with `flags`, by the live O_PATH fd or the
+    /// checked last path (ENOENT when another file is there now). Callers
+    /// pass O_RDONLY, never O_DIRECT: the fd must see the page cache.
     pub fn open_backing(&self, flags: i32) -> std::io::Result<File> {
         match &self.source {
             Source::File { root, live } => {

@@ -6,13 +6,17 @@
 //! owns. Only images that are inactive or failed have a record; an active,
 //! healthy image is what a fresh daemon assumes anyway.
 //!
-//! The whole file is rewritten on every change, atomically: a temporary
-//! file in the same directory, fsync, rename over the old one, fsync of the
-//! directory. A crash leaves either the old or the new file, never a torn
-//! one. A file that cannot be read or parsed refuses the mount: starting
-//! with every image active would drop fences silently.
+//! The whole file is rewritten atomically: a temporary file in the same
+//! directory, fsync, rename over the old one, fsync of the directory. A
+//! crash leaves either the old or the new file, never a torn one. A change
+//! is staged first (`stage`) and made durable by `commit`; one rewrite
+//! carries every change staged before it, so a command over many images
+//! (`inactivate *`) commits once for all of them, and commands running at
+//! the same time share a rewrite instead of queueing one each. A file that
+//! cannot be read or parsed refuses the mount: starting with every image
+//! active would drop fences silently.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -125,13 +129,28 @@ fn entry(r: Record) -> (Record, String) {
     (r, text)
 }
 
-/// One mount's state file and the records it holds on disk now.
+/// One mount's state file: the records the registry holds now, and how
+/// many of their changes the file on disk holds.
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
-    /// Exactly what the file on disk says (a failed write changes nothing
-    /// here); held while the file is rewritten, so writes never interleave.
-    records: Mutex<Entries>,
+    /// Every record as the registry says now, with the number of changes
+    /// staged so far; changes not yet committed among them.
+    staged: Mutex<Staged>,
+    /// Held while the file is rewritten (rewrites never interleave, and a
+    /// later snapshot is never renamed over by an earlier one): the number
+    /// of staged changes the file on disk holds.
+    written: Mutex<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Staged {
+    entries: Entries,
+    /// Changes staged since start: the generation a commit must reach.
+    generation: u64,
+    /// The generation of each record's last change (removals too): the
+    /// record is on disk once a commit reached it.
+    changed_at: HashMap<(u64, u64), u64>,
 }
 
 impl StateFile {
@@ -202,7 +221,11 @@ impl StateFile {
     fn with(path: &Path, records: Entries) -> StateFile {
         StateFile {
             path: path.to_path_buf(),
-            records: Mutex::new(records),
+            staged: Mutex::new(Staged {
+                entries: records,
+                ..Staged::default()
+            }),
+            written: Mutex::new(0),
         }
     }
 
@@ -213,70 +236,86 @@ impl StateFile {
     /// Replaces every record (what a restart kept of the loaded file);
     /// the file is rewritten only when that differs from what it held.
     pub fn replace(&self, loaded: &[Record], kept: Vec<Record>) -> io::Result<()> {
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let new: Entries = kept
-            .into_iter()
-            .map(|r| ((r.identity.dev, r.identity.ino), entry(r)))
-            .collect();
-        if new.len() != loaded.len() {
-            self.write(&new)?;
-        }
-        *records = new;
-        Ok(())
+        let generation = {
+            let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+            let new: Entries = kept
+                .into_iter()
+                .map(|r| ((r.identity.dev, r.identity.ino), entry(r)))
+                .collect();
+            if new.len() != loaded.len() {
+                staged.generation += 1;
+            }
+            staged.entries = new;
+            staged.generation
+        };
+        self.commit(generation)
     }
 
     /// Changes the record of `identity` (None: none) to what `f` makes of
     /// it, durably: Ok once the file on disk says so. Nothing is written
-    /// when the record stays as it was.
+    /// when the record stays as it was and is on disk. (The images stage
+    /// and commit separately; the unit tests use the two in one.)
+    #[cfg(test)]
     pub fn update(
         &self,
         identity: Identity,
         f: impl FnOnce(Option<Record>) -> Option<Record>,
     ) -> io::Result<()> {
-        let key = (identity.dev, identity.ino);
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        let old = records.get(&key).map(|(r, _)| r.clone());
-        let new = f(old.clone());
-        if new == old {
-            return Ok(());
-        }
-        let before = match new {
-            Some(r) => records.insert(key, entry(r)),
-            None => records.remove(&key),
-        };
-        let written = self.write(&records);
-        if written.is_err() {
-            // Back to what the file on disk says.
-            match before {
-                Some(e) => records.insert(key, e),
-                None => records.remove(&key),
-            };
-        }
-        written
+        let generation = self.stage(identity, f);
+        self.commit(generation)
     }
 
-    /// Writes `records` as the whole file: temporary file, fsync, rename,
-    /// fsync of the directory (the rename is durable only then).
-    fn write(&self, records: &Entries) -> io::Result<()> {
-        // One image per line, for an operator reading it.
-        let written_by = json!(format!(
-            "migsafe {} (pid {})",
-            env!("CARGO_PKG_VERSION"),
-            std::process::id()
-        ));
-        let mut text = format!(
-            "{{\n  \"version\": {VERSION},\n  \"written_by\": {written_by},\n  \"images\": ["
-        );
-        for (i, (_, json)) in records.values().enumerate() {
-            text.push_str(if i == 0 { "\n    " } else { ",\n    " });
-            text.push_str(json);
+    /// Changes the record of `identity` (None: none) to what `f` makes of
+    /// it, in memory only; returns the generation that `commit` must reach
+    /// for the file on disk to say so. A record left as it was returns the
+    /// generation of its last change: it may be one that a failed commit
+    /// left pending, which only a commit makes durable.
+    pub fn stage(
+        &self,
+        identity: Identity,
+        f: impl FnOnce(Option<Record>) -> Option<Record>,
+    ) -> u64 {
+        let key = (identity.dev, identity.ino);
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        let old = staged.entries.get(&key).map(|(r, _)| r.clone());
+        let new = f(old.clone());
+        if new == old {
+            return staged.changed_at.get(&key).copied().unwrap_or(0);
         }
-        text.push_str(if records.is_empty() {
-            "]\n}\n"
-        } else {
-            "\n  ]\n}\n"
-        });
-        let text = text.into_bytes();
+        match new {
+            Some(r) => staged.entries.insert(key, entry(r)),
+            None => staged.entries.remove(&key),
+        };
+        staged.generation += 1;
+        let generation = staged.generation;
+        staged.changed_at.insert(key, generation);
+        generation
+    }
+
+    /// Makes every change staged up to `generation` durable: Ok at once if
+    /// a rewrite already did, else one rewrite of the whole file with
+    /// every change staged so far (also those of other commands, which
+    /// then find theirs written). A failed rewrite leaves the changes
+    /// staged: the next commit writes them (they are what the registry
+    /// says), and each caller whose changes it did not write gets the
+    /// error.
+    pub fn commit(&self, generation: u64) -> io::Result<()> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if *written >= generation {
+            return Ok(());
+        }
+        let (text, snapshot) = {
+            let staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+            (render(&staged.entries), staged.generation)
+        };
+        self.write(text)?;
+        *written = snapshot;
+        Ok(())
+    }
+
+    /// Writes `text` as the whole file: temporary file, fsync, rename,
+    /// fsync of the directory (the rename is durable only then).
+    fn write(&self, text: Vec<u8>) -> io::Result<()> {
         let dir = parent_of(&self.path);
         let name = self
             .path
@@ -304,6 +343,28 @@ impl StateFile {
         }
         File::open(dir)?.sync_all()
     }
+}
+
+/// The file's text for `records`: one image per line, for an operator
+/// reading it.
+fn render(records: &Entries) -> Vec<u8> {
+    let written_by = json!(format!(
+        "migsafe {} (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    ));
+    let mut text =
+        format!("{{\n  \"version\": {VERSION},\n  \"written_by\": {written_by},\n  \"images\": [");
+    for (i, (_, json)) in records.values().enumerate() {
+        text.push_str(if i == 0 { "\n    " } else { ",\n    " });
+        text.push_str(json);
+    }
+    text.push_str(if records.is_empty() {
+        "]\n}\n"
+    } else {
+        "\n  ]\n}\n"
+    });
+    text.into_bytes()
 }
 
 fn parent_of(path: &Path) -> &Path {
@@ -372,16 +433,51 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_changes_nothing() {
-        let sf = StateFile::with(
-            Path::new("/proc/self/no-such-dir/state.json"),
-            Entries::new(),
-        );
+    fn a_failed_write_leaves_the_change_for_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("gone");
+        let path = sub.join("state.json");
+        let sf = StateFile::with(&path, Entries::new());
         assert!(
             sf.update(Identity { dev: 9, ino: 1 }, |_| Some(record(1)))
                 .is_err()
         );
-        assert!(sf.records.lock().unwrap().is_empty());
+        // The record stays staged (the registry says so) and nothing says
+        // it was written: the same commit, once it can, writes it.
+        let generation = sf.stage(Identity { dev: 9, ino: 1 }, |r| r);
+        std::fs::create_dir(&sub).unwrap();
+        sf.commit(generation).unwrap();
+        let (_, loaded) = StateFile::load(&path).unwrap();
+        assert_eq!(loaded, vec![record(1)]);
+    }
+
+    /// Changes staged by several callers are written by the first commit
+    /// that covers them; a later commit of an earlier generation writes
+    /// nothing (the file keeps its inode: every rewrite renames a new one
+    /// over it).
+    #[test]
+    fn one_commit_writes_every_staged_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (sf, _) = StateFile::load(&path).unwrap();
+        let g1 = sf.stage(Identity { dev: 9, ino: 1 }, |_| Some(record(1)));
+        let g2 = sf.stage(Identity { dev: 9, ino: 2 }, |_| Some(record(2)));
+        assert!(!path.exists(), "staging writes nothing");
+        sf.commit(g2).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        sf.commit(g1).unwrap();
+        sf.commit(g2).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "no rewrite");
+        let (_, loaded) = StateFile::load(&path).unwrap();
+        assert_eq!(loaded, vec![record(1), record(2)]);
+        // An unchanged record with nothing pending: no rewrite either.
+        let g = sf.stage(Identity { dev: 9, ino: 1 }, |r| r);
+        sf.commit(g).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino);
+        // Control: a change does rewrite it.
+        let g = sf.stage(Identity { dev: 9, ino: 1 }, |_| None);
+        sf.commit(g).unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), ino);
     }
 
     #[test]

@@ -7,20 +7,18 @@ use std::time::UNIX_EPOCH;
 
 use serde_json::json;
 
-use super::{FuseCache, Image};
-use crate::cache::WriterScan;
+use super::{CommandContext, FuseCache, Image};
 use crate::sys;
 
 impl Image {
     /// `size`: None when unknown; `missing`: why the backing cannot be
-    /// opened (the image is still listed, with this error).
+    /// opened (the image is still listed, with this error); `ctx`: the
+    /// document's mount ids, writer scan and FUSE cache, as a command's.
     pub fn status_json(
         &self,
         size: Option<u64>,
         missing: Option<std::io::Error>,
-        own_mounts: &[u64],
-        writers: &WriterScan,
-        fuse: Option<&dyn FuseCache>,
+        ctx: &CommandContext<'_>,
     ) -> serde_json::Value {
         let (state, sticky, last) = {
             let st = self.state.lock().expect("state lock");
@@ -39,7 +37,7 @@ impl Image {
             .ok()
             .and_then(|f| sys::cachestat(f.as_fd()).ok())
             .unwrap_or_default();
-        let unfenced = self.unfenced_report(own_mounts, writers);
+        let unfenced = self.unfenced_report(ctx.own_mounts, ctx.writers);
         json!({
             "path": self.path(),
             "error": missing.map(|e| format!(
@@ -52,7 +50,7 @@ impl Image {
             "cached_pages": counts.cached,
             "dirty_pages": counts.dirty,
             "writeback_pages": counts.writeback,
-            "fuse_cache": self.fuse_cache_json(fuse),
+            "fuse_cache": self.fuse_cache_json(ctx.fuse),
             "sticky_error": sticky,
             "restored": self.restored.load(Ordering::Relaxed),
             "fencing": if unfenced.is_empty() { "full" } else { "partial" },

@@ -49,9 +49,9 @@ impl Counters {
 pub struct Turns(Arc<Inner>);
 
 /// A place in a [`Turns`] queue. Dropping it ends its turn, or gives up a
-/// turn that has not come yet (without waiting: a request refused on a
-/// FUSE request thread drops its ticket there), so a ticket given up never
-/// holds up the tickets after it.
+/// turn that has not come yet, without waiting (a command dropped unrun,
+/// or one that unwinds, gives up the tickets it still holds), so a ticket
+/// given up never holds up the tickets after it.
 #[derive(Debug)]
 pub struct Ticket {
     inner: Arc<Inner>,

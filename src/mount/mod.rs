@@ -9,7 +9,8 @@ use std::sync::Arc;
 use nix::sys::signal::SigSet;
 
 use crate::backing::{self, Device};
-use crate::fs::{FsConfig, IoMode, MigsafeFs};
+use crate::ctl::FsConfig;
+use crate::fs::{IoMode, MigsafeFs};
 use crate::image::state_file::{Record, StateFile};
 use crate::session::{Acl, Session};
 use crate::settings::Settings;
@@ -149,11 +150,7 @@ fn check(args: &MountArgs) -> Result<Checked, StartError> {
     for (key, value) in &args.settings {
         settings.set(*key, value).map_err(StartError)?;
     }
-    if args.ctl_name.is_empty()
-        || args.ctl_name.contains('/')
-        || args.ctl_name == "."
-        || args.ctl_name == ".."
-    {
+    if !sys::is_component(args.ctl_name.as_bytes()) {
         return err(format!("invalid --ctl-name {:?}", args.ctl_name));
     }
     let devices = open_devices(args, &root)?;
@@ -207,9 +204,10 @@ fn build_fs(args: &MountArgs, checked: Checked) -> Result<MigsafeFs, StartError>
     if let Some((journal, records)) = checked.state {
         let path = journal.path().to_path_buf();
         let n = records.len();
-        let r = fs
-            .registry
-            .restore(Arc::new(journal), records, &fs.root_fd, &fs.ctl.devices);
+        let r =
+            fs.ctl
+                .registry
+                .restore(Arc::new(journal), records, &fs.ctl.root_fd, &fs.ctl.devices);
         log::info!(
             "state file {}: restored {} images inactive, {} sticky errors ({} of {n} records dropped)",
             path.display(),

@@ -135,22 +135,30 @@ pub(super) fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, A
 }
 
 fn parse_device_io(v: &str) -> Result<DataPath, StartError> {
-    match v {
-        "cached" => Ok(DataPath::Cached),
-        "relay" => Ok(DataPath::Relay),
-        _ => err(format!("invalid device io {v:?}: expected cached or relay")),
-    }
+    let words = DataPath::DEVICE.map(DataPath::name);
+    choice(DataPath::device_from_name(v), v, "device io", &words)
 }
 
 fn parse_io(v: &str) -> Result<IoMode, StartError> {
-    match v {
-        "auto" => Ok(IoMode::Auto),
-        "passthrough" => Ok(IoMode::Passthrough),
-        "relay" => Ok(IoMode::Relay),
-        "cached" => Ok(IoMode::Cached),
-        _ => err(format!(
-            "invalid io mode {v:?}: expected auto, passthrough, relay or cached"
-        )),
+    choice(
+        IoMode::from_name(v),
+        v,
+        "io mode",
+        &IoMode::ALL.map(IoMode::name),
+    )
+}
+
+/// The value `v` named, or the error that names the `words` it may be.
+fn choice<T>(found: Option<T>, v: &str, what: &str, words: &[&str]) -> Result<T, StartError> {
+    found.ok_or_else(|| StartError(format!("invalid {what} {v:?}: expected {}", one_of(words))))
+}
+
+/// `a, b or c`.
+fn one_of(words: &[&str]) -> String {
+    match words.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Page-cache syscalls: what of a file (or block device) is cached, dirty or
-//! under writeback, dropping its clean pages, and the sizes a device reports.
+//! under writeback, writing a range out and dropping clean pages, readahead
+//! advice, and the sizes and O_DIRECT alignment a device or file reports.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

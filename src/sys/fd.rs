@@ -1,6 +1,6 @@
 //! File descriptors: opening (relative to a directory fd, beneath it, or
-//! again through `/proc/self/fd`), stat, descriptor flags and the data and
-//! rename syscalls that work on fds.
+//! again through `/proc/self/fd`), a file's name beneath a directory, stat,
+//! `dup2`, descriptor flags and the data and rename syscalls that work on fds.
 
 use std::ffi::{CStr, CString};
 use std::fs::File;

@@ -1,6 +1,7 @@
 //! What tells one file from another that later got the same inode number:
 //! its file handle, its birth time, and whether its filesystem is FUSE
-//! (whose handles name a node of the FUSE server, not the file for good).
+//! (whose handles name a node of the FUSE server, not the file for good)
+//! or keeps files in memory only.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};

@@ -1,5 +1,6 @@
 //! Whether anyone on this host has a file open for writing, asked of the
-//! kernel in two `fcntl` calls instead of a walk over every process.
+//! kernel in three `fcntl` calls (the break signal, a read lease, its
+//! removal) instead of a walk over every process.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -19,7 +20,7 @@ const F_SETSIG: libc::c_int = 10;
 /// zero. False means no writable open existed at the moment of the call.
 ///
 /// `fd` must be open read-only (a read lease needs it). The lease exists
-/// only between the two calls: an open for writing by anyone that comes in
+/// only between the two `F_SETLEASE` calls: an open for writing by anyone that comes in
 /// between waits for it to go (microseconds), or fails with EAGAIN if it
 /// was opened O_NONBLOCK. Errors (EINVAL: not a regular file, a filesystem
 /// without leases, or leases disabled; EACCES: not the owner and no

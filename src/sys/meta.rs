@@ -1,6 +1,7 @@
 //! Metadata of a backing node: mode, owner, size, times, access checks and
-//! extended attributes. Paths are `/proc/self/fd/N` links to the node's fd
-//! (what passthrough_hp does), so a rename cannot redirect the call.
+//! extended attributes. The calls that take a path are given the
+//! `/proc/self/fd/N` link of the node's fd (what passthrough_hp does), so a
+//! rename cannot redirect them; the others act on the fd itself.
 
 use std::ffi::CStr;
 use std::io;

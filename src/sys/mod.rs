@@ -44,6 +44,13 @@ pub fn cstring(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// Whether `name` is one path component: not empty, not `.` or `..`, no
+/// `/`. The one rule for a name a FUSE request gives, a `--device` entry's
+/// name and `--ctl-name`.
+pub fn is_component(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/')
+}
+
 /// Name of an errno ("EBUSY"), for result lines and logs.
 pub fn errno_name(errno: i32) -> String {
     format!("{:?}", nix::errno::Errno::from_raw(errno))

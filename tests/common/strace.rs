@@ -1,5 +1,6 @@
 //! `strace -e inject=...` on a running daemon: a slow or failing syscall
-//! made on purpose, without touching the code under test.
+//! made on purpose, without touching the code under test; or `strace -o`
+//! alone, to count the calls it makes.
 
 use std::fs;
 use std::path::Path;
@@ -15,25 +16,35 @@ pub struct Strace(Child);
 impl Strace {
     /// On every thread of process `pid`, present and future (`-f`).
     pub fn inject(pid: u32, syscalls: &str, spec: &str) -> Strace {
-        Self::attach(pid, true, syscalls, spec)
+        Self::attach(pid, true, syscalls, Some(spec), Path::new("/dev/null"))
     }
 
     /// On the one thread `tid` alone.
     pub fn inject_thread(tid: u32, syscalls: &str, spec: &str) -> Strace {
-        Self::attach(tid, false, syscalls, spec)
+        Self::attach(tid, false, syscalls, Some(spec), Path::new("/dev/null"))
     }
 
-    fn attach(id: u32, follow: bool, syscalls: &str, spec: &str) -> Strace {
+    /// Records SYSCALLS made by every thread of process `pid` in `out`,
+    /// one line per call (full paths), injecting nothing; `out` is
+    /// complete once the guard is dropped.
+    pub fn trace(pid: u32, syscalls: &str, out: &Path) -> Strace {
+        Self::attach(pid, true, syscalls, None, out)
+    }
+
+    fn attach(id: u32, follow: bool, syscalls: &str, spec: Option<&str>, out: &Path) -> Strace {
         let mut cmd = Command::new("strace");
         if follow {
             cmd.arg("-f");
         }
+        cmd.args(["-qq", "-p", &id.to_string()])
+            .arg("-o")
+            .arg(out)
+            .arg("-e")
+            .arg(format!("trace={syscalls}"));
+        if let Some(spec) = spec {
+            cmd.arg("-e").arg(format!("inject={syscalls}:{spec}"));
+        }
         let child = cmd
-            .args(["-qq", "-o", "/dev/null", "-p", &id.to_string()])
-            .arg("-e")
-            .arg(format!("trace={syscalls}"))
-            .arg("-e")
-            .arg(format!("inject={syscalls}:{spec}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
