@@ -34,44 +34,41 @@ static SINK: Mutex<Sink> = Mutex::new(Sink::Stderr);
 /// each) rather than as text lines.
 static SYSLOG_FORMAT: AtomicBool = AtomicBool::new(false);
 
-/// Installs the logger (RUST_LOG filters; default `info`, with fuser's
-/// session messages at `error` only).
+/// Installs the logger (RUST_LOG filters; default `info`).
 pub fn init() {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,fuser::session=error"),
-    )
-    .format(|buf, record| {
-        if SYSLOG_FORMAT.load(Ordering::Relaxed) {
-            // RFC 3164 on the local socket, facility daemon (3); syslogd or
-            // journald stamps the time.
-            let severity = match record.level() {
-                log::Level::Error => 3,
-                log::Level::Warn => 4,
-                log::Level::Info => 6,
-                log::Level::Debug | log::Level::Trace => 7,
-            };
-            write!(
-                buf,
-                "<{}>migsafe[{}]: {} {}: {}",
-                3 * 8 + severity,
-                std::process::id(),
-                record.level(),
-                record.target(),
-                record.args()
-            )
-        } else {
-            writeln!(
-                buf,
-                "[{} {:<5} {}] {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.target(),
-                record.args()
-            )
-        }
-    })
-    .target(env_logger::Target::Pipe(Box::new(SinkWriter)))
-    .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            if SYSLOG_FORMAT.load(Ordering::Relaxed) {
+                // RFC 3164 on the local socket, facility daemon (3); syslogd or
+                // journald stamps the time.
+                let severity = match record.level() {
+                    log::Level::Error => 3,
+                    log::Level::Warn => 4,
+                    log::Level::Info => 6,
+                    log::Level::Debug | log::Level::Trace => 7,
+                };
+                write!(
+                    buf,
+                    "<{}>migsafe[{}]: {} {}: {}",
+                    3 * 8 + severity,
+                    std::process::id(),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                )
+            } else {
+                writeln!(
+                    buf,
+                    "[{} {:<5} {}] {}",
+                    buf.timestamp_millis(),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                )
+            }
+        })
+        .target(env_logger::Target::Pipe(Box::new(SinkWriter)))
+        .init();
 }
 
 /// Sends every further record to `path` (appended), and also to stderr

@@ -99,7 +99,7 @@ impl DataPath {
 }
 
 /// A backing file registered with the kernel for passthrough. Dropping it
-/// closes the kernel's backing id (fuser's `BackingId` does the ioctl).
+/// closes the kernel's backing id (the session's `BackingId` does the ioctl).
 #[derive(Debug)]
 pub struct PassthroughBacking {
     pub id: BackingId,

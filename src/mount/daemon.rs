@@ -79,7 +79,7 @@ pub(super) fn daemonize(args: &MountArgs) -> Result<(), StartError> {
     use std::io::Read;
     use sys::ForkResult;
     let (rd, wr) = pipe().map_err(|e| StartError(format!("pipe: {e}")))?;
-    // Before any thread is started (fuser threads start in Session::run,
+    // Before any thread is started (the session's workers start in Session::run,
     // later), so the child is a faithful copy.
     match sys::fork_single_threaded().map_err(|e| StartError(format!("fork: {e}")))? {
         ForkResult::Parent { .. } => {
