@@ -151,6 +151,11 @@ struct MountCmd {
     /// boot, when no VM of before runs any more.
     #[arg(long, value_name = "PATH")]
     state_file: Option<PathBuf>,
+    /// Serve in the mount process itself, without the keeper that holds
+    /// the FUSE connection and restarts a serving process that dies: a
+    /// crash of the daemon then ends the mount (its users get ENOTCONN).
+    #[arg(long)]
+    no_restart: bool,
 }
 
 #[derive(Subcommand)]
@@ -278,6 +283,8 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         log_file: m.log_file,
         max_write: m.max_write,
         state_file: m.state_file,
+        restart: !m.no_restart,
+        resolved_mountpoint: None,
     })
 }
 

@@ -77,6 +77,11 @@ impl DataPath {
     /// device as passthrough backing.
     pub const DEVICE: [DataPath; 2] = [DataPath::Cached, DataPath::Relay];
 
+    /// The data path called `word`.
+    pub fn from_name(word: &str) -> Option<DataPath> {
+        DataPath::ALL.into_iter().find(|p| p.name() == word)
+    }
+
     /// The device data path called `word`.
     pub fn device_from_name(word: &str) -> Option<DataPath> {
         DataPath::DEVICE.into_iter().find(|p| p.name() == word)

@@ -30,9 +30,21 @@ pub(super) struct HandleTable {
 
 impl HandleTable {
     pub(super) fn add(&self, open: Open) -> u64 {
-        let fh = self.last.fetch_add(1, Ordering::Relaxed) + 1;
-        self.map.write().expect("handles lock").insert(fh, open);
+        let fh = self.reserve();
+        self.insert(fh, open);
         fh
+    }
+
+    /// A number no handle has had.
+    pub(super) fn reserve(&self) -> u64 {
+        self.last.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers `open` as `fh` (a reserved number, or one a previous
+    /// daemon gave the kernel: later numbers start above it).
+    pub(super) fn insert(&self, fh: u64, open: Open) {
+        self.last.fetch_max(fh, Ordering::Relaxed);
+        self.map.write().expect("handles lock").insert(fh, open);
     }
 
     pub(super) fn get(&self, fh: u64) -> Option<Open> {
@@ -45,10 +57,6 @@ impl HandleTable {
 }
 
 impl MigsafeFs {
-    pub(super) fn add_handle(&self, open: Open) -> u64 {
-        self.handles.add(open)
-    }
-
     pub(super) fn file_handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Error> {
         match self.handles.get(fh.0) {
             Some(Open::File(h)) => Ok(h),
@@ -56,7 +64,12 @@ impl MigsafeFs {
         }
     }
 
+    /// Forgets handle `fh` (the keeper first: a handle it still lists
+    /// would be rebuilt after a restart, one the kernel no longer has).
     pub(super) fn remove_handle(&self, fh: FileHandle) -> Option<Open> {
+        if let Some(k) = self.keeper() {
+            k.handle_close(fh.0);
+        }
         self.handles.remove(fh.0)
     }
 }

@@ -4,10 +4,11 @@
 //! and every later access is relative to them, never to a path string).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use super::keep::Keeper;
 use crate::backing::Device;
 use crate::cache::{Identity, Incarnation};
 use crate::image::Image;
@@ -67,11 +68,15 @@ impl Inode {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct InodeTable {
     by_id: RwLock<HashMap<u64, Arc<Inode>>>,
     by_identity: Mutex<HashMap<Identity, u64>>,
     next: AtomicU64,
+    /// Told of every count change before the kernel hears of it (so a
+    /// daemon started after this one dies knows every node the kernel
+    /// does); unset when the daemon serves without a keeper.
+    pub keeper: OnceLock<Arc<dyn Keeper>>,
 }
 
 impl InodeTable {
@@ -138,6 +143,9 @@ impl InodeTable {
             && inode.incarnation.same_file(&incarnation)
         {
             inode.lookups.fetch_add(1, Ordering::Relaxed);
+            if let Some(k) = self.keeper.get() {
+                k.inode_ref(inode.nodeid);
+            }
             *inode.path.write().expect("path lock") = path;
             return inode;
         }
@@ -148,6 +156,62 @@ impl InodeTable {
             self.next.fetch_add(1, Ordering::Relaxed)
         };
         let (fd, kind) = make();
+        if let Some(k) = self.keeper.get() {
+            k.inode_new(nodeid, fd.as_fd(), &path);
+        }
+        self.insert(
+            nodeid,
+            fd,
+            identity,
+            incarnation,
+            kind,
+            path,
+            1,
+            &mut by_identity,
+        )
+    }
+
+    /// Enters a node the kernel already knows with `lookups` references
+    /// (a restarted daemon taking over the connection).
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        &self,
+        nodeid: u64,
+        fd: Arc<OwnedFd>,
+        identity: Identity,
+        incarnation: Incarnation,
+        kind: Kind,
+        path: String,
+        lookups: u64,
+    ) -> Arc<Inode> {
+        let mut by_identity = self.by_identity.lock().expect("inode lock");
+        if nodeid >= self.next.load(Ordering::Relaxed) && nodeid >= FIRST_DYNAMIC {
+            self.next.store(nodeid + 1, Ordering::Relaxed);
+        }
+        self.insert(
+            nodeid,
+            fd,
+            identity,
+            incarnation,
+            kind,
+            path,
+            lookups,
+            &mut by_identity,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &self,
+        nodeid: u64,
+        fd: Arc<OwnedFd>,
+        identity: Identity,
+        incarnation: Incarnation,
+        kind: Kind,
+        path: String,
+        lookups: u64,
+        by_identity: &mut HashMap<Identity, u64>,
+    ) -> Arc<Inode> {
         let inode = Arc::new(Inode {
             nodeid,
             fd: Some(fd),
@@ -156,7 +220,7 @@ impl InodeTable {
             kind,
             device: None,
             path: RwLock::new(path),
-            lookups: AtomicU64::new(1),
+            lookups: AtomicU64::new(lookups),
             passthrough: Mutex::default(),
         });
         self.by_id
@@ -171,8 +235,14 @@ impl InodeTable {
     pub fn forget(&self, nodeid: u64, n: u64) {
         let mut by_identity = self.by_identity.lock().expect("inode lock");
         let Some(inode) = self.get(nodeid) else {
+            if !(CTL_DIR..FIRST_DYNAMIC).contains(&nodeid) {
+                log::warn!("forget of node {nodeid}, which this daemon does not know");
+            }
             return;
         };
+        if let Some(k) = self.keeper.get() {
+            k.inode_forget(nodeid, n);
+        }
         let prev = inode.lookups.fetch_sub(
             n.min(inode.lookups.load(Ordering::Relaxed)),
             Ordering::Relaxed,

@@ -8,6 +8,7 @@ mod ctl_node;
 mod files;
 mod handles;
 pub mod inodes;
+mod keep;
 mod namespace;
 mod open;
 mod reply;
@@ -33,6 +34,7 @@ use crate::settings::Settings;
 use crate::sys;
 use handles::{HandleTable, Open};
 use inodes::{Inode, InodeTable};
+pub use keep::Keeper;
 use reply::{
     reply_attr, reply_create, reply_data, reply_empty, reply_entry, reply_offset, reply_open,
     reply_written, reply_xattr,

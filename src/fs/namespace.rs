@@ -21,6 +21,8 @@ use crate::sys;
 /// A directory's entries, read once at opendir: offsets stay stable for the
 /// life of the handle however the backing directory changes meanwhile.
 pub(crate) struct DirSnapshot {
+    /// The directory's node (kept across a daemon restart).
+    pub nodeid: u64,
     pub entries: Vec<(u64, FileType, OsString)>,
 }
 
@@ -91,31 +93,53 @@ impl MigsafeFs {
         let inode =
             self.inodes
                 .lookup_or_insert(identity, incarnation.clone(), path.clone(), || {
-                    let kind = match st.st_mode & libc::S_IFMT {
-                        libc::S_IFDIR => Kind::Directory,
-                        libc::S_IFREG => Kind::Image(self.registry().get_or_insert(
-                            identity,
-                            &incarnation,
-                            || {
-                                Image::new(
-                                    identity,
-                                    Source::File {
-                                        root: self.root_fd().clone(),
-                                        live: Default::default(),
-                                    },
-                                    path.clone(),
-                                )
-                                .with_incarnation(incarnation.clone())
-                            },
-                        )),
-                        libc::S_IFLNK => Kind::Symlink,
-                        _ => Kind::Special,
-                    };
+                    let kind = self.kind_of(&st, identity, &incarnation, &path);
                     (fd.clone(), kind)
                 });
+        self.attach(&inode, fd, &path, st)
+    }
+
+    /// What the node of a backing entry is: a directory, an image (the
+    /// registry's, made on first sight), a symlink or a special file.
+    pub(crate) fn kind_of(
+        &self,
+        st: &libc::stat,
+        identity: Identity,
+        incarnation: &Incarnation,
+        path: &str,
+    ) -> Kind {
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Directory,
+            libc::S_IFREG => {
+                Kind::Image(self.registry().get_or_insert(identity, incarnation, || {
+                    Image::new(
+                        identity,
+                        Source::File {
+                            root: self.root_fd().clone(),
+                            live: Default::default(),
+                        },
+                        path.to_string(),
+                    )
+                    .with_incarnation(incarnation.clone())
+                }))
+            }
+            libc::S_IFLNK => Kind::Symlink,
+            _ => Kind::Special,
+        }
+    }
+
+    /// Points an image at the node it is reached by, and answers the
+    /// node's attributes.
+    pub(crate) fn attach(
+        &self,
+        inode: &Inode,
+        fd: Arc<std::os::fd::OwnedFd>,
+        path: &str,
+        st: libc::stat,
+    ) -> Result<FileAttr, Error> {
         let mut st = st;
         if let Some(image) = inode.image() {
-            image.set_path(path);
+            image.set_path(path.to_string());
             image.nodeid.store(inode.nodeid, Ordering::Relaxed);
             if let Some(fd) = &inode.fd {
                 image.set_live_fd(fd);
@@ -296,21 +320,37 @@ impl MigsafeFs {
     }
 
     pub(crate) fn do_opendir(&self, req: &Request, ino: INodeNo) -> Result<u64, Error> {
-        if ino.0 == inodes::CTL_DIR {
-            return Ok(self.add_handle(Open::Dir(Arc::new(DirSnapshot {
-                entries: super::ctl_node::dir_entries(),
-            }))));
-        }
-        let inode = self.inode(ino)?;
-        let fd = inode.fd.as_ref().ok_or(Errno::ENOTDIR)?;
-        // Reopen the O_PATH fd itself: that needs read permission on the
-        // directory only, as opendir on the backing does, where
-        // openat(fd, ".") would also need search permission.
-        let dirfd = {
-            let _creds = self.as_caller(req)?;
-            let dir = sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
-            std::os::fd::OwnedFd::from(dir)
+        let snapshot = if ino.0 == inodes::CTL_DIR {
+            self.snapshot_dir(ino.0, None)?
+        } else {
+            let inode = self.inode(ino)?;
+            let fd = inode.fd.as_ref().ok_or(Errno::ENOTDIR)?;
+            // Reopen the O_PATH fd itself: that needs read permission on the
+            // directory only, as opendir on the backing does, where
+            // openat(fd, ".") would also need search permission.
+            let dirfd = {
+                let _creds = self.as_caller(req)?;
+                sys::reopen(fd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?
+            };
+            self.snapshot_dir(ino.0, Some(dirfd.into()))?
         };
+        Ok(self.add_kept_handle(Open::Dir(Arc::new(snapshot)), false))
+    }
+
+    /// The entries of directory `nodeid`, read from `dirfd` (None for the
+    /// control directory, whose entries are fixed).
+    pub(crate) fn snapshot_dir(
+        &self,
+        nodeid: u64,
+        dirfd: Option<std::os::fd::OwnedFd>,
+    ) -> Result<DirSnapshot, Error> {
+        let Some(dirfd) = dirfd else {
+            return Ok(DirSnapshot {
+                nodeid,
+                entries: super::ctl_node::dir_entries(),
+            });
+        };
+        let ino = INodeNo(nodeid);
         let mut dir = nix::dir::Dir::from_fd(dirfd).map_err(|e| Errno::from_i32(e as i32))?;
         let mut entries = Vec::new();
         for entry in dir.iter() {
@@ -340,7 +380,7 @@ impl MigsafeFs {
                 entries.push((id, FileType::RegularFile, OsString::from(name)));
             }
         }
-        Ok(self.add_handle(Open::Dir(Arc::new(DirSnapshot { entries }))))
+        Ok(DirSnapshot { nodeid, entries })
     }
 
     pub(crate) fn do_fsyncdir(&self, ino: INodeNo, datasync: bool) -> Result<(), Error> {

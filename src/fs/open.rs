@@ -179,7 +179,7 @@ impl MigsafeFs {
         );
         handle.edges = edges;
         let handle = Arc::new(handle);
-        let fh = self.add_handle(Open::File(handle.clone()));
+        let fh = self.add_kept_handle(Open::File(handle.clone()), false);
         image.add_handle(fh, handle.clone());
         // Writers outside the mount: the answer for this image is made
         // ready before any command needs it.
@@ -303,7 +303,7 @@ impl MigsafeFs {
             std::process::id(),
             None,
         );
-        let fh = self.add_handle(Open::File(Arc::new(handle)));
+        let fh = self.add_kept_handle(Open::File(Arc::new(handle)), true);
         Ok((fh, FopenFlags::FOPEN_KEEP_CACHE, None))
     }
 

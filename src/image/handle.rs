@@ -46,7 +46,7 @@ pub struct Handle {
     writes: AtomicU64,
     synced: AtomicU64,
     /// Keeps the inode's passthrough registration alive while open.
-    _passthrough: Option<Arc<PassthroughBacking>>,
+    passthrough: Option<Arc<PassthroughBacking>>,
 }
 
 impl Handle {
@@ -75,7 +75,20 @@ impl Handle {
             opened_at: Instant::now(),
             writes: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            _passthrough: passthrough,
+            passthrough,
+        }
+    }
+
+    /// The kernel passthrough registration this handle was opened with.
+    pub fn passthrough(&self) -> Option<&Arc<PassthroughBacking>> {
+        self.passthrough.as_ref()
+    }
+
+    /// A handle a restarted daemon took over: its writes since the last
+    /// sync are unknown, so they count as not synced.
+    pub fn assume_unsynced(&self) {
+        if self.writable {
+            self.note_write();
         }
     }
 

@@ -27,6 +27,25 @@ pub struct MountArgs {
     pub max_write: u32,
     /// `--state-file`: None for the default place, `none` for no file.
     pub state_file: Option<PathBuf>,
+    /// A keeper process holds the FUSE connection and restarts the serving
+    /// process when it dies (`--no-restart`: false).
+    pub restart: bool,
+    /// Set in a keeper's serving child only: the mountpoint, resolved by
+    /// the keeper. The child must not resolve it itself: the mount is there
+    /// and nothing serves it yet, so a stat of it would wait forever.
+    pub resolved_mountpoint: Option<PathBuf>,
+}
+
+impl MountArgs {
+    /// The mountpoint with symlinks and `..` resolved.
+    pub(super) fn canonical_mountpoint(&self) -> PathBuf {
+        match &self.resolved_mountpoint {
+            Some(p) => p.clone(),
+            None => {
+                std::fs::canonicalize(&self.mountpoint).unwrap_or_else(|_| self.mountpoint.clone())
+            }
+        }
+    }
 }
 
 /// A start-up error: printed as one line, exit status 1.

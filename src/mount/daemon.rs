@@ -25,6 +25,14 @@ impl PidFile {
         })
     }
 
+    /// Names `pid` (the process serving requests now) in the file at
+    /// `path`, replaced whole so a reader never sees half a number.
+    pub(super) fn rewrite(path: &Path, pid: u32) -> std::io::Result<()> {
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, format!("{pid}\n"))?;
+        std::fs::rename(&tmp, path)
+    }
+
     /// The mount is live: the file stays.
     pub(super) fn keep(mut self) {
         self.path = None;

@@ -12,16 +12,19 @@ use crate::backing::{self, Device};
 use crate::ctl::FsConfig;
 use crate::fs::{IoMode, MigsafeFs};
 use crate::image::state_file::{Record, StateFile};
-use crate::session::{Acl, Session};
+use crate::session::{Acl, Connection, Session};
 use crate::settings::Settings;
 use crate::sys;
 
 mod args;
 mod daemon;
 mod fusermount;
+mod keeper;
 mod kernel;
+mod link;
 mod options;
 mod placement;
+mod serve;
 mod state_path;
 
 use args::err;
@@ -52,6 +55,9 @@ pub fn default_threads() -> usize {
 /// signal mask is set before any thread exists, and a waiting parent or
 /// service manager hears "ready" only once the mount is live.
 pub fn run(mut args: MountArgs) -> Result<(), StartError> {
+    if let Some(env) = keeper::ServeEnv::take() {
+        return serve::serve_child(args, env);
+    }
     let (mount_options, acl) = apply_options(&mut args)?;
     let checked = check(&args)?;
     raise_fd_limit();
@@ -68,6 +74,11 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         Some(p) => Some(PidFile::write(p)?),
         None => None,
     };
+    if args.restart {
+        // The serving process opens the backing and the devices itself.
+        drop(checked);
+        return run_keeper(&args, mount_options, acl, signals, pid_file);
+    }
     let fs = build_fs(&args, checked)?;
     let notifier_slot = fs.notifier.clone();
     let Started {
@@ -104,6 +115,50 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     Ok(())
 }
 
+/// The keeper form of [`run`]: mounts, then runs serving processes on the
+/// connection (mount/keeper.rs) until the mount goes away.
+fn run_keeper(
+    args: &MountArgs,
+    mount_options: Vec<MountOption>,
+    acl: Acl,
+    signals: SigSet,
+    pid_file: Option<PidFile>,
+) -> Result<(), StartError> {
+    let canonical = args.canonical_mountpoint();
+    let (dev_fuse, unmounter, own_guard) = mount_fuse(args, &mount_options, acl)?;
+    let mut first = Some((pid_file, signals, unmounter));
+    let result = keeper::keep(&canonical, &dev_fuse, |keeper::Event::Serving(pid)| {
+        if let Some(p) = &args.pid_file
+            && let Err(e) = PidFile::rewrite(p, pid)
+        {
+            log::warn!("--pid-file {}: {e}", p.display());
+        }
+        let Some((pid_file, signals, unmounter)) = first.take() else {
+            return;
+        };
+        if let Some(p) = pid_file {
+            p.keep();
+        }
+        widen_readahead(&args.mountpoint);
+        daemon_ready(args.log_file.as_deref());
+        sd_notify(&format!(
+            "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+            std::process::id(),
+            args.backing.display(),
+            args.mountpoint.display()
+        ));
+        unmount_on_signal(signals, unmounter, args.mountpoint.clone());
+    });
+    // A keeper that gave up takes its mount away (lazily: its users get
+    // ENOTCONN rather than a hang); after a clean unmount this does nothing.
+    drop(own_guard);
+    drop(dev_fuse);
+    if result.is_ok() {
+        log::info!("unmounted {}", args.mountpoint.display());
+    }
+    result
+}
+
 /// What the start-up checks opened and read, for the filesystem.
 struct Checked {
     root: OwnedFd,
@@ -126,15 +181,23 @@ fn check(args: &MountArgs) -> Result<Checked, StartError> {
         })?;
     }
     let root = backing::open_root(&args.backing).map_err(StartError)?;
-    check_mountpoint(&args.mountpoint)?;
-    let is_backing = backing::check_mountpoint_outside(&root, &args.backing, &args.mountpoint)
-        .map_err(StartError)?;
+    // A keeper's child finds the mount there already (the keeper checked
+    // the mountpoint before mounting).
+    let placement_checked = args.resolved_mountpoint.is_some();
+    if !placement_checked {
+        check_mountpoint(&args.mountpoint)?;
+    }
+    let is_backing = !placement_checked
+        && backing::check_mountpoint_outside(&root, &args.backing, &args.mountpoint)
+            .map_err(StartError)?;
     if args.threads == 0 {
         return err(
             "--threads 0: migsafe needs at least 1 event-loop thread (default: one per CPU, at least 2)",
         );
     }
-    warn_about_placement(args, is_backing);
+    if !placement_checked {
+        warn_about_placement(args, is_backing);
+    }
     if args.io == IoMode::Passthrough && !sys::has_cap_sys_admin() {
         return err("--io passthrough needs CAP_SYS_ADMIN (run as root); use --io relay or auto");
     }
@@ -195,8 +258,7 @@ fn build_fs(args: &MountArgs, checked: Checked) -> Result<MigsafeFs, StartError>
         owner_gid: nix::unistd::getegid().as_raw(),
         max_write: args.max_write,
         max_background: 64,
-        mountpoint: std::fs::canonicalize(&args.mountpoint)
-            .unwrap_or_else(|_| args.mountpoint.clone()),
+        mountpoint: args.canonical_mountpoint(),
         device_io: args.device_io,
     };
     let fs = MigsafeFs::new(config, checked.settings, checked.root, checked.devices)
@@ -228,29 +290,46 @@ struct Started {
     own_guard: Option<Arc<OwnMount>>,
 }
 
-/// Mounts and opens the FUSE session (FUSE_INIT answered): with migsafe's
-/// own mount(2) when it may, else through the setuid fusermount3.
+/// Mounts and opens the FUSE session (FUSE_INIT answered).
 fn start_session(
     fs: MigsafeFs,
     args: &MountArgs,
     mount_options: Vec<MountOption>,
     acl: Acl,
 ) -> Result<Started, StartError> {
-    let cannot_mount = |e: &dyn std::fmt::Display| {
+    let (dev_fuse, unmounter, own_guard) = mount_fuse(args, &mount_options, acl)?;
+    let mut session = Session::new(fs, Connection::new(dev_fuse), acl);
+    session.handshake().map_err(|e| {
         StartError(format!(
             "cannot mount {} on {}: {e}",
             args.backing.display(),
             args.mountpoint.display()
         ))
-    };
+    })?;
+    Ok(Started {
+        session,
+        unmounter,
+        own_guard,
+    })
+}
+
+/// Mounts `/dev/fuse` on the mountpoint: with migsafe's own mount(2) when
+/// it may, else through the setuid fusermount3. Returns the connection,
+/// who unmounts it on a stop signal, and (own mount) the guard that takes
+/// away a mount left behind.
+fn mount_fuse(
+    args: &MountArgs,
+    mount_options: &[MountOption],
+    acl: Acl,
+) -> Result<(OwnedFd, Unmounter, Option<Arc<OwnMount>>), StartError> {
     let auto_unmount = mount_options.contains(&MountOption::AutoUnmount);
     let own = if auto_unmount {
         // Only fusermount3 can watch for our exit and unmount then.
         None
     } else {
-        OwnMount::mount(&args.mountpoint, &mount_options, acl)?
+        OwnMount::mount(&args.mountpoint, mount_options, acl)?
     };
-    let (dev_fuse, unmounter, own_guard) = match own {
+    Ok(match own {
         Some((dev_fuse, own)) => {
             let own = Arc::new(own);
             (dev_fuse, Unmounter::Own(own.clone()), Some(own))
@@ -258,16 +337,9 @@ fn start_session(
         None => {
             // Not allowed to mount(2) (no CAP_SYS_ADMIN): fusermount3
             // mounts, and names the type fuse.migsafe from the subtype.
-            let (dev_fuse, user) = UserMount::mount(&args.mountpoint, &mount_options, acl)?;
+            let (dev_fuse, user) = UserMount::mount(&args.mountpoint, mount_options, acl)?;
             (dev_fuse, Unmounter::Fusermount(Arc::new(user)), None)
         }
-    };
-    let mut session = Session::new(fs, dev_fuse, acl);
-    session.handshake().map_err(|e| cannot_mount(&e))?;
-    Ok(Started {
-        session,
-        unmounter,
-        own_guard,
     })
 }
 

@@ -21,8 +21,8 @@ pub(super) fn load_state(args: &MountArgs) -> Result<Option<(StateFile, Vec<Reco
         return Ok(None);
     };
     if p.starts_with(&args.mountpoint)
-        || std::fs::canonicalize(&args.mountpoint)
-            .is_ok_and(|m| p.parent().is_some_and(|d| d.starts_with(m)))
+        || p.parent()
+            .is_some_and(|d| d.starts_with(args.canonical_mountpoint()))
     {
         return err(format!(
             "--state-file {}: beneath the mountpoint, where the mount would hide it; choose a path outside it",
@@ -46,8 +46,7 @@ fn state_file_path(args: &MountArgs) -> Option<PathBuf> {
         }
         return Some(std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     }
-    let mountpoint =
-        std::fs::canonicalize(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
+    let mountpoint = args.canonical_mountpoint();
     let name = format!("{}.json", systemd_escape_path(&mountpoint));
     if nix::unistd::geteuid().is_root() {
         return Some(Path::new("/run/migsafe-state").join(name));

@@ -22,6 +22,12 @@ impl BackingId {
         Ok(BackingId { id, ch: ch.clone() })
     }
 
+    /// A backing a previous daemon registered on this connection: the
+    /// kernel still holds it under `id`; dropping this unregisters it.
+    pub(super) fn adopt(ch: &Arc<Channel>, id: u32) -> BackingId {
+        BackingId { id, ch: ch.clone() }
+    }
+
     pub fn id(&self) -> u32 {
         self.id
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 pub use abi::init as InitFlags;
 pub use backing::BackingId;
+pub use channel::Channel;
 pub use notify::Notifier;
 pub use reply::{
     FopenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
@@ -33,7 +34,7 @@ pub use request::SetAttr;
 pub use types::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request, TimeOrNow};
 
 use abi::Out;
-use channel::{Channel, ReadEnd};
+use channel::ReadEnd;
 use reply::Replier;
 use request::{Header, Operation, decode};
 
@@ -243,10 +244,40 @@ impl KernelConfig {
     }
 }
 
-/// What was agreed at FUSE_INIT.
-#[derive(Debug, Clone, Copy)]
+/// What was agreed at FUSE_INIT: all a daemon taking over the connection
+/// needs of it (the kernel sends FUSE_INIT once per mount).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Negotiated {
+    /// The INIT flags both sides agreed on ([`InitFlags`] bits).
+    pub flags: u64,
     pub max_write: u32,
+}
+
+impl Negotiated {
+    pub fn passthrough(&self) -> bool {
+        self.flags & InitFlags::PASSTHROUGH != 0
+    }
+}
+
+/// A `/dev/fuse` connection before its session runs: what restoring a
+/// previous daemon's state needs of it (its passthrough backing ids).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    ch: Arc<Channel>,
+}
+
+impl Connection {
+    pub fn new(fd: OwnedFd) -> Connection {
+        Connection {
+            ch: Arc::new(Channel::new(fd)),
+        }
+    }
+
+    /// Takes over passthrough backing `id`, registered on this connection
+    /// by a previous daemon.
+    pub fn adopt_backing(&self, id: u32) -> BackingId {
+        BackingId::adopt(&self.ch, id)
+    }
 }
 
 /// A connection to the kernel and the op table that serves it.
@@ -256,18 +287,63 @@ pub struct Session<FS: Filesystem> {
     acl: Acl,
     owner: u32,
     negotiated: Option<Negotiated>,
+    adopted: bool,
+    /// Worker fds besides `ch` (see [`Session::workers`]).
+    workers: Vec<Arc<Channel>>,
 }
 
 impl<FS: Filesystem> Session<FS> {
-    /// A session on `fd`, an open `/dev/fuse` that a mount refers to.
-    pub fn new(fs: FS, fd: OwnedFd, acl: Acl) -> Session<FS> {
+    /// A session on `conn`, whose FUSE_INIT [`Session::handshake`] answers.
+    pub fn new(fs: FS, conn: Connection, acl: Acl) -> Session<FS> {
         Session {
             fs,
-            ch: Arc::new(Channel::new(fd)),
+            ch: conn.ch,
             acl,
             owner: nix::unistd::geteuid().as_raw(),
             negotiated: None,
+            adopted: false,
+            workers: Vec::new(),
         }
+    }
+
+    /// A session on a connection a previous daemon initialized (the kernel
+    /// sends no second FUSE_INIT): `negotiated` is what it agreed. Once
+    /// serving, it asks the kernel to send again every request the previous
+    /// daemon read and never answered.
+    pub fn adopt(fs: FS, conn: Connection, acl: Acl, negotiated: Negotiated) -> Session<FS> {
+        Session {
+            fs,
+            ch: conn.ch,
+            acl,
+            owner: nix::unistd::geteuid().as_raw(),
+            negotiated: Some(negotiated),
+            adopted: true,
+            workers: Vec::new(),
+        }
+    }
+
+    /// Sets up the fds the worker threads read on, up to `threads` in all:
+    /// the connection's own fd, then `given` (fds a previous daemon read
+    /// on), then fresh clones. Returns the clones made. A keeper must hold
+    /// every fd a worker reads on: requests read on an fd whose last holder
+    /// dies are failed with ECONNABORTED, while those on an fd still open
+    /// stay pending for FUSE_NOTIFY_RESEND.
+    pub fn workers(&mut self, threads: usize, given: Vec<OwnedFd>) -> io::Result<Vec<&Channel>> {
+        self.workers = given
+            .into_iter()
+            .take(threads.saturating_sub(1))
+            .map(|fd| Arc::new(Channel::new(fd)))
+            .collect();
+        let before = self.workers.len();
+        while self.workers.len() + 1 < threads {
+            self.workers.push(Arc::new(self.ch.clone_fd()?));
+        }
+        Ok(self.workers[before..].iter().map(|c| &**c).collect())
+    }
+
+    /// The op table this session serves.
+    pub fn fs(&self) -> &FS {
+        &self.fs
     }
 
     pub fn notifier(&self) -> Notifier {
@@ -319,6 +395,7 @@ impl<FS: Filesystem> Session<FS> {
         let agreed = (config.requested | InitFlags::INIT_EXT) & flags;
         send_init_reply(reply, &config, agreed);
         let negotiated = Negotiated {
+            flags: agreed,
             max_write: config.max_write,
         };
         log::debug!(
@@ -336,7 +413,8 @@ impl<FS: Filesystem> Session<FS> {
             .ok_or_else(|| io::Error::other("session run before FUSE_INIT"))?;
         let buf_len = (negotiated.max_write as usize).max(64 << 10) + (8 << 10);
         let mut channels = vec![self.ch.clone()];
-        for _ in 1..threads.max(1) {
+        channels.extend(self.workers.iter().cloned());
+        for _ in channels.len()..threads.max(1) {
             channels.push(Arc::new(self.ch.clone_fd()?));
         }
         let shared = Arc::new(Worker {
@@ -352,6 +430,13 @@ impl<FS: Filesystem> Session<FS> {
                     .name(format!("fuse-{i}"))
                     .spawn(move || w.serve(ch, buf_len))?,
             );
+        }
+        if self.adopted {
+            // Every worker is reading: the requests come back to them.
+            match Notifier::new(self.ch.clone()).resend() {
+                Ok(()) => log::info!("asked the kernel to resend requests left unanswered"),
+                Err(e) => log::warn!("FUSE_NOTIFY_RESEND: {e}; requests in flight may hang"),
+            }
         }
         let mut result = Ok(());
         for h in handles {

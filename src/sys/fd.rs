@@ -266,3 +266,20 @@ pub fn owned_fd_from_scm_rights(fd: RawFd) -> OwnedFd {
     // message; nothing else refers to it, so it is owned exactly once here.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
+
+/// Takes ownership of fd number `fd`, inherited from the parent for this
+/// process (named in its environment), and marks it close-on-exec.
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // F_GETFD fails with EBADF on a number that is not open: never take
+    // ownership of a number nothing stands behind.
+    // SAFETY: F_GETFD only reads the flags of the fd table entry.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFD) } as libc::c_long)?;
+    // SAFETY: the fd is open (checked above) and the parent passed it to
+    // this process alone; nothing else in this process refers to it yet.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(owned)
+}
