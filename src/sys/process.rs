@@ -45,6 +45,17 @@ pub fn default_disposition(sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the kernel SIGKILL this process when its parent (`parent`, the
+/// keeper) dies, and fails if that parent is already gone.
+pub fn die_with_parent(parent: i32) -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    // The parent may have died before the request took effect.
+    if nix::unistd::getppid().as_raw() != parent {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,15 +70,4 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
         t.join().unwrap();
     }
-}
-
-/// Makes the kernel SIGKILL this process when its parent (`parent`, the
-/// keeper) dies, and fails if that parent is already gone.
-pub fn die_with_parent(parent: i32) -> io::Result<()> {
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    // The parent may have died before the request took effect.
-    if nix::unistd::getppid().as_raw() != parent {
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
-    }
-    Ok(())
 }
