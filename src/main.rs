@@ -183,6 +183,17 @@ enum Cmd {
         /// image commands, KEY VALUE for set, nothing for status and metrics.
         args: Vec<String>,
     },
+    /// Replace the process serving MOUNTPOINT with the migsafe binary now
+    /// installed, on the same FUSE connection: open images stay open and
+    /// their users see a pause, no error (needs a mount with its keeper,
+    /// the default).
+    Upgrade {
+        /// Control directory name used by the mount.
+        #[arg(long, default_value = ".ctl")]
+        ctl_name: String,
+        /// Mountpoint of a migsafe mount.
+        mountpoint: PathBuf,
+    },
     /// Page-cache residency of files or block devices (like fincore/vmtouch).
     Residency {
         /// Drop the clean cached pages first (POSIX_FADV_DONTNEED).
@@ -330,19 +341,12 @@ fn run_ctl(mountpoint: PathBuf, ctl_name: &str, json: bool, verb: &str, rest: &[
 fn mount_helper_args() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
-    let known = [
-        "mount",
-        "ctl",
-        "residency",
-        "doctor",
-        "generate-assets",
-        "help",
-        "--help",
-        "-h",
-        "--version",
-        "-V",
-    ];
-    if args.len() >= 3 && !first.is_empty() && !first.starts_with('-') && !known.contains(&first) {
+    // Every subcommand's name, from the command line's one definition.
+    let known = Cli::command()
+        .get_subcommands()
+        .any(|c| c.get_name() == first)
+        || first == "help";
+    if args.len() >= 3 && !first.is_empty() && !first.starts_with('-') && !known {
         args.insert(1, "mount".into());
         args.insert(2, "--daemon".into());
     }
@@ -373,6 +377,10 @@ fn main() -> ExitCode {
         } => run_ctl(mountpoint, &ctl_name, json, &command, &args),
         Cmd::Residency { evict, json, files } => migsafe::residency::run(&files, evict, json),
         Cmd::Doctor { json } => migsafe::doctor::run(json),
+        Cmd::Upgrade {
+            ctl_name,
+            mountpoint,
+        } => migsafe::client::upgrade(&mountpoint, &ctl_name),
         Cmd::GenerateAssets { dir } => {
             match migsafe::manual::generate_assets(Cli::command(), &dir) {
                 Ok(()) => 0,

@@ -335,8 +335,10 @@ fn crash_inside_write(old: u64, offset: u64, len: u64, kill_at: u64) {
             );
             sleep(Duration::from_millis(5));
         }
+        // The whole daemon: a keeper would restart the serving process,
+        // which completes the resent write (tests/restart.rs).
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
+            nix::unistd::Pid::from_raw(a.keeper_pid().unwrap() as i32),
             nix::sys::signal::SIGKILL,
         )
         .unwrap();

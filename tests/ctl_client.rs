@@ -380,7 +380,7 @@ fn enotconn_says_the_daemon_is_gone_and_what_to_do() {
     let (code, out, err) = ctl_cli(&m, &["flush", "a.img"]);
     assert_eq!(code, 0, "{out}{err}");
 
-    let pid = m.pid().expect("daemon pid") as i32;
+    let pid = m.keeper_pid().expect("daemon pid") as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while fs::metadata(&m.mountpoint)

@@ -711,7 +711,7 @@ fn writers_outside_this_mount_are_named_after_a_crash() {
     let old = Mount::start(dir.path(), &back, &[]);
     let through_dead_mount = common::hold_open_rw(&old.path("vm.img"));
     assert!(old.log_text().contains("data path=passthrough"));
-    let pid = old.pid().expect("daemon pid") as i32;
+    let pid = old.keeper_pid().expect("daemon pid") as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,

@@ -24,7 +24,7 @@ const MIB: usize = 1 << 20;
 /// SIGKILLs the daemon, then takes its dead mount away and reaps it (the
 /// helper's stop: umount, lazily if busy).
 fn crash(m: Mount) {
-    let pid = m.pid().expect("daemon pid");
+    let pid = m.keeper_pid().expect("daemon pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::SIGKILL,

@@ -75,16 +75,15 @@ pub fn find_holders(id: Identity) -> Vec<Holder> {
     out
 }
 
-/// Every process but this one, by pid (processes that vanish mid-scan
-/// are simply not found later).
+/// Every process but this daemon's (this one and its keeper), by pid
+/// (processes that vanish mid-scan are simply not found later).
 pub(super) fn other_pids() -> impl Iterator<Item = u32> {
-    let me = std::process::id();
     fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(move |pid| *pid != me)
+        .filter(|pid| !crate::sys::is_daemon(*pid))
 }
 
 /// The command name of process `pid` (empty when it is gone).

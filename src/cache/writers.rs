@@ -470,8 +470,7 @@ impl OpenWriters {
         // pos, flags, mnt_id and ino are the first lines of every fdinfo:
         // one read of a small buffer (3 syscalls per fd: open, read, close).
         let mut buf = [0u8; 256];
-        let me = std::process::id();
-        for pid in pids.filter(|p| *p != me) {
+        for pid in pids.filter(|p| !crate::sys::is_daemon(*p)) {
             let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
                 continue;
             };

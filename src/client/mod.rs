@@ -14,12 +14,14 @@ mod ctl_file;
 mod metrics;
 mod out;
 mod status;
+mod upgrade;
 pub use command::command;
 use ctl_file::{ctl_dir, daemon_gone, explain};
 pub use metrics::metrics;
 use out::Out;
 pub use out::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 pub use status::status;
+pub use upgrade::upgrade;
 
 /// `migsafe ctl MNT set KEY VALUE`: writes a runtime setting. Exit status 1
 /// when the daemon refuses the value (the allowed words are printed), 2 for

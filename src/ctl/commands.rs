@@ -417,6 +417,13 @@ pub fn status_json(plane: &Arc<ControlPlane>) -> serde_json::Value {
         .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        // The serving process, and the keeper that holds the connection
+        // and restarts it (null with --no-restart): `migsafe upgrade`
+        // signals the keeper.
+        "daemon": {
+            "pid": std::process::id(),
+            "keeper": sys::keeper_pid(),
+        },
         "passthrough_supported": plane.passthrough_supported.load(Ordering::Relaxed),
         "data_paths": {
             "passthrough_active": plane.passthrough_active.load(Ordering::Relaxed),

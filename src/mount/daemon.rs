@@ -68,6 +68,17 @@ pub(super) fn block_signals() -> nix::sys::signal::SigSet {
     set
 }
 
+/// SIGUSR2 asks a keeper to replace its serving process (an upgrade: the
+/// new one runs the binary now at the keeper's path). Blocked in every
+/// thread and taken by one waiting thread, like the stop signals.
+pub(super) fn block_upgrade_signal() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR2);
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+    set
+}
+
 /// Each image handle holds backing fds: lift the soft limit to the hard one.
 pub(super) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -83,10 +94,13 @@ static READY_FD: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None)
 /// Forks; the parent waits until the child reports the mount live (or its
 /// start-up error) through a pipe, so `--daemon` returns only then.
 pub(super) fn daemonize(args: &MountArgs) -> Result<(), StartError> {
-    use nix::unistd::{pipe, setsid};
+    use nix::unistd::{pipe2, setsid};
     use std::io::Read;
     use sys::ForkResult;
-    let (rd, wr) = pipe().map_err(|e| StartError(format!("pipe: {e}")))?;
+    // Close-on-exec: a serving process the keeper starts must not hold the
+    // write end, or the parent would wait for its end of file forever.
+    let (rd, wr) =
+        pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| StartError(format!("pipe: {e}")))?;
     // Before any thread is started (the session's workers start in Session::run,
     // later), so the child is a faithful copy.
     match sys::fork_single_threaded().map_err(|e| StartError(format!("fork: {e}")))? {

@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +45,14 @@ struct Kept {
     /// The cloned `/dev/fuse` fds the workers read on: held here so the
     /// requests read on them outlive a dead child (to be sent again).
     channels: Vec<OwnedFd>,
+    /// The latest recorded answers to namespace changes (unique id, hex):
+    /// a request the dead child ran but whose answer never reached the
+    /// kernel is answered with it instead of running again.
+    replies: VecDeque<(u64, String)>,
 }
+
+/// Answers kept: far more than requests can be in flight at once.
+const REPLIES_KEPT: usize = 4096;
 
 impl Kept {
     /// Applies one message; true for `ready`.
@@ -80,6 +88,14 @@ impl Kept {
                 self.handles.remove(&msg["fh"].as_u64().unwrap_or(0));
             }
             "chan" => self.channels.extend(fds),
+            "reply" => {
+                if self.replies.len() == REPLIES_KEPT {
+                    self.replies.pop_front();
+                }
+                let hex = msg["b"].as_str().unwrap_or("").to_string();
+                self.replies
+                    .push_back((msg["u"].as_u64().unwrap_or(0), hex));
+            }
             "ready" => return true,
             other => log::error!("keeper: unknown message {other:?}"),
         }
@@ -105,6 +121,9 @@ impl Kept {
         for ch in &self.channels {
             link.send(&json!({"t": "chan"}), &[ch.as_fd()])?;
         }
+        for (u, b) in &self.replies {
+            link.send(&json!({"t": "reply", "u": u, "b": b}), &[])?;
+        }
         link.send(&json!({"t": "end"}), &[])
     }
 }
@@ -119,18 +138,41 @@ pub(super) enum Event {
 /// Runs serving processes on `dev_fuse` until the mount goes away; returns
 /// Err when it gives up (crash loop, or a child that refused to adopt).
 pub(super) fn keep(
+    stdio: ChildStdio,
     mountpoint: &std::path::Path,
     dev_fuse: &OwnedFd,
+    upgrade: nix::sys::signal::SigSet,
     mut on_event: impl FnMut(Event),
 ) -> Result<(), StartError> {
+    // Resolved now: once a package upgrade replaces the file, the path
+    // names the new binary (and /proc/self/exe the deleted old one).
     let exe = std::env::current_exe()
         .map_err(|e| StartError(format!("cannot find the migsafe binary: {e}")))?;
+    let serving = Arc::new(AtomicU32::new(0));
+    let upgrading = Arc::new(AtomicBool::new(false));
+    {
+        let (serving, upgrading) = (serving.clone(), upgrading.clone());
+        std::thread::spawn(move || {
+            while upgrade.wait().is_ok() {
+                let pid = serving.load(Ordering::SeqCst);
+                if pid == 0 {
+                    continue;
+                }
+                log::info!("SIGUSR2: replacing serving process {pid} (upgrade)");
+                upgrading.store(true, Ordering::SeqCst);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+    }
     let kept = Arc::new(Mutex::new(Kept::default()));
     let mut deaths: VecDeque<Instant> = VecDeque::new();
     let mut failed_starts = 0;
     loop {
         let (ours, theirs) = Link::pair().map_err(|e| StartError(format!("keeper link: {e}")))?;
-        let mut child = spawn(&exe, mountpoint, dev_fuse, &theirs)?;
+        let mut child = spawn(&exe, &stdio, mountpoint, dev_fuse, &theirs)?;
         drop(theirs);
         let pid = child.id();
         let restoring = kept.lock().expect("kept lock").init.is_some();
@@ -154,6 +196,7 @@ pub(super) fn keep(
         };
         if ready_rx.recv().is_ok() {
             failed_starts = 0;
+            serving.store(pid, Ordering::SeqCst);
             on_event(Event::Serving(pid));
         } else {
             failed_starts += 1;
@@ -161,6 +204,7 @@ pub(super) fn keep(
         let status = child
             .wait()
             .map_err(|e| StartError(format!("waiting for serving process {pid}: {e}")))?;
+        serving.store(0, Ordering::SeqCst);
         let _ = reader.join();
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
@@ -172,6 +216,10 @@ pub(super) fn keep(
                 ));
             }
             _ => {}
+        }
+        if upgrading.swap(false, Ordering::SeqCst) {
+            log::info!("upgrade: starting {} on the same connection", exe.display());
+            continue;
         }
         let now = Instant::now();
         deaths.push_back(now);
@@ -220,6 +268,7 @@ fn read_reports(link: Link, kept: Arc<Mutex<Kept>>, ready: mpsc::Sender<()>) {
 /// connection and its end of the link inherited.
 fn spawn(
     exe: &std::path::Path,
+    stdio: &ChildStdio,
     mountpoint: &std::path::Path,
     dev_fuse: &OwnedFd,
     link: &Link,
@@ -242,9 +291,43 @@ fn spawn(
         )
         // Only the keeper speaks to the service manager.
         .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(stdio.stdout())
+        .stderr(stdio.stderr())
         .spawn()
         .map_err(|e| fail(&e))?;
     Ok(child)
+}
+
+/// Where a serving child's stdio goes: the keeper's own in the foreground
+/// (the terminal, a unit's journal); when detached, never the caller's
+/// (a `mount -t fuse.migsafe` or ssh caller waits for their end of file):
+/// stderr to the log file if there is one, for panic messages.
+pub(super) enum ChildStdio {
+    Inherit,
+    Detached(Option<std::path::PathBuf>),
+}
+
+impl ChildStdio {
+    fn stdout(&self) -> Stdio {
+        match self {
+            ChildStdio::Inherit => Stdio::inherit(),
+            ChildStdio::Detached(_) => Stdio::null(),
+        }
+    }
+
+    fn stderr(&self) -> Stdio {
+        match self {
+            ChildStdio::Inherit => Stdio::inherit(),
+            ChildStdio::Detached(Some(log)) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+            ChildStdio::Detached(None) => Stdio::null(),
+        }
+    }
 }
 
 /// What a serving child was handed.

@@ -30,7 +30,10 @@ mod state_path;
 use args::err;
 pub use args::{MountArgs, StartError};
 pub use daemon::report_start_error;
-use daemon::{PidFile, block_signals, daemon_ready, daemonize, raise_fd_limit, sd_notify};
+use daemon::{
+    PidFile, block_signals, block_upgrade_signal, daemon_ready, daemonize, raise_fd_limit,
+    sd_notify,
+};
 use fusermount::UserMount;
 use kernel::{OwnMount, Unmounter, widen_readahead};
 pub use options::parse_device;
@@ -67,6 +70,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     // Before any thread exists: every thread inherits the blocked mask, so
     // SIGTERM/SIGINT reach only the waiting thread, which unmounts.
     let signals = block_signals();
+    let upgrade = block_upgrade_signal();
     // The pid file is written before mounting, so a path that cannot be
     // written fails the start with its error instead of leaving a mount
     // that a unit or script cannot find; a mount that then fails removes it.
@@ -77,7 +81,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     if args.restart {
         // The serving process opens the backing and the devices itself.
         drop(checked);
-        return run_keeper(&args, mount_options, acl, signals, pid_file);
+        return run_keeper(&args, mount_options, acl, (signals, upgrade), pid_file);
     }
     let fs = build_fs(&args, checked)?;
     let notifier_slot = fs.notifier.clone();
@@ -121,41 +125,52 @@ fn run_keeper(
     args: &MountArgs,
     mount_options: Vec<MountOption>,
     acl: Acl,
-    signals: SigSet,
+    (signals, upgrade): (SigSet, SigSet),
     pid_file: Option<PidFile>,
 ) -> Result<(), StartError> {
     let canonical = args.canonical_mountpoint();
     let (dev_fuse, unmounter, own_guard) = mount_fuse(args, &mount_options, acl)?;
+    // The keeper serves nobody; it holds no groups either (as a serving
+    // process drops them: see `serve`).
+    let _ = sys::drop_supplementary_groups();
     let mut first = Some((pid_file, signals, unmounter));
-    let result = keeper::keep(&canonical, &dev_fuse, |keeper::Event::Serving(pid)| {
-        if let Some(p) = &args.pid_file
-            && let Err(e) = PidFile::rewrite(p, pid)
-        {
-            log::warn!("--pid-file {}: {e}", p.display());
-        }
-        let Some((pid_file, signals, unmounter)) = first.take() else {
-            return;
-        };
-        if let Some(p) = pid_file {
-            p.keep();
-        }
-        widen_readahead(&args.mountpoint);
-        daemon_ready(args.log_file.as_deref());
-        sd_notify(&format!(
-            "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
-            std::process::id(),
-            args.backing.display(),
-            args.mountpoint.display()
-        ));
-        unmount_on_signal(signals, unmounter, args.mountpoint.clone());
-    });
+    let stdio = if args.daemon {
+        keeper::ChildStdio::Detached(args.log_file.clone())
+    } else {
+        keeper::ChildStdio::Inherit
+    };
+    let result = keeper::keep(
+        stdio,
+        &canonical,
+        &dev_fuse,
+        upgrade,
+        |keeper::Event::Serving(pid)| {
+            if let Some(p) = &args.pid_file
+                && let Err(e) = PidFile::rewrite(p, pid)
+            {
+                log::warn!("--pid-file {}: {e}", p.display());
+            }
+            let Some((pid_file, signals, unmounter)) = first.take() else {
+                return;
+            };
+            if let Some(p) = pid_file {
+                p.keep();
+            }
+            widen_readahead(&args.mountpoint);
+            daemon_ready(args.log_file.as_deref());
+            sd_notify(&format!(
+                "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+                std::process::id(),
+                args.backing.display(),
+                args.mountpoint.display()
+            ));
+            unmount_on_signal(signals, unmounter, args.mountpoint.clone());
+        },
+    );
     // A keeper that gave up takes its mount away (lazily: its users get
     // ENOTCONN rather than a hang); after a clean unmount this does nothing.
     drop(own_guard);
     drop(dev_fuse);
-    if result.is_ok() {
-        log::info!("unmounted {}", args.mountpoint.display());
-    }
     result
 }
 

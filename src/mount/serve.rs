@@ -13,7 +13,7 @@ use super::keeper::{EXIT_REFUSED, ServeEnv};
 use super::link::Link;
 use super::{apply_options, block_signals, build_fs, check, raise_fd_limit, serve};
 use crate::fs::{Keeper, MigsafeFs};
-use crate::session::{Connection, Negotiated, Session};
+use crate::session::{Connection, Negotiated, ReplyLog, Session};
 
 /// Reports changes to the keeper; a keeper that is gone has taken this
 /// process with it (PR_SET_PDEATHSIG), so a failed send is only logged.
@@ -25,6 +25,23 @@ impl LinkKeeper {
             log::error!("reporting to the keeper: {e}");
         }
     }
+}
+
+impl ReplyLog for LinkKeeper {
+    fn record(&self, unique: u64, message: &[u8]) {
+        self.send(json!({"t": "reply", "u": unique, "b": hex(message)}), &[]);
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 impl Keeper for LinkKeeper {
@@ -49,6 +66,7 @@ impl Keeper for LinkKeeper {
 pub(super) fn serve_child(mut args: MountArgs, env: ServeEnv) -> Result<(), StartError> {
     crate::sys::die_with_parent(env.keeper)
         .map_err(|e| StartError(format!("serving process: keeper {} gone: {e}", env.keeper)))?;
+    crate::sys::set_keeper(env.keeper as u32);
     args.resolved_mountpoint = Some(env.mountpoint.clone());
     let (_, acl) = apply_options(&mut args)?;
     // Detached by the keeper already: log where it logs.
@@ -65,7 +83,8 @@ pub(super) fn serve_child(mut args: MountArgs, env: ServeEnv) -> Result<(), Star
     let conn = Connection::new(env.fuse);
     let link = env.link;
     let mut given = Vec::new();
-    let adopted = match receive_state(&link, &fs, &conn, &mut given) {
+    let mut recorded = Vec::new();
+    let adopted = match receive_state(&link, &fs, &conn, &mut given, &mut recorded) {
         Ok(n) => n,
         Err(why) => {
             log::error!(
@@ -101,6 +120,7 @@ pub(super) fn serve_child(mut args: MountArgs, env: ServeEnv) -> Result<(), Star
         }
     };
     let mut session = session;
+    session.log_replies(keeper.clone(), recorded);
     let clones = session
         .workers(args.threads, given)
         .map_err(|e| StartError(format!("cloning /dev/fuse for the workers: {e}")))?;
@@ -118,7 +138,10 @@ pub(super) fn serve_child(mut args: MountArgs, env: ServeEnv) -> Result<(), Star
         std::process::id()
     );
     keeper.send(json!({"t": "ready"}), &[]);
-    serve(session, &args)
+    serve(session, &args)?;
+    // Said here, by the process the pid file names, before it exits.
+    log::info!("unmounted {}", args.mountpoint.display());
+    Ok(())
 }
 
 /// What the keeper hands over: nothing (a new connection, FUSE_INIT to
@@ -128,6 +151,7 @@ fn receive_state(
     fs: &MigsafeFs,
     conn: &Connection,
     channels: &mut Vec<std::os::fd::OwnedFd>,
+    recorded: &mut Vec<(u64, Vec<u8>)>,
 ) -> Result<Option<(Negotiated, bool)>, String> {
     let next = || -> Result<(Value, Vec<std::os::fd::OwnedFd>), String> {
         link.recv()
@@ -160,6 +184,12 @@ fn receive_state(
                 handles += 1;
             }
             "chan" => channels.extend(fds),
+            "reply" => {
+                let unique = msg["u"].as_u64().ok_or("a recorded answer without id")?;
+                let bytes = unhex(msg["b"].as_str().unwrap_or(""))
+                    .ok_or("a recorded answer that is not hex")?;
+                recorded.push((unique, bytes));
+            }
             "end" => break,
             other => return Err(format!("unexpected {other:?} in the state")),
         }

@@ -28,7 +28,7 @@ pub use channel::Channel;
 pub use notify::Notifier;
 pub use reply::{
     FopenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, StatFs,
+    ReplyLog, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, StatFs,
 };
 pub use request::SetAttr;
 pub use types::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request, TimeOrNow};
@@ -290,6 +290,15 @@ pub struct Session<FS: Filesystem> {
     adopted: bool,
     /// Worker fds besides `ch` (see [`Session::workers`]).
     workers: Vec<Arc<Channel>>,
+    replies: Replies,
+}
+
+/// The recorded answers (see [`ReplyLog`]): where new ones go, and the
+/// ones a previous daemon recorded, by unique id, for requests sent again.
+#[derive(Default)]
+struct Replies {
+    log: Option<Arc<dyn ReplyLog>>,
+    recorded: std::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>,
 }
 
 impl<FS: Filesystem> Session<FS> {
@@ -303,6 +312,7 @@ impl<FS: Filesystem> Session<FS> {
             negotiated: None,
             adopted: false,
             workers: Vec::new(),
+            replies: Replies::default(),
         }
     }
 
@@ -319,6 +329,7 @@ impl<FS: Filesystem> Session<FS> {
             negotiated: Some(negotiated),
             adopted: true,
             workers: Vec::new(),
+            replies: Replies::default(),
         }
     }
 
@@ -339,6 +350,15 @@ impl<FS: Filesystem> Session<FS> {
             self.workers.push(Arc::new(self.ch.clone_fd()?));
         }
         Ok(self.workers[before..].iter().map(|c| &**c).collect())
+    }
+
+    /// Records the answers to namespace changes in `log` before sending
+    /// them; `recorded` are the answers a previous daemon recorded (whole
+    /// messages by unique id), sent again unchanged to a request the
+    /// kernel resends instead of running it twice.
+    pub fn log_replies(&mut self, log: Arc<dyn ReplyLog>, recorded: Vec<(u64, Vec<u8>)>) {
+        self.replies.log = Some(log);
+        *self.replies.recorded.lock().expect("replies lock") = recorded.into_iter().collect();
     }
 
     /// The op table this session serves.
@@ -421,6 +441,7 @@ impl<FS: Filesystem> Session<FS> {
             fs: self.fs,
             acl: self.acl,
             owner: self.owner,
+            replies: self.replies,
         });
         let mut handles = Vec::new();
         for (i, ch) in channels.into_iter().enumerate() {
@@ -479,6 +500,7 @@ struct Worker<FS: Filesystem> {
     fs: FS,
     acl: Acl,
     owner: u32,
+    replies: Replies,
 }
 
 impl<FS: Filesystem> Worker<FS> {
@@ -516,9 +538,41 @@ impl<FS: Filesystem> Worker<FS> {
             }
         };
         if h.unique & abi::UNIQUE_RESEND != 0 {
-            log::debug!("request {:#x} (opcode {}) sent again", h.unique, h.opcode);
+            let first = h.unique & !abi::UNIQUE_RESEND;
+            let recorded = self
+                .replies
+                .recorded
+                .lock()
+                .expect("replies lock")
+                .remove(&first);
+            if let Some(mut message) = recorded {
+                // Ran and answered before the restart; the answer never
+                // reached the kernel. Same answer, under the resent id.
+                log::info!(
+                    "request {first} (opcode {}) sent again: its recorded answer",
+                    h.opcode
+                );
+                message[8..16].copy_from_slice(&h.unique.to_ne_bytes());
+                let _ = ch.send(&[std::io::IoSlice::new(&message)]);
+                return;
+            }
+            log::debug!("request {first} (opcode {}) sent again", h.opcode);
         }
-        let replier = || Replier::new(h.unique, ch.clone());
+        let log = matches!(
+            h.opcode,
+            abi::opcode::MKNOD
+                | abi::opcode::MKDIR
+                | abi::opcode::UNLINK
+                | abi::opcode::RMDIR
+                | abi::opcode::RENAME
+                | abi::opcode::RENAME2
+                | abi::opcode::LINK
+                | abi::opcode::SYMLINK
+                | abi::opcode::CREATE
+        )
+        .then(|| self.replies.log.clone())
+        .flatten();
+        let replier = || Replier::new(h.unique, ch.clone()).logged(log.clone());
         if !self.allowed(h.uid) && !op.without_caller() {
             return replier().error(Errno::EACCES);
         }

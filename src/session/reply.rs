@@ -13,12 +13,28 @@ use super::backing::BackingId;
 use super::channel::Channel;
 use super::types::{Errno, FileAttr, FileHandle, FileType, INodeNo};
 
+/// Keeps the answers to requests that must not run twice (they change the
+/// namespace), before the kernel gets them: a request the kernel sends
+/// again after a restart (FUSE_NOTIFY_RESEND) gets the recorded answer
+/// instead of running again.
+pub trait ReplyLog: Send + Sync {
+    /// `message` is the whole reply (header and payload).
+    fn record(&self, unique: u64, message: &[u8]);
+}
+
 /// Where a request's answer goes, and whether it went.
-#[derive(Debug)]
 pub struct Replier {
     unique: u64,
     ch: Arc<Channel>,
     sent: bool,
+    /// Set for requests whose answer is recorded before it is sent.
+    log: Option<Arc<dyn ReplyLog>>,
+}
+
+impl std::fmt::Debug for Replier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Replier({})", self.unique)
+    }
 }
 
 impl Replier {
@@ -27,7 +43,14 @@ impl Replier {
             unique,
             ch,
             sent: false,
+            log: None,
         }
+    }
+
+    /// The answer is recorded in `log` before it is sent.
+    pub(super) fn logged(mut self, log: Option<Arc<dyn ReplyLog>>) -> Replier {
+        self.log = log;
+        self
     }
 
     pub(super) fn send(mut self, errno: i32, payload: &[u8]) {
@@ -40,6 +63,11 @@ impl Replier {
         h.u32((abi::OUT_HEADER_LEN + payload.len()) as u32)
             .i32(-errno)
             .u64(self.unique);
+        if let Some(log) = &self.log {
+            let mut whole = h.buf.clone();
+            whole.extend_from_slice(payload);
+            log.record(self.unique, &whole);
+        }
         let parts = [IoSlice::new(&h.buf), IoSlice::new(payload)];
         if let Err(e) = self.ch.send(&parts) {
             // ENOENT: the request was interrupted or its caller killed; the

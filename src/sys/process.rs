@@ -56,6 +56,29 @@ pub fn die_with_parent(parent: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// The keeper this daemon serves for (0: none). Its fds are the daemon's
+/// own (the backing files of open handles it keeps for a restart).
+static KEEPER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Records the keeper process this serving process belongs to.
+pub fn set_keeper(pid: u32) {
+    KEEPER.store(pid, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The keeper this serving process belongs to, if any.
+pub fn keeper_pid() -> Option<u32> {
+    match KEEPER.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        pid => Some(pid),
+    }
+}
+
+/// Whether `pid` is this daemon: this process or its keeper. Their fds of
+/// an image are never another writer's.
+pub fn is_daemon(pid: u32) -> bool {
+    pid == std::process::id() || pid == KEEPER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

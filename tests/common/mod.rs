@@ -160,6 +160,9 @@ pub struct Mount {
     pub backing: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The spawned process is a keeper whose child serves (not
+    /// `--no-restart`).
+    keeper: bool,
     /// The FUSE connection's number (the mount's st_dev), for an abort when
     /// a failed test left the daemon unable to answer.
     conn: Option<u64>,
@@ -206,11 +209,13 @@ impl Mount {
             .stderr(log_file)
             .spawn()
             .expect("spawn migsafe");
+        let keeper = !args.iter().any(|a| a == "--no-restart");
         let mut mount = Mount {
             mountpoint,
             backing: backing.to_path_buf(),
             log,
             child: Some(child),
+            keeper,
             conn: None,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -233,7 +238,29 @@ impl Mount {
         }
     }
 
+    /// The process serving requests now: the keeper's child (a new one
+    /// after each restart), or the spawned process with `--no-restart`.
+    /// Waits up to 10 s for a keeper to have one.
     pub fn pid(&self) -> Option<u32> {
+        let keeper = self.keeper_pid()?;
+        if !self.keeper {
+            return Some(keeper);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = serving_child(keeper) {
+                return Some(p);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The spawned `migsafe mount` process: the keeper (killing it ends the
+    /// mount: its serving child dies with it).
+    pub fn keeper_pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
@@ -334,6 +361,31 @@ pub fn umount_retrying(path: &Path) {
         );
         sleep(Duration::from_millis(50));
     }
+}
+
+/// The `migsafe` child of `keeper` that serves its mount, if one runs.
+pub fn serving_child(keeper: u32) -> Option<u32> {
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = tail
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        let state = tail.split_whitespace().next();
+        if ppid == Some(keeper) && head.ends_with("(migsafe") && state != Some("Z") {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// True if `path` is a mountpoint of a FUSE filesystem right now.
