@@ -29,7 +29,7 @@ WORK=$(mktemp -d /tmp/migsafe-bench-restart.XXXXXX)
 KEEPER=""
 cleanup() {
 	umount -l "$WORK/mnt" 2>/dev/null || true
-	[[ -n $KEEPER ]] && kill "$KEEPER" 2>/dev/null || true
+	if [[ -n $KEEPER ]]; then kill "$KEEPER" 2>/dev/null || true; fi
 	wait 2>/dev/null || true
 	rm -rf "$WORK"
 }

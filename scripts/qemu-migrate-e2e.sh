@@ -41,6 +41,11 @@
 #   --direct             bed check without migsafe: QEMU opens the loop devices
 #                        or mergerfs files itself; --no-activate then means the
 #                        destination's file.drop-cache=off
+#   --kill-daemons N     SIGKILL the serving process of host A N times while
+#                        its guest disk writes and reads (each write read back
+#                        after the restart), and once more between
+#                        `inactivate` and the destination's `activate`; the
+#                        source must stay fenced (a write through A: EROFS)
 #
 # Exit status: 0 all patterns verified (PASS), 3 a pattern check failed (STALE),
 # 4 a migsafe control command failed, 5 an inactive image accepted a write,
@@ -58,6 +63,7 @@ DIRECT=0
 IO=relay
 DEVICE_IO=cached
 QEMU_ONLY=0
+KILLS=0
 MIGSAFE=${MIGSAFE:-migsafe}
 
 usage() {
@@ -76,6 +82,7 @@ while (($#)); do
     --device-io) DEVICE_IO=${2:?}; shift 2 ;;
     --qemu-only) QEMU_ONLY=1; ACTIVATE=0; shift ;;
     --direct) DIRECT=1; shift ;;
+    --kill-daemons) KILLS=${2:?}; shift 2 ;;
     -h | --help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
     esac
@@ -203,8 +210,25 @@ ctl() {
 }
 
 start_migsafe() { # host backing_dir mountpoint extra-args...
-    spawn_migsafe "$@"
+    spawn_migsafe "$@" --pid-file "$WORK/migsafe-$1.pid"
     wait_mounted "$3" "$!" "$3" "$WORK/migsafe-$1.log"
+}
+
+# kill_daemon HOST: SIGKILLs the process serving HOST's mount (the pid
+# file's) and waits until its keeper's next one serves.
+kill_daemon() {
+    local host=$1 old new
+    old=$(cat "$WORK/migsafe-$host.pid")
+    kill -9 "$old"
+    for _ in $(seq 200); do
+        new=$(cat "$WORK/migsafe-$host.pid" 2>/dev/null || true)
+        if [[ -n $new && $new != "$old" ]] && grep -q "pid $new)" "$WORK/migsafe-$host.log"; then
+            log "    $host: serving process $old killed, $new serves"
+            return 0
+        fi
+        sleep 0.05
+    done
+    die "host $host: no serving process 10 s after killing $old"
 }
 
 # start_qemu HOST IMAGE_PATH [incoming] : QEMU paused (-S), QMP on $WORK/qmp-HOST.sock
@@ -311,6 +335,17 @@ PIDS=("$!" "${PIDS[@]}") # the cleanup stops the holder before the QEMUs
 dd if="$PATH_B" of=/dev/null bs=1M count=16 status=none
 log "host B cached the image (holder pid ${PIDS[0]})"
 
+# 3b. Crashes of the source's serving process under the guest's disk I/O:
+#     every write is read back by the next serving process.
+for k in $(seq 1 "$KILLS"); do
+    pattern=$(printf '0x%02x' $((0x10 + k)))
+    at=$((4096 + k * 256))k
+    qemu_io A "write -P $pattern $at 64k" || die "source write before crash $k failed"
+    kill_daemon A
+    qemu_io A "read -P $pattern $at 64k" || die "source read after crash $k failed"
+    qemu_io A "flush" || die "source flush after crash $k failed"
+done
+
 # 4. The source guest keeps writing: in place, and (qcow2) into new clusters.
 qemu_io A "write -P 0xa5 0 1M" || die "source write failed"
 qemu_io A "write -P 0x3c 8M 2M" || die "source write failed"
@@ -385,6 +420,15 @@ else
         log "no control commands: relying on QEMU's own drop-cache on the destination"
     elif ((!DIRECT)); then
         ctl "$MNT_A" inactivate "$IMG" || { log "inactivate on source failed"; exit 4; }
+        if ((KILLS)); then
+            kill_daemon A
+            if dd if=/dev/zero of="$MNT_A/$IMG" bs=4k count=1 seek=1024 conv=notrunc,fsync status=none 2>"$WORK/dd.err"; then
+                log "the source's image took a write after a crash of its daemon: not fenced"
+                exit 5
+            fi
+            grep -q "Read-only file system" "$WORK/dd.err" || die "write after the crash: $(cat "$WORK/dd.err")"
+            log "    A: still fenced after the crash (EROFS)"
+        fi
         if ((ACTIVATE)); then
             ctl "$MNT_B" activate "$IMG" || { log "activate on destination failed"; exit 4; }
         else

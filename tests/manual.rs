@@ -99,6 +99,7 @@ fn man_pages_render_without_warnings() {
         ),
         ("migsafe-residency.8", &["--evict"][..]),
         ("migsafe-doctor.8", &["CHECKS", "EXIT STATUS", "--json"][..]),
+        ("migsafe-upgrade.8", &["MOUNTPOINT", "keeper"][..]),
     ];
     let mut names: Vec<String> = std::fs::read_dir(dir.path().join("man8"))
         .unwrap()

@@ -261,6 +261,7 @@ fn package_installs_serves_upgrades_without_restart_and_removes() {
         "./usr/share/man/man8/migsafe-mount.8.gz",
         "./usr/share/man/man8/migsafe-ctl.8.gz",
         "./usr/share/man/man8/migsafe-residency.8.gz",
+        "./usr/share/man/man8/migsafe-upgrade.8.gz",
         "./usr/share/man/man8/migsafe-doctor.8.gz",
         "./usr/share/bash-completion/completions/migsafe",
         "./usr/share/doc/migsafe/copyright",

@@ -278,6 +278,42 @@ fn qcow2_on_nfs_like_directory_passthrough() {
     }
 }
 
+/// The source's serving process is SIGKILLed 5 times while its guest disk
+/// writes and reads (each write read back by the next process), and once
+/// more between `inactivate` and the destination's `activate`: the source
+/// stays fenced, and the destination ends fresh. (The negative controls of
+/// the handover are the `_without_activate` runs above; that of the crashes
+/// is tests/restart.rs's `--no-restart` runs.)
+#[test]
+fn raw_on_loop_devices_across_daemon_crashes() {
+    if !prerequisites(false) {
+        return;
+    }
+    assert_pass(&[
+        "--backing",
+        "loop",
+        "--format",
+        "raw",
+        "--kill-daemons",
+        "5",
+    ]);
+}
+
+#[test]
+fn qcow2_on_nfs_like_directory_across_daemon_crashes() {
+    if !prerequisites(true) {
+        return;
+    }
+    assert_pass(&[
+        "--backing",
+        "dir",
+        "--format",
+        "qcow2",
+        "--kill-daemons",
+        "5",
+    ]);
+}
+
 /// A migration cancelled after the source stopped and inactivated its image:
 /// the inactive image refuses the source's writes, and after `activate` the
 /// source continues with its data intact and can write again.

@@ -134,7 +134,7 @@ pub(super) fn daemonize(args: &MountArgs) -> Result<(), StartError> {
 
 /// Where a detached daemon without `--log-file` logs when there is no
 /// syslog socket to send to.
-const FALLBACK_LOG: &str = "/var/log/migsafe.log";
+pub(super) const FALLBACK_LOG: &str = "/var/log/migsafe.log";
 
 /// Tells a waiting `--daemon` parent the mount is live, then detaches from
 /// its stdio: a caller capturing the mount command's output (a pipe, ssh,

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::args::{StartError, err};
 use super::link::Link;
 
-/// Environment of a serving child: `FUSE_FD,LINK_FD,KEEPER_PID,MOUNTPOINT`
+/// Environment of a serving child: `FUSE_FD,LINK_FD,ROOT_FD,KEEPER_PID,MOUNTPOINT`
 /// (the mountpoint resolved by the keeper, last: it may hold commas).
 pub(super) const SERVE_ENV: &str = "MIGSAFE_SERVE";
 /// Exit status of a child that refuses to take the connection over (its
@@ -140,6 +140,7 @@ pub(super) enum Event {
 pub(super) fn keep(
     stdio: ChildStdio,
     mountpoint: &std::path::Path,
+    root: &OwnedFd,
     dev_fuse: &OwnedFd,
     upgrade: nix::sys::signal::SigSet,
     mut on_event: impl FnMut(Event),
@@ -172,7 +173,7 @@ pub(super) fn keep(
     let mut failed_starts = 0;
     loop {
         let (ours, theirs) = Link::pair().map_err(|e| StartError(format!("keeper link: {e}")))?;
-        let mut child = spawn(&exe, &stdio, mountpoint, dev_fuse, &theirs)?;
+        let mut child = spawn(&exe, &stdio, mountpoint, root, dev_fuse, &theirs)?;
         drop(theirs);
         let pid = child.id();
         let restoring = kept.lock().expect("kept lock").init.is_some();
@@ -270,6 +271,7 @@ fn spawn(
     exe: &std::path::Path,
     stdio: &ChildStdio,
     mountpoint: &std::path::Path,
+    root: &OwnedFd,
     dev_fuse: &OwnedFd,
     link: &Link,
 ) -> Result<Child, StartError> {
@@ -277,14 +279,16 @@ fn spawn(
     // Dups carry no close-on-exec flag: the child inherits exactly these.
     let fuse = nix::unistd::dup(dev_fuse).map_err(|e| fail(&e))?;
     let sock = nix::unistd::dup(link).map_err(|e| fail(&e))?;
+    let root = nix::unistd::dup(root).map_err(|e| fail(&e))?;
     let child = Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env(
             SERVE_ENV,
             format!(
-                "{},{},{},{}",
+                "{},{},{},{},{}",
                 fuse.as_raw_fd(),
                 sock.as_raw_fd(),
+                root.as_raw_fd(),
                 std::process::id(),
                 mountpoint.display()
             ),
@@ -334,6 +338,8 @@ impl ChildStdio {
 pub(super) struct ServeEnv {
     pub mountpoint: std::path::PathBuf,
     pub fuse: OwnedFd,
+    /// The backing root, opened before the mount.
+    pub root: OwnedFd,
     pub link: Link,
     pub keeper: i32,
 }
@@ -342,13 +348,14 @@ impl ServeEnv {
     /// The inherited fds, if this process is a keeper's serving child.
     pub(super) fn take() -> Option<ServeEnv> {
         let v = std::env::var(SERVE_ENV).ok()?;
-        let mut parts = v.splitn(4, ',');
+        let mut parts = v.splitn(5, ',');
         let mut num = || parts.next()?.parse::<i32>().ok();
-        let (fuse, link, keeper) = (num()?, num()?, num()?);
+        let (fuse, link, root, keeper) = (num()?, num()?, num()?, num()?);
         let mountpoint = std::path::PathBuf::from(parts.next()?);
         Some(ServeEnv {
             mountpoint,
             fuse: crate::sys::inherited_fd(fuse).ok()?,
+            root: crate::sys::inherited_fd(root).ok()?,
             link: Link::from_fd(crate::sys::inherited_fd(link).ok()?),
             keeper,
         })

@@ -62,7 +62,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         return serve::serve_child(args, env);
     }
     let (mount_options, acl) = apply_options(&mut args)?;
-    let checked = check(&args)?;
+    let checked = check(&args, None)?;
     raise_fd_limit();
     if args.daemon {
         daemonize(&args)?;
@@ -79,9 +79,17 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         None => None,
     };
     if args.restart {
-        // The serving process opens the backing and the devices itself.
-        drop(checked);
-        return run_keeper(&args, mount_options, acl, (signals, upgrade), pid_file);
+        // The serving process opens the devices and the state file itself;
+        // the backing root it gets from here, opened before the mount.
+        let root = checked.root;
+        return run_keeper(
+            &args,
+            root,
+            mount_options,
+            acl,
+            (signals, upgrade),
+            pid_file,
+        );
     }
     let fs = build_fs(&args, checked)?;
     let notifier_slot = fs.notifier.clone();
@@ -123,6 +131,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
 /// connection (mount/keeper.rs) until the mount goes away.
 fn run_keeper(
     args: &MountArgs,
+    root: OwnedFd,
     mount_options: Vec<MountOption>,
     acl: Acl,
     (signals, upgrade): (SigSet, SigSet),
@@ -142,6 +151,7 @@ fn run_keeper(
     let result = keeper::keep(
         stdio,
         &canonical,
+        &root,
         &dev_fuse,
         upgrade,
         |keeper::Event::Serving(pid)| {
@@ -185,7 +195,10 @@ struct Checked {
 /// Every check that can refuse the start, in the order an operator meets
 /// their errors; it opens the backing root and the devices and reads the
 /// state file on the way.
-fn check(args: &MountArgs) -> Result<Checked, StartError> {
+/// `root`: the backing root a keeper opened for its serving child (which
+/// must not open the path: with the mountpoint on the backing itself, the
+/// path now leads into the mount).
+fn check(args: &MountArgs, root: Option<OwnedFd>) -> Result<Checked, StartError> {
     if let Some(p) = &args.log_file {
         // A --daemon parent still shows what goes wrong before it returns.
         crate::logging::to_file(p, args.daemon).map_err(|e| {
@@ -195,7 +208,10 @@ fn check(args: &MountArgs) -> Result<Checked, StartError> {
             ))
         })?;
     }
-    let root = backing::open_root(&args.backing).map_err(StartError)?;
+    let root = match root {
+        Some(r) => r,
+        None => backing::open_root(&args.backing).map_err(StartError)?,
+    };
     // A keeper's child finds the mount there already (the keeper checked
     // the mountpoint before mounting).
     let placement_checked = args.resolved_mountpoint.is_some();

@@ -72,12 +72,14 @@ pub(super) fn serve_child(mut args: MountArgs, env: ServeEnv) -> Result<(), Star
     // Detached by the keeper already: log where it logs.
     if std::mem::take(&mut args.daemon)
         && args.log_file.is_none()
-        && let Err(e) = crate::logging::to_syslog()
+        && crate::logging::to_syslog().is_err()
     {
-        log::warn!("serving process: syslog: {e}");
+        // As the keeper did when it detached (it said so on the caller's
+        // stderr then).
+        let _ = crate::logging::to_file(std::path::Path::new(super::daemon::FALLBACK_LOG), false);
     }
     let signals = block_signals();
-    let checked = check(&args)?;
+    let checked = check(&args, Some(env.root))?;
     raise_fd_limit();
     let fs = build_fs(&args, checked)?;
     let conn = Connection::new(env.fuse);
