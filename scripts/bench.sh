@@ -6,7 +6,8 @@
 # (mergerfs cache.files=off, qemu-storage-daemon's FUSE export) when they are
 # installed, and prints ratios to native. Optional stages: a block-device
 # variant (--blockdev), control-operation timings (--ctl) and daemon memory
-# (--rss). Run as root. See --help.
+# (--rss); --baseline-bin measures a second migsafe binary beside the first in
+# the same run (before/after a change). Run as root. See --help.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,11 +35,20 @@ Options:
                        (each -hot and -cold)
                        odirect-randread-4k
   --targets LIST     comma list of: native passthrough relay cached mergerfs qsd
-                     (default: all that are available; native is always run)
+                     (default: all that are available; native is always run;
+                     cached on a file is `migsafe mount --io cached`)
   --threads N        passed to `migsafe mount --threads N`
   --mount-arg ARG    extra argument for every `migsafe mount` (repeatable)
   --migsafe PATH     migsafe binary (default target/release/migsafe, built
                      with `cargo build --release` first)
+  --baseline-bin PATH
+                     a second migsafe binary (e.g. a release build of an
+                     older commit) measured in the same run: every selected
+                     migsafe target T (passthrough relay cached) gets a
+                     target T-base, mounted with PATH on the same backing
+                     beside T and alternated with the others per
+                     repetition; the tables add "x base" (T / T-base
+                     median IOPS) and a geometric-mean summary per target
   --csv FILE         write the fio results (aggregated) as CSV
   --json FILE        write everything (raw and aggregated) as JSON
   --blockdev         also run the block-device table: a loop device natively
@@ -92,6 +102,7 @@ ROWS=""
 TARGETS=""
 THREADS=""
 MIGSAFE=""
+BASE_BIN=""
 CSV_OUT=""
 JSON_OUT=""
 DO_FILE=1
@@ -124,6 +135,7 @@ while (($#)); do
 	--threads) need_arg "$@"; THREADS=$2; shift 2 ;;
 	--mount-arg) need_arg "$@"; EXTRA_MOUNT_ARGS+=("$2"); shift 2 ;;
 	--migsafe) need_arg "$@"; MIGSAFE=$2; shift 2 ;;
+	--baseline-bin) need_arg "$@"; BASE_BIN=$2; shift 2 ;;
 	--csv) need_arg "$@"; CSV_OUT=$2; shift 2 ;;
 	--json) need_arg "$@"; JSON_OUT=$2; shift 2 ;;
 	--blockdev) DO_BLOCKDEV=1; shift ;;
@@ -171,6 +183,11 @@ if [[ -z $MIGSAFE ]]; then
 fi
 [[ -x $MIGSAFE ]] || die "migsafe binary not executable: $MIGSAFE"
 MIGSAFE=$(realpath "$MIGSAFE")
+if [[ -n $BASE_BIN ]]; then
+	[[ -x $BASE_BIN ]] || die "--baseline-bin: not executable: $BASE_BIN"
+	BASE_BIN=$(realpath "$BASE_BIN")
+	[[ $BASE_BIN != "$MIGSAFE" ]] || log "   NOTE: --baseline-bin is the measured binary itself (an A/A run: shows the noise)"
+fi
 
 # ---------------------------------------------------------------- state --
 WORK=""
@@ -498,6 +515,9 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
     p("# kernel %s, %s CPUs, fio %s, image %s, runtime %ss, reps %s, QD16 engine %s, migsafe %s%s" % (
         meta["kernel"], meta["cpus"], meta["fio"], meta["size"], meta["runtime"], meta["reps"],
         meta["aio"], meta["migsafe"], (", --threads %s" % meta["threads"]) if meta.get("threads") else ""))
+    base = meta.get("baseline")
+    if base:
+        p("# T-base targets: baseline %s (%s); migsafe %s" % (base["path"], base["version"], meta["migsafe_path"]))
 
     agg = []
     tables = []
@@ -515,7 +535,11 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
         p("")
         p("== %s: fio buffered I/O, median of %s (min-max); x native = median IOPS / native median IOPS ==" %
           (meta["tables"].get(table, table), meta["reps"]))
-        p("%-22s %-12s %-28s %-10s %-9s %s" % ("row", "target", "IOPS (min-max)", "MB/s", "x native", "daemon CPU s/run"))
+        if base:
+            p("(x base = median IOPS of T / median IOPS of T-base, on T's line)")
+        tw = 16 if base else 12  # "passthrough-base"
+        p("%-22s %-*s %-28s %-10s %-9s %s%s" % ("row", tw, "target", "IOPS (min-max)", "MB/s", "x native",
+                                               "x base    " if base else "", "daemon CPU s/run"))
         for row in rows:
             nat = med([r["iops"] for r in rs if r["row"] == row and r["target"] == "native"])
             for t in targets:
@@ -529,14 +553,19 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
                 cpus = [r["cpu_s"] for r in v if r["cpu_s"] is not None]
                 cpu = med(cpus) if cpus else None
                 ratio = mi / nat if nat == nat and nat > 0 and mi == mi else float("nan")
+                bm = med([r["iops"] for r in rs if r["row"] == row and r["target"] == t + "-base"])
+                rbase = mi / bm if bm == bm and bm > 0 and mi == mi else float("nan")
                 fails = len(iops) - len(good)
                 rng = "(%s-%s)" % (fnum(min(good)), fnum(max(good))) if good else ""
                 iops_s = ("FAILED x%d" % fails) if not good else "%s %s%s" % (
                     fnum(mi), rng, (" %d failed" % fails) if fails else "")
-                p("%-22s %-12s %-28s %-10s %-9s %s" % (
-                    row, t, iops_s, fnum(mb), ("%.2f" % ratio) if ratio == ratio else "-",
+                xbase = ""
+                if base:
+                    xbase = "%-10s" % (("%.2f" % rbase) if rbase == rbase else "-")
+                p("%-22s %-*s %-28s %-10s %-9s %s%s" % (
+                    row, tw, t, iops_s, fnum(mb), ("%.2f" % ratio) if ratio == ratio else "-", xbase,
                     ("%.2f" % cpu) if cpu is not None else "-"))
-                agg.append(dict(table=table, row=row, target=t, iops_median=mi,
+                agg.append(dict(table=table, row=row, target=t, iops_median=mi, ratio_base=rbase,
                                 iops_min=min(good) if good else None, iops_max=max(good) if good else None,
                                 mbps_median=mb, ratio_native=ratio, daemon_cpu_s_median=cpu,
                                 reps=len(iops), failed=fails))
@@ -644,6 +673,22 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
         lines += 1
     if not lines:
         p("(no measured row maps to an issue target)")
+    if base:
+        # Before/after summary: the geometric mean of T / T-base over the
+        # rows, and the row furthest below 1 (read it against the min-max
+        # spread of that row's two targets: noise on a shared host).
+        p("")
+        p("== new vs baseline (T / T-base median IOPS over the rows) ==")
+        p("%-10s %-14s %-6s %-10s %s" % ("table", "target", "rows", "geomean", "lowest row"))
+        import math
+        for table in tables:
+            for t in sorted(set(g["target"] for g in agg if g["table"] == table)):
+                v = [g for g in agg if g["table"] == table and g["target"] == t and g["ratio_base"] == g["ratio_base"]]
+                if not v or t.endswith("-base"):
+                    continue
+                gm = math.exp(sum(math.log(g["ratio_base"]) for g in v) / len(v))
+                lo = min(v, key=lambda g: g["ratio_base"])
+                p("%-10s %-14s %-6d %-10s %.2fx %s" % (table, t, len(v), "%.3fx" % gm, lo["ratio_base"], lo["row"]))
     if any(r["row"] in ("seqwrite-1m-hot", "randwrite-4k-hot", "randrw-4k-hot") for r in fio):
         notes.append("hot write rows: pages cached by reads are large folios, and a 4k write dirties its whole "
                      "folio, so hot 4k-write rows run at writeback (disk) bandwidth for every target; cold write "
@@ -663,10 +708,11 @@ def cmd_report(tsv, csv_out, json_out, meta_json):
         with open(csv_out, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["table", "row", "target", "iops_median", "iops_min", "iops_max", "mbps_median",
-                        "ratio_native", "daemon_cpu_s_median", "reps", "failed"])
+                        "ratio_native", "daemon_cpu_s_median", "reps", "failed", "ratio_base"])
             for g in agg:
                 w.writerow([g[k] for k in ("table", "row", "target", "iops_median", "iops_min", "iops_max",
-                                           "mbps_median", "ratio_native", "daemon_cpu_s_median", "reps", "failed")])
+                                           "mbps_median", "ratio_native", "daemon_cpu_s_median", "reps", "failed",
+                                           "ratio_base")])
     if json_out != "-":
         def clean(o):
             if isinstance(o, float) and o != o:
@@ -721,9 +767,12 @@ wait_mounted() { # path pid logfile what
 }
 
 # start_migsafe NAME BACKING MNT ARGS... ; sets LAST_PID
-start_migsafe() {
-	local name=$1 backing=$2 mnt=$3 pid
-	shift 3
+start_migsafe() { start_migsafe_bin "$MIGSAFE" "$@"; }
+
+# start_migsafe_bin BIN NAME BACKING MNT ARGS... : the same with binary BIN
+start_migsafe_bin() {
+	local bin=$1 name=$2 backing=$3 mnt=$4 pid
+	shift 4
 	mkdir -p "$mnt"
 	local targs=()
 	[[ -n $THREADS ]] && targs=(--threads "$THREADS")
@@ -731,13 +780,13 @@ start_migsafe() {
 	# The state file in the work dir (removed with it), not root's default
 	# /run/migsafe-state: the bench leaves nothing behind.
 	targs+=(--state-file "$WORK/state-$name.json")
-	RUST_LOG=${RUST_LOG:-warn} "$MIGSAFE" mount "${targs[@]+"${targs[@]}"}" "$@" \
+	RUST_LOG=${RUST_LOG:-warn} "$bin" mount "${targs[@]+"${targs[@]}"}" "$@" \
 		"${EXTRA_MOUNT_ARGS[@]+"${EXTRA_MOUNT_ARGS[@]}"}" "$backing" "$mnt" \
 		>"$WORK/log-$name" 2>&1 &
 	pid=$!
 	CLEAN_PIDS+=("$pid")
 	LAST_PID=$pid
-	log "   migsafe mount $* ${EXTRA_MOUNT_ARGS[*]} $backing $mnt (pid $pid)"
+	log "   $bin mount $* ${EXTRA_MOUNT_ARGS[*]} $backing $mnt (pid $pid)"
 	if ! wait_mounted "$mnt" "$pid" "$WORK/log-$name" "migsafe ($name)"; then
 		stop_pid "$pid"
 		return 1
@@ -878,11 +927,11 @@ run_one() {
 	hot)
 		py warm "$backing"
 		# The cached path's one cache is the FUSE inode's: warm that.
-		if [[ $target == cached ]]; then py warm "$file"; fi
+		if [[ ${target%-base} == cached ]]; then py warm "$file"; fi
 		;;
 	cold)
 		evict "$backing"
-		if [[ $target == cached ]]; then evict "$file"; fi
+		if [[ ${target%-base} == cached ]]; then evict "$file"; fi
 		local cs
 		read -ra cs <<<"$(py cachestat "$backing")"
 		if ((cs[0] * 100 > cs[3])); then
@@ -911,10 +960,13 @@ run_one() {
 		cpu=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }')
 	fi
 	if [[ $ROW_MODE == hot ]]; then
-		local cs
-		read -ra cs <<<"$(py cachestat "$backing")"
+		# The cached path's one cache is the FUSE inode's (its O_DIRECT
+		# writes drop the backing's pages): check that one.
+		local cs what=backing probe=$backing
+		if [[ ${target%-base} == cached ]]; then what="FUSE inode"; probe=$file; fi
+		read -ra cs <<<"$(py cachestat "$probe")"
 		if ((cs[0] * 100 < cs[3] * 95)); then
-			note "$table $row $target rep$rep: hot row ended with only ${cs[0]} of ${cs[3]} backing pages cached (something dropped the cache)"
+			note "$table $row $target rep$rep: hot row ended with only ${cs[0]} of ${cs[3]} $what pages cached (something dropped the cache)"
 		fi
 	fi
 	printf 'fio\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$table" "$row" "$target" "$rep" "$iops" "$mbps" "$cpu" "${nt:--}" >>"$RESULTS"
@@ -949,6 +1001,29 @@ if [[ -n $TARGETS ]]; then
 	done
 fi
 
+STAGE_TARGETS=()  # targets mounted for the current stage, native first
+
+# add_migsafe TARGET NAME BACKING MNT FILE ARGS... : mount BACKING on MNT
+# with `migsafe mount ARGS` (the --baseline-bin binary for a TARGET ending
+# in -base), hold MNT/FILE open as a VMM does, and append TARGET to
+# STAGE_TARGETS; a failed mount or open is a note and skips the target.
+add_migsafe() {
+	local target=$1 name=$2 backing=$3 mnt=$4 file=$5 bin=$MIGSAFE
+	shift 5
+	[[ $target == *-base ]] && bin=$BASE_BIN
+	if ! start_migsafe_bin "$bin" "$name" "$backing" "$mnt" "$@"; then
+		note "$target: $bin mount $* failed (log above); target skipped"
+		return 0
+	fi
+	DAEMON_PID[$target]=$LAST_PID
+	TARGET_FILE[$target]=$mnt/$file
+	if hold ro "$mnt/$file"; then
+		STAGE_TARGETS+=("$target")
+	else
+		note "$target: could not open $file through the mount; target skipped"
+	fi
+}
+
 make_image() { # path bytes
 	log "== creating $(numfmt --to=iec "$2") image $1"
 	fio --name=prefill --filename="$1" --size="$2" --rw=write --bs=1M --direct=1 \
@@ -959,45 +1034,27 @@ make_image() { # path bytes
 
 # ================================================================ stages ==
 stage_file() {
-	local bdir=$WORK/backing img targets=(native)
+	local bdir=$WORK/backing img
+	STAGE_TARGETS=(native)
 	mkdir -p "$bdir"
 	img=$bdir/bench.img
 	[[ -f $img ]] || make_image "$img" "$SIZE_BYTES"
 	TARGET_FILE[native]=$img
 	log "== file-backed table: mounting targets"
-	if target_wanted passthrough; then
-		if start_migsafe pt "$bdir" "$WORK/mnt-pt" --io passthrough; then
-			DAEMON_PID[passthrough]=$LAST_PID
-			TARGET_FILE[passthrough]=$WORK/mnt-pt/bench.img
-			if hold ro "$WORK/mnt-pt/bench.img"; then
-				targets+=(passthrough)
-			else
-				note "passthrough: could not open the image through the mount; target skipped"
-			fi
-		else
-			note "migsafe mount --io passthrough failed (log above); target skipped"
-		fi
-	fi
-	if target_wanted relay; then
-		if start_migsafe relay "$bdir" "$WORK/mnt-relay" --io relay; then
-			DAEMON_PID[relay]=$LAST_PID
-			TARGET_FILE[relay]=$WORK/mnt-relay/bench.img
-			if hold ro "$WORK/mnt-relay/bench.img"; then
-				targets+=(relay)
-			else
-				note "relay: could not open the image through the mount; target skipped"
-			fi
-		else
-			note "migsafe mount --io relay failed (log above); target skipped"
-		fi
-	fi
+	local t m
+	for t in passthrough relay cached; do
+		target_wanted "$t" || continue
+		for m in "$t" ${BASE_BIN:+"$t-base"}; do
+			add_migsafe "$m" "$m" "$bdir" "$WORK/mnt-$m" bench.img --io "$t"
+		done
+	done
 	if target_wanted mergerfs; then
 		if ! have mergerfs; then
 			note "mergerfs not installed: peer skipped"
 		elif start_mergerfs "$bdir" "$WORK/mnt-mergerfs"; then
 			DAEMON_PID[mergerfs]=$LAST_PID
 			TARGET_FILE[mergerfs]=$WORK/mnt-mergerfs/bench.img
-			targets+=(mergerfs)
+			STAGE_TARGETS+=(mergerfs)
 		else
 			note "mergerfs mount failed: peer skipped"
 		fi
@@ -1008,19 +1065,20 @@ stage_file() {
 		elif start_qsd file "$img" "$WORK/qsd-file"; then
 			DAEMON_PID[qsd]=$LAST_PID
 			TARGET_FILE[qsd]=$WORK/qsd-file
-			targets+=(qsd)
+			STAGE_TARGETS+=(qsd)
 		else
 			note "qemu-storage-daemon fuse export failed: peer skipped"
 		fi
 	fi
-	log "== file-backed table: targets ${targets[*]}; warming the image"
+	log "== file-backed table: targets ${STAGE_TARGETS[*]}; warming the image"
 	py warm "$img"
-	run_table file "$img" "$SIZE_BYTES" "${targets[@]}"
+	run_table file "$img" "$SIZE_BYTES" "${STAGE_TARGETS[@]}"
 	teardown
 }
 
 stage_blockdev() {
-	local bdir=$WORK/backing img loop targets=(native)
+	local bdir=$WORK/backing img loop
+	STAGE_TARGETS=(native)
 	mkdir -p "$bdir" "$WORK/devbacking"
 	img=$bdir/bench.img
 	[[ -f $img ]] || make_image "$img" "$SIZE_BYTES"
@@ -1036,34 +1094,27 @@ stage_blockdev() {
 	# a block device's cache goes when its last opener closes it: hold it open
 	hold ro "$loop" || die "cannot hold $loop open"
 	TARGET_FILE[native]=$loop
-	local t
+	local t m
 	for t in cached relay; do
 		target_wanted "$t" || continue
-		mkdir -p "$WORK/devbacking-$t"
-		if start_migsafe "dev-$t" "$WORK/devbacking-$t" "$WORK/mnt-dev-$t" --device-io "$t" --device "disk=$loop"; then
-			DAEMON_PID[$t]=$LAST_PID
-			TARGET_FILE[$t]=$WORK/mnt-dev-$t/disk
-			if hold ro "$WORK/mnt-dev-$t/disk"; then
-				targets+=("$t")
-			else
-				note "blockdev $t: could not open disk through the mount; target skipped"
-			fi
-		else
-			note "migsafe mount --device --device-io $t failed (log above); target skipped"
-		fi
+		for m in "$t" ${BASE_BIN:+"$t-base"}; do
+			mkdir -p "$WORK/devbacking-$m"
+			add_migsafe "$m" "dev-$m" "$WORK/devbacking-$m" "$WORK/mnt-dev-$m" disk \
+				--device-io "$t" --device "disk=$loop"
+		done
 	done
 	if target_wanted qsd && have qemu-storage-daemon; then
 		if start_qsd host_device "$loop" "$WORK/qsd-dev"; then
 			DAEMON_PID[qsd]=$LAST_PID
 			TARGET_FILE[qsd]=$WORK/qsd-dev
-			targets+=(qsd)
+			STAGE_TARGETS+=(qsd)
 		else
 			note "qemu-storage-daemon host_device export failed: peer skipped"
 		fi
 	fi
-	log "== block-device table: targets ${targets[*]}; warming $loop"
+	log "== block-device table: targets ${STAGE_TARGETS[*]}; warming $loop"
 	py warm "$loop"
-	run_table blockdev "$loop" "$SIZE_BYTES" "${targets[@]}"
+	run_table blockdev "$loop" "$SIZE_BYTES" "${STAGE_TARGETS[@]}"
 	teardown
 }
 
@@ -1260,9 +1311,9 @@ log "== work dir $WORK; migsafe $MIGSAFE; image $(numfmt --to=iec "$SIZE_BYTES")
 ((DO_RSS)) && stage_rss
 
 META=$(
-	python3 - "$SIZE_BYTES" "$RUNTIME" "$REPS" "$AIO" "$THREADS" "$MIGSAFE" <<'PYEOF'
+	python3 - "$SIZE_BYTES" "$RUNTIME" "$REPS" "$AIO" "$THREADS" "$MIGSAFE" "$BASE_BIN" <<'PYEOF'
 import json, os, subprocess, sys, time
-size, runtime, reps, aio, threads, migsafe = sys.argv[1:]
+size, runtime, reps, aio, threads, migsafe, base_bin = sys.argv[1:]
 def run(*a):
     try:
         return subprocess.run(a, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
@@ -1272,6 +1323,8 @@ gib = int(size) / 2**30
 print(json.dumps(dict(date=time.strftime("%Y-%m-%d %H:%M:%S %z"), kernel=os.uname().release,
     cpus=os.cpu_count(), fio=run("fio", "--version"), size="%.3g GiB" % gib, runtime=int(runtime),
     reps=int(reps), aio=aio, threads=threads, migsafe=run(migsafe, "--version"), opens=1000,
+    migsafe_path=migsafe,
+    baseline=dict(path=base_bin, version=run(base_bin, "--version")) if base_bin else None,
     tables={"file": "file-backed image (%.3g GiB) in a directory" % gib,
             "blockdev": "block device (loop, direct-io, %.3g GiB)" % gib})))
 PYEOF
