@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -271,16 +271,6 @@ fn a_write_in_flight_at_the_crash_is_resent_and_completes() {
             let _ = Command::new("umount").arg("-l").arg(&m.mountpoint).status();
         }
     }
-}
-
-fn write_errno(path: &Path) -> Option<i32> {
-    let f = match OpenOptions::new().write(true).open(path) {
-        Ok(f) => f,
-        Err(e) => return Some(e.raw_os_error().unwrap_or(0)),
-    };
-    f.write_at(&[b'W'; 4096], 0)
-        .err()
-        .map(|e| e.raw_os_error().unwrap_or(0))
 }
 
 /// An image fenced by `inactivate` stays fenced across a crash of the

@@ -11,7 +11,7 @@
 mod common;
 
 use common::{KMount, Strace};
-use common::{Mount, ctl_write_read, make_file, scratch, status, status_image};
+use common::{Mount, ctl_write_read, make_file, scratch, status, status_image, write_errno};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -31,18 +31,6 @@ fn crash(m: Mount) {
     )
     .unwrap();
     m.stop();
-}
-
-/// errno of a 4 KiB write at offset 0 through a writable open (the open's
-/// own errno when it is refused, as `strict` does).
-fn write_errno(path: &Path) -> Option<i32> {
-    let f = match OpenOptions::new().write(true).open(path) {
-        Ok(f) => f,
-        Err(e) => return Some(e.raw_os_error().unwrap_or(0)),
-    };
-    f.write_at(&[b'W'; 4096], 0)
-        .err()
-        .map(|e| e.raw_os_error().unwrap_or(0))
 }
 
 fn backing(dir: &Path) -> PathBuf {

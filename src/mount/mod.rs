@@ -107,17 +107,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         args.mountpoint.display(),
         args.threads
     );
-    if let Some(p) = pid_file {
-        p.keep();
-    }
-    daemon_ready(args.log_file.as_deref());
-    sd_notify(&format!(
-        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
-        std::process::id(),
-        args.backing.display(),
-        args.mountpoint.display()
-    ));
-    unmount_on_signal(signals, unmounter, args.mountpoint.clone());
+    live(&args, pid_file, signals, unmounter);
     serve(session, &args)?;
     // The guard takes away a mount the session left behind (one that ended
     // on an error leaves it dead; the `?` above drops the guard too); after
@@ -163,18 +153,8 @@ fn run_keeper(
             let Some((pid_file, signals, unmounter)) = first.take() else {
                 return;
             };
-            if let Some(p) = pid_file {
-                p.keep();
-            }
             widen_readahead(&args.mountpoint);
-            daemon_ready(args.log_file.as_deref());
-            sd_notify(&format!(
-                "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
-                std::process::id(),
-                args.backing.display(),
-                args.mountpoint.display()
-            ));
-            unmount_on_signal(signals, unmounter, args.mountpoint.clone());
+            live(args, pid_file, signals, unmounter);
         },
     );
     // A keeper that gave up takes its mount away (lazily: its users get
@@ -182,6 +162,22 @@ fn run_keeper(
     drop(own_guard);
     drop(dev_fuse);
     result
+}
+
+/// The mount is live: the pid file stays, a waiting `--daemon` parent and
+/// the service manager hear so, and a stop signal unmounts from now on.
+fn live(args: &MountArgs, pid_file: Option<PidFile>, signals: SigSet, unmounter: Unmounter) {
+    if let Some(p) = pid_file {
+        p.keep();
+    }
+    daemon_ready(args.log_file.as_deref());
+    sd_notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {} on {}",
+        std::process::id(),
+        args.backing.display(),
+        args.mountpoint.display()
+    ));
+    unmount_on_signal(signals, unmounter, args.mountpoint.clone());
 }
 
 /// What the start-up checks opened and read, for the filesystem.

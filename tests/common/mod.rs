@@ -602,3 +602,16 @@ impl Drop for StateFilesGone {
         }
     }
 }
+
+/// errno of a 4 KiB write at offset 0 through a writable open (the open's
+/// own errno when it is refused, as `strict` does).
+pub fn write_errno(path: &Path) -> Option<i32> {
+    use std::os::unix::fs::FileExt;
+    let f = match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) => return Some(e.raw_os_error().unwrap_or(0)),
+    };
+    f.write_at(&[b'W'; 4096], 0)
+        .err()
+        .map(|e| e.raw_os_error().unwrap_or(0))
+}
