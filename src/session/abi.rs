@@ -7,7 +7,8 @@
 /// nothing it needs; older kernels negotiate down at INIT).
 pub const KERNEL_VERSION: u32 = 7;
 pub const KERNEL_MINOR_VERSION: u32 = 41;
-/// Older kernels lack passthrough, resend and the layouts below assume.
+/// The oldest protocol this layer was checked against (Linux 5.10's);
+/// passthrough and resend are negotiated by INIT flags, never by version.
 pub const MIN_MINOR_VERSION: u32 = 31;
 
 pub mod opcode {

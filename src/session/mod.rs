@@ -6,7 +6,7 @@
 //! The project keeps this layer (rather than fuser's) so that a restarted
 //! daemon can take over a connection the kernel already initialized, and
 //! ask for the requests a dead daemon left unanswered (FUSE_NOTIFY_RESEND)
-//! — see DESIGN §"The session layer".
+//! — see DESIGN §2, "The session layer".
 
 mod abi;
 mod backing;

@@ -59,16 +59,15 @@ impl Replier {
 
     fn send_now(&mut self, errno: i32, payload: &[u8]) {
         self.sent = true;
-        let mut h = Out::with_capacity(abi::OUT_HEADER_LEN);
-        h.u32((abi::OUT_HEADER_LEN + payload.len()) as u32)
-            .i32(-errno)
-            .u64(self.unique);
+        // On the stack: every read and write answer passes here.
+        let mut h = [0u8; abi::OUT_HEADER_LEN];
+        h[0..4].copy_from_slice(&((abi::OUT_HEADER_LEN + payload.len()) as u32).to_ne_bytes());
+        h[4..8].copy_from_slice(&(-errno).to_ne_bytes());
+        h[8..16].copy_from_slice(&self.unique.to_ne_bytes());
         if let Some(log) = &self.log {
-            let mut whole = h.buf.clone();
-            whole.extend_from_slice(payload);
-            log.record(self.unique, &whole);
+            log.record(self.unique, &[&h[..], payload].concat());
         }
-        let parts = [IoSlice::new(&h.buf), IoSlice::new(payload)];
+        let parts = [IoSlice::new(&h), IoSlice::new(payload)];
         if let Err(e) = self.ch.send(&parts) {
             // ENOENT: the request was interrupted or its caller killed; the
             // kernel no longer waits for the answer.
@@ -257,9 +256,10 @@ impl ReplyData {
 
 impl ReplyWrite {
     pub fn written(self, n: u32) {
-        let mut o = Out::with_capacity(8);
-        o.u32(n).u32(0);
-        self.0.send(0, &o.buf)
+        // fuse_write_out: size, padding.
+        let mut o = [0u8; 8];
+        o[0..4].copy_from_slice(&n.to_ne_bytes());
+        self.0.send(0, &o)
     }
 }
 

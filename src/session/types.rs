@@ -44,12 +44,6 @@ impl Errno {
     }
 }
 
-impl From<std::io::Error> for Errno {
-    fn from(e: std::io::Error) -> Errno {
-        Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
-    }
-}
-
 /// The file types of a node's mode and of a directory entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileType {
