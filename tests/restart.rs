@@ -458,4 +458,64 @@ fn upgrades_under_fio_keep_the_mount() {
         "{log_text}"
     );
     umount_retrying(&mnt);
+    // Control: a mount without a keeper cannot be upgraded in place, and
+    // says so (exit 2) instead of pretending.
+    fs::create_dir(dir.path().join("control")).unwrap();
+    let back = backing_with(&dir.path().join("control"), "vm.img");
+    let m = Mount::start(dir.path(), &back, &["--no-restart"]);
+    let out = Command::new(BIN)
+        .arg("upgrade")
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("without a keeper"),
+        "{out:?}"
+    );
+}
+
+/// The serving child's variable, set by hand or inherited with nonsense:
+/// the start fails and names it, instead of mounting as if unset.
+#[test]
+fn a_malformed_serve_variable_refuses_the_start() {
+    if !require_root() {
+        return;
+    }
+    let dir = scratch();
+    let back = backing_with(dir.path(), "vm.img");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    for value in ["garbage", "900,901,902,1,/x"] {
+        let mut child = Command::new(BIN)
+            .args(["mount", "--state-file", "none"])
+            .arg(&back)
+            .arg(&mnt)
+            .env("MIGSAFE_SERVE", value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline || is_mounted(&mnt) {
+                let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("MIGSAFE_SERVE={value}: the start went on and mounted");
+            }
+            sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "MIGSAFE_SERVE={value}: {err}");
+        assert!(
+            err.contains("MIGSAFE_SERVE"),
+            "the error names the variable: {err}"
+        );
+    }
 }

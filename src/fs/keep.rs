@@ -6,6 +6,9 @@
 //! this process is killed between the two; [`MigsafeFs::restore_inode`] and
 //! [`MigsafeFs::restore_handle`] rebuild the tables in the next daemon from
 //! the same fds, so no node is ever matched to a backing entry by name.
+//! Node changes are reported under the inode table's lock, so the keeper
+//! sees them in the order the kernel does; each is one sendmsg, on lookups
+//! and forgets but never on reads and writes.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

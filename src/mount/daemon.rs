@@ -14,7 +14,7 @@ pub(super) struct PidFile {
 
 impl PidFile {
     pub(super) fn write(path: &Path) -> Result<PidFile, StartError> {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+        Self::rewrite(path, std::process::id()).map_err(|e| {
             StartError(format!(
                 "cannot write --pid-file {}: {e}; pick a writable path",
                 path.display()

@@ -4,8 +4,9 @@
 //! it (fs/keep.rs); when the child dies (SIGKILL, panic, OOM kill) the
 //! connection stays open here, so the mount lives on, and a new child is
 //! started that takes the connection over with that state and asks the
-//! kernel to send again what the dead one left unanswered. Users of the
-//! mount see a pause, never an error.
+//! kernel to send again what the dead one left unanswered. Readers and
+//! writers of images see a pause, not an error (what is not carried over:
+//! DESIGN §2, "The keeper").
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -205,6 +206,14 @@ pub(super) fn keep(
         let status = child
             .wait()
             .map_err(|e| StartError(format!("waiting for serving process {pid}: {e}")))?;
+        // The kernel sends FUSE_INIT once: a first child that died before
+        // answering it (or right after, before serving) leaves nothing a
+        // second one could take over; its log line says why.
+        if failed_starts > 0 && kept.lock().expect("kept lock").init.is_none() {
+            return err(format!(
+                "the serving process failed to start ({status}); its error is above"
+            ));
+        }
         serving.store(0, Ordering::SeqCst);
         let _ = reader.join();
         use std::os::unix::process::ExitStatusExt;
@@ -345,19 +354,35 @@ pub(super) struct ServeEnv {
 }
 
 impl ServeEnv {
-    /// The inherited fds, if this process is a keeper's serving child.
-    pub(super) fn take() -> Option<ServeEnv> {
+    /// The inherited fds, if this process is a keeper's serving child; an
+    /// error when the variable is there but names no usable fds (this
+    /// process must then not mount on its own).
+    pub(super) fn take() -> Option<Result<ServeEnv, StartError>> {
         let v = std::env::var(SERVE_ENV).ok()?;
-        let mut parts = v.splitn(5, ',');
-        let mut num = || parts.next()?.parse::<i32>().ok();
-        let (fuse, link, root, keeper) = (num()?, num()?, num()?, num()?);
-        let mountpoint = std::path::PathBuf::from(parts.next()?);
-        Some(ServeEnv {
-            mountpoint,
-            fuse: crate::sys::inherited_fd(fuse).ok()?,
-            root: crate::sys::inherited_fd(root).ok()?,
-            link: Link::from_fd(crate::sys::inherited_fd(link).ok()?),
-            keeper,
-        })
+        let parse = || -> Result<ServeEnv, String> {
+            let mut parts = v.splitn(5, ',');
+            let mut num = || -> Result<i32, String> {
+                parts
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| "not FUSE_FD,LINK_FD,ROOT_FD,KEEPER_PID,MOUNTPOINT".to_string())
+            };
+            let (fuse, link, root, keeper) = (num()?, num()?, num()?, num()?);
+            let mountpoint = std::path::PathBuf::from(parts.next().ok_or("no mountpoint")?);
+            let fd = |n: i32| crate::sys::inherited_fd(n).map_err(|e| format!("fd {n}: {e}"));
+            Ok(ServeEnv {
+                mountpoint,
+                fuse: fd(fuse)?,
+                root: fd(root)?,
+                link: Link::from_fd(fd(link)?),
+                keeper,
+            })
+        };
+        Some(parse().map_err(|e| {
+            StartError(format!(
+                "{SERVE_ENV}={v:?}: {e}; it is set by migsafe mount for its serving process \
+                 only: unset it"
+            ))
+        }))
     }
 }

@@ -59,7 +59,7 @@ pub fn default_threads() -> usize {
 /// service manager hears "ready" only once the mount is live.
 pub fn run(mut args: MountArgs) -> Result<(), StartError> {
     if let Some(env) = keeper::ServeEnv::take() {
-        return serve::serve_child(args, env);
+        return serve::serve_child(args, env?);
     }
     let (mount_options, acl) = apply_options(&mut args)?;
     let checked = check(&args, None)?;
