@@ -14,8 +14,8 @@
 mod common;
 
 use common::{
-    KMount, LoopBed, Mount, ctl_write_read, hold_open, make_file, read_at, read_direct, residency,
-    scratch, status_image, write_at_sync,
+    KMount, LoopBed, Mount, ctl_write_read, hold_open, make_file, pin_cached, read_at, read_direct,
+    residency, scratch, status_image, write_at_sync,
 };
 use std::fs;
 use std::path::Path;
@@ -113,6 +113,10 @@ fn loop_bed(device_io: &str) {
         );
     }
 
+    // Hold the destination's copy of X in its cache until the negative
+    // control has read it (common/pin.rs: the kernel may reclaim it).
+    let pin = pin_cached(&cache_b, X, MIB);
+
     // Source writes X (with fsync) and inactivates.
     write_at_sync(&disk1, X, &vec![b'B'; MIB]);
     assert!(
@@ -156,6 +160,7 @@ fn loop_bed(device_io: &str) {
          ({}); the bed proves nothing",
         describe(&stale)
     );
+    drop(pin);
 
     // Activate on the destination: now the new data.
     activate_destination(m2, "disk", &disk2);
@@ -234,6 +239,8 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
         "destination must use the {dst_io} data path; log:\n{log2}"
     );
 
+    // Hold the destination's copy of X until the negative control read it.
+    let pin = pin_cached(&cache_b, X, MIB);
     write_at_sync(&disk1, X, &vec![b'B'; MIB]);
     let log1 = m1.log_text();
     assert!(
@@ -280,6 +287,7 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
          did not read stale data before activate ({}); the bed proves nothing",
         describe(&stale)
     );
+    drop(pin);
 
     if dst_io == "cached" {
         // invalidate alone drops and verifies the FUSE inode's pages.
