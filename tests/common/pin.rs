@@ -32,7 +32,7 @@ pub struct PinnedPages {
 pub fn pin_cached(path: &Path, offset: u64, len: usize) -> PinnedPages {
     let page = 4096usize;
     assert!(
-        offset % page as u64 == 0 && len % page == 0 && len > 0,
+        offset.is_multiple_of(page as u64) && len.is_multiple_of(page) && len > 0,
         "pin_cached: offset and len must be whole pages"
     );
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
