@@ -34,9 +34,11 @@ Options:
                        randwrite-4k randwrite-4k-qd16 randrw-4k
                        (each -hot and -cold)
                        odirect-randread-4k
-  --targets LIST     comma list of: native passthrough relay cached mergerfs qsd
-                     (default: all that are available; native is always run;
-                     cached on a file is `migsafe mount --io cached`)
+  --targets LIST     comma list of: native passthrough relay cached
+                     writeback mergerfs qsd (default: all that are
+                     available; native is always run; cached on a file is
+                     `migsafe mount --io cached`; writeback is a
+                     devices-only mount with --writeback on, devices only)
   --threads N        passed to `migsafe mount --threads N`
   --mount-arg ARG    extra argument for every `migsafe mount` (repeatable)
   --migsafe PATH     migsafe binary (default target/release/migsafe, built
@@ -997,7 +999,7 @@ target_wanted() { # name
 if [[ -n $TARGETS ]]; then
 	IFS=, read -ra _items <<<"$TARGETS"
 	for _i in "${_items[@]}"; do
-		case $_i in native | passthrough | relay | cached | mergerfs | qsd) ;; *) die "unknown target in --targets: $_i" ;; esac
+		case $_i in native | passthrough | relay | cached | writeback | mergerfs | qsd) ;; *) die "unknown target in --targets: $_i" ;; esac
 	done
 fi
 
@@ -1103,6 +1105,12 @@ stage_blockdev() {
 				--device-io "$t" --device "disk=$loop"
 		done
 	done
+	# the cached path with the kernel's writeback cache (a devices-only mount)
+	if target_wanted writeback; then
+		mkdir -p "$WORK/devbacking-writeback"
+		add_migsafe writeback dev-writeback "$WORK/devbacking-writeback" \
+			"$WORK/mnt-dev-writeback" disk --device-io cached --writeback on --device "disk=$loop"
+	fi
 	if target_wanted qsd && have qemu-storage-daemon; then
 		if start_qsd host_device "$loop" "$WORK/qsd-dev"; then
 			DAEMON_PID[qsd]=$LAST_PID

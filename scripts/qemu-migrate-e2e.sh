@@ -38,6 +38,8 @@
 #   --migsafe PATH       migsafe binary (default: $MIGSAFE or `migsafe` on PATH)
 #   --io MODE            data path of the dir bed's migsafe mounts (default relay)
 #   --device-io MODE     data path of the loop bed's devices (default cached)
+#   --writeback MODE     the loop bed's mounts' --writeback (off, auto, on;
+#                        default: migsafe's own default)
 #   --direct             bed check without migsafe: QEMU opens the loop devices
 #                        or mergerfs files itself; --no-activate then means the
 #                        destination's file.drop-cache=off
@@ -62,6 +64,7 @@ CANCEL=0
 DIRECT=0
 IO=relay
 DEVICE_IO=cached
+WRITEBACK=""
 QEMU_ONLY=0
 KILLS=0
 MIGSAFE=${MIGSAFE:-migsafe}
@@ -80,6 +83,7 @@ while (($#)); do
     --migsafe) MIGSAFE=${2:?}; shift 2 ;;
     --io) IO=${2:?}; shift 2 ;;
     --device-io) DEVICE_IO=${2:?}; shift 2 ;;
+    --writeback) WRITEBACK=${2:?}; shift 2 ;;
     --qemu-only) QEMU_ONLY=1; ACTIVATE=0; shift ;;
     --direct) DIRECT=1; shift ;;
     --kill-daemons) KILLS=${2:?}; shift 2 ;;
@@ -272,8 +276,10 @@ if [[ $BACKING == loop ]]; then
         PATH_A=$LOOP_A PATH_B=$LOOP_B
     else
         mkdir -p "$WORK/empty-A" "$WORK/empty-B"
-        start_migsafe A "$WORK/empty-A" "$WORK/mnt-A" --device "$IMG=$LOOP_A" --device-io "$DEVICE_IO"
-        start_migsafe B "$WORK/empty-B" "$WORK/mnt-B" --device "$IMG=$LOOP_B" --device-io "$DEVICE_IO"
+        start_migsafe A "$WORK/empty-A" "$WORK/mnt-A" --device "$IMG=$LOOP_A" --device-io "$DEVICE_IO" \
+            ${WRITEBACK:+--writeback "$WRITEBACK"}
+        start_migsafe B "$WORK/empty-B" "$WORK/mnt-B" --device "$IMG=$LOOP_B" --device-io "$DEVICE_IO" \
+            ${WRITEBACK:+--writeback "$WRITEBACK"}
         PATH_A=$WORK/mnt-A/$IMG PATH_B=$WORK/mnt-B/$IMG
     fi
 else

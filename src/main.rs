@@ -7,7 +7,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use migsafe::client;
-use migsafe::fs::{DataPath, IoMode};
+use migsafe::fs::{DataPath, IoMode, Writeback};
 use migsafe::mount::{self, MountArgs};
 use migsafe::settings::Key;
 
@@ -68,6 +68,15 @@ struct MountCmd {
     /// on the device) or relay (every read and write through the daemon).
     #[arg(long, default_value = DataPath::DEVICE[0].name(), value_parser = device_io_parser())]
     device_io: DataPath,
+    /// Buffered writes to --device entries: write-back (on: they land in
+    /// this host's page cache and reach the device at the kernel's
+    /// write-back, an fsync, or inactivate/flush) or write-through (off:
+    /// on the device before the write returns). On needs a mount that
+    /// serves devices only: --device entries on the cached path and an
+    /// empty backing directory, where no regular file can be created. auto:
+    /// on exactly for such a mount.
+    #[arg(long, default_value = Writeback::ALL[0].name(), value_parser = writeback_parser())]
+    writeback: Writeback,
     /// FUSE event-loop threads (default: number of CPUs, at least 2).
     #[arg(long)]
     threads: Option<usize>,
@@ -236,6 +245,11 @@ fn device_io_parser() -> impl TypedValueParser<Value = DataPath> {
         .try_map(|w| DataPath::device_from_name(&w).ok_or("not a --device-io data path"))
 }
 
+fn writeback_parser() -> impl TypedValueParser<Value = Writeback> {
+    PossibleValuesParser::new(Writeback::ALL.map(Writeback::name))
+        .try_map(|w| Writeback::from_name(&w).ok_or("not a --writeback word"))
+}
+
 fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
     let mut devices = Vec::new();
     for d in &m.devices {
@@ -284,6 +298,7 @@ fn mount_args(m: MountCmd) -> Result<MountArgs, String> {
         devices,
         io: m.io,
         device_io: m.device_io,
+        writeback: m.writeback,
         threads: m.threads.unwrap_or_else(mount::default_threads),
         ctl_name: m.ctl_name,
         settings,

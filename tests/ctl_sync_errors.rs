@@ -13,7 +13,7 @@ mod common;
 
 use common::{
     KMount, LoopDev, Mount, ctl_write_read, errno_result, last_errno, open_rw, residency, scratch,
-    status_image,
+    status, status_image,
 };
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -416,9 +416,10 @@ fn invalidate_keeps_the_sticky_error() {
     assert_eq!(res, Err(e), "inactivate after invalidate: {out}");
 }
 
-/// On the cached device path the backing fd is O_DIRECT: a write the
-/// storage cannot take fails in the write itself, with the backing's errno,
-/// and nothing is acknowledged that could be lost later.
+/// On the cached device path written through (the default) the
+/// backing fd is O_DIRECT: a write the storage cannot take fails in the
+/// write itself, with the backing's errno, and nothing is acknowledged that
+/// could be lost later.
 #[test]
 fn cached_device_write_error_reaches_the_writer() {
     if !common::require_root() {
@@ -450,5 +451,55 @@ fn cached_device_write_error_reaches_the_writer() {
         m.log_text().contains("data path=cached"),
         "{}",
         m.log_text()
+    );
+}
+
+/// Write-back devices: a buffered write is acknowledged once it is in this
+/// host's page cache, so the storage's refusal of it at write-back reaches
+/// the writer's next fsync (the kernel's one report), and then every later
+/// fsync and `status` until `activate`: the pages were marked clean, so a
+/// later clean fsync would say data is on the device that is not. The
+/// write-through twin above is the control: there the write itself fails.
+#[test]
+fn writeback_device_write_error_reaches_fsync_and_stays_sticky() {
+    if !common::require_root() {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch();
+    let (_t, lo) = failing_device(dir.path(), "t", "4m");
+    let back = dir.path().join("back");
+    fs::create_dir(&back).unwrap();
+    let dev = format!("img={}", lo.path.display());
+    let m = Mount::start(dir.path(), &back, &["--device", &dev, "--writeback", "on"]);
+    assert_eq!(
+        status(&m)["data_paths"]["writeback"],
+        true,
+        "{}",
+        m.log_text()
+    );
+    let w = open_rw(&m.path("img"));
+    let chunk = vec![b'X'; MIB];
+    for i in 0..16u64 {
+        w.write_all_at(&chunk, i * MIB as u64)
+            .unwrap_or_else(|e| panic!("a write-back write is acknowledged from the cache: {e}"));
+    }
+    let first =
+        errno_result(w.sync_all()).expect_err("fsync after writes beyond the storage's room");
+    assert_eq!(first, libc::ENOSPC, "{}", m.log_text());
+    let again = errno_result(w.sync_all()).expect_err("the write-back error must stay sticky");
+    assert_eq!(again, libc::ENOSPC);
+    let other = open_rw(&m.path("img"));
+    assert_eq!(
+        errno_result(other.sync_all()),
+        Err(libc::ENOSPC),
+        "a fresh fd's fsync reports it too"
+    );
+    assert_eq!(status_image(&m, "img")["sticky_error"], "ENOSPC");
+    let (res, out) = ctl_write_read(&m.ctl("inactivate"), "img\n");
+    assert_eq!(
+        res,
+        Err(libc::ENOSPC),
+        "inactivate must not report ok: {out}"
     );
 }

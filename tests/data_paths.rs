@@ -420,6 +420,8 @@ fn check_device(extra: &[&str], want_path: &str) {
 }
 
 /// Devices default to the cached path; `--io` is for regular files only.
+/// The cached path written through (the default; write-back is
+/// `writeback_device_entry`).
 #[test]
 fn device_default_io() {
     if !common::require_root() {
@@ -434,6 +436,167 @@ fn device_with_io_relay_stays_cached() {
         return;
     }
     check_device(&["--io", "relay"], "cached");
+}
+
+/// `--writeback auto` on a mount that serves devices only (`--device`
+/// entries and an empty backing directory): the kernel's writeback cache. A buffered
+/// write is done once it is in this host's page cache; fsync puts it on the
+/// device; O_DIRECT readers and writers see and reach the same bytes;
+/// mapped writes too; the size rules of a device entry hold; and no regular
+/// file can be created, since the kernel trusts its own size of every
+/// regular file on such a connection.
+#[test]
+fn writeback_device_entry() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("disk.img");
+    File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let lo = LoopDev::attach(&img);
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let dev_arg = format!("disk={}", lo.path.display());
+    let m = Mount::start(
+        dir.path(),
+        &backing,
+        &["--device", &dev_arg, "--writeback", "auto"],
+    );
+    assert_eq!(
+        common::status(&m)["data_paths"]["writeback"],
+        true,
+        "a devices-only mount is write-back with --writeback auto:\n{}",
+        m.log_text()
+    );
+    let disk = m.path("disk");
+    let size = 64 * MIB as u64;
+
+    // A buffered write stays in this host's cache until fsync.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    let a = pattern(MIB + 100, 0x5a);
+    f.write_all_at(&a, 3 * MIB as u64 + 10).unwrap();
+    // Counted in this process: a `migsafe residency` child's close would
+    // write the inode's dirty pages back (FLUSH).
+    let dirty = page_state(&disk).dirty;
+    assert!(
+        dirty > 0,
+        "write-back: the write is dirty in the FUSE inode (dirty={dirty})"
+    );
+    f.sync_all().unwrap();
+    assert_eq!(
+        page_state(&disk).dirty,
+        0,
+        "fsync wrote every dirty page back"
+    );
+    let span = (a.len() + 10).div_ceil(4096) * 4096;
+    assert_same(
+        &read_direct(&lo.path, 3 * MIB as u64, span)[10..10 + a.len()],
+        &a,
+        "device after fsync",
+    );
+    // O_DIRECT through the mount: reads what buffered writers wrote (still
+    // dirty), and its writes are what buffered readers then read.
+    let b = pattern(8192, 0x77);
+    f.write_all_at(&b, 20 * MIB as u64).unwrap();
+    assert_same(
+        &read_direct(&disk, 20 * MIB as u64, 8192),
+        &b,
+        "O_DIRECT read of a dirty range through the mount",
+    );
+    let c = pattern(4096, 0x11);
+    write_direct(&disk, 24 * MIB as u64, &c).expect("O_DIRECT write through the mount");
+    assert_same(
+        &read_at(&disk, 24 * MIB as u64, 4096),
+        &c,
+        "buffered read after O_DIRECT write",
+    );
+    // A shared mapping's writes reach the device at msync.
+    {
+        let d = pattern(4096, 0x42);
+        let at = 30 * MIB;
+        let mut map = Mapping::shared(&f, 32 * MIB).expect("shared mmap of a write-back device");
+        map.bytes()[at..at + 4096].copy_from_slice(&d);
+        map.msync();
+        assert_same(
+            &read_direct(&lo.path, at as u64, 4096),
+            &d,
+            "device after msync",
+        );
+    }
+    // A device's size rules hold.
+    assert_eq!(
+        errno_of(f.set_len(size / 2), "truncate device to half"),
+        libc::EINVAL
+    );
+    f.set_len(size)
+        .expect("truncate to its own size is a no-op");
+    assert_eq!(fs::metadata(&disk).unwrap().len(), size);
+    drop(f);
+
+    // No regular file: created or made with mknod.
+    assert_eq!(
+        errno_of(fs::write(m.path("other"), b"x"), "create a regular file"),
+        libc::EPERM
+    );
+    assert!(
+        m.log_text().contains("this mount serves devices only"),
+        "{}",
+        m.log_text()
+    );
+    assert!(
+        dir_names(&backing).is_empty(),
+        "nothing was created in the backing"
+    );
+    fs::create_dir(m.path("sub")).expect("directories are fine");
+}
+
+/// `--writeback on` where it cannot be: a clear start error; `auto` there
+/// is write-through (and without `--writeback`, always).
+#[test]
+fn writeback_needs_a_devices_only_mount() {
+    if !common::require_root() {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("disk.img");
+    File::create(&img).unwrap().set_len(4 * MIB as u64).unwrap();
+    let lo = LoopDev::attach(&img);
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    fs::write(backing.join("notes.txt"), b"x").unwrap();
+    let dev_arg = format!("disk={}", lo.path.display());
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = Command::new(common::BIN)
+        .args(["mount", "--writeback", "on", "--device", &dev_arg])
+        .arg(&backing)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--writeback on") && err.contains("not empty") && err.contains("notes.txt"),
+        "the error names the option, the reason and the entry: {err}"
+    );
+    let m = Mount::start(
+        dir.path(),
+        &backing,
+        &["--device", &dev_arg, "--writeback", "auto"],
+    );
+    assert_eq!(common::status(&m)["data_paths"]["writeback"], false);
+    assert!(
+        m.log_text().contains("--writeback auto: off"),
+        "{}",
+        m.log_text()
+    );
 }
 
 #[test]

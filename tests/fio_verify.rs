@@ -295,3 +295,63 @@ fn device_64k_direct() {
     let m = Mount::start(dir.path(), &backing, &["--device", &dev]);
     fio_and_verify(&m, &m.path("disk"), &lo.path, "64k", true);
 }
+
+/// A write-back device (`--writeback on`): fio jobs
+/// writing buffered (into this host's cache, written back later) and fio
+/// jobs writing `O_DIRECT` at the same time on ranges of their own, each
+/// verified through the mount, then every range verified again on the
+/// device itself with `O_DIRECT` once the writers closed the file (a close
+/// writes the inode's dirty pages back).
+fn device_writeback_mixed(bs: &str) {
+    let dir = scratch();
+    let img = dir.path().join("disk.img");
+    File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let lo = LoopDev::attach(&img);
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let dev = format!("disk={}", lo.path.display());
+    let m = Mount::start(
+        dir.path(),
+        &backing,
+        &["--device", &dev, "--writeback", "on"],
+    );
+    assert_eq!(
+        common::status(&m)["data_paths"]["writeback"],
+        true,
+        "{}",
+        m.log_text()
+    );
+    let buffered = Layout {
+        mib: 32,
+        jobs: 4,
+        offset: 0,
+    };
+    let direct = Layout {
+        mib: 32,
+        jobs: 4,
+        offset: 32 << 20,
+    };
+    let disk = m.path("disk");
+    std::thread::scope(|s| {
+        s.spawn(|| fio_jobs(&m, &disk, bs, false, false, buffered));
+        s.spawn(|| fio_jobs(&m, &disk, bs, true, false, direct));
+    });
+    fio_jobs(&m, &lo.path, bs, true, true, buffered);
+    fio_jobs(&m, &lo.path, bs, true, true, direct);
+}
+
+#[test]
+fn device_writeback_4k_buffered_and_direct() {
+    if !common::require_root() || !have_tool("fio") {
+        return;
+    }
+    device_writeback_mixed("4k");
+}
+
+#[test]
+fn device_writeback_1m_buffered_and_direct() {
+    if !common::require_root() || !have_tool("fio") {
+        return;
+    }
+    device_writeback_mixed("1m");
+}

@@ -331,6 +331,46 @@ fn cancelled_migration_source_takes_over_again_on_nfs_like_directory() {
     }
 }
 
+/// The loop bed with write-back devices (`--writeback on`): the guest's
+/// writes on the source sit in its page cache until QEMU flushes (it does
+/// before it inactivates), `inactivate` writes back what is left and
+/// fences, and the destination reads fresh data with `activate`, with
+/// QEMU's own drop-cache alone, and not without either (the control); a
+/// cancelled migration's source takes over again with no error left from
+/// the write the fence refused.
+#[test]
+fn writeback_devices_migrate_fresh() {
+    if prerequisites(false) {
+        let wb = ["--backing", "loop", "--writeback", "on"];
+        for format in ["raw", "qcow2"] {
+            let with = |extra: &[&'static str]| {
+                let mut a = vec!["--format", format];
+                a.extend_from_slice(&wb);
+                a.extend_from_slice(extra);
+                a
+            };
+            assert_pass(&with(&[]));
+            assert_stale_without_activate(&with(&[]));
+            assert_pass(&with(&["--qemu-only"]));
+        }
+    }
+}
+
+#[test]
+fn writeback_devices_cancelled_migration_source_takes_over_again() {
+    if prerequisites(false) {
+        assert_pass(&[
+            "--format",
+            "qcow2",
+            "--backing",
+            "loop",
+            "--writeback",
+            "on",
+            "--cancel",
+        ]);
+    }
+}
+
 /// The bed itself, without migsafe (docs/DESIGN.md §1): QEMU opening the
 /// loop devices directly reads stale data on the destination with its own
 /// `drop-cache=off`, and fresh data with `drop-cache=on`. This is what QEMU

@@ -70,11 +70,16 @@ fn print_status(out: &mut Out, mountpoint: &Path, doc: &serde_json::Value) {
         Some(b) => out.line(&format!("backing: {b}")),
         None => out.line("backing: ? (not found in /proc/self/mountinfo)"),
     }
+    let devices = match doc["data_paths"]["writeback"].as_bool() {
+        Some(true) => "write-back",
+        _ => "write-through",
+    };
     out.line(&format!(
-        "data paths: io={} passthrough supported={} in use={}",
+        "data paths: io={} passthrough supported={} in use={} devices={} {devices}",
         doc["data_paths"]["io"].as_str().unwrap_or("?"),
         doc["passthrough_supported"],
-        doc["data_paths"]["passthrough_active"]
+        doc["data_paths"]["passthrough_active"],
+        doc["data_paths"]["devices"].as_str().unwrap_or("?"),
     ));
     if let Some(settings) = doc["settings"].as_object() {
         let s: Vec<String> = settings

@@ -429,6 +429,7 @@ pub fn status_json(plane: &Arc<ControlPlane>) -> serde_json::Value {
             "passthrough_active": plane.passthrough_active.load(Ordering::Relaxed),
             "io": plane.config.io.name(),
             "devices": plane.config.device_io.name(),
+            "writeback": plane.writeback_active.load(Ordering::Relaxed),
         },
         "ctl_name": plane.config.ctl_name,
         "state_file": plane.registry.state_file(),

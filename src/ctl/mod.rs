@@ -84,6 +84,9 @@ pub struct FsConfig {
     pub mountpoint: std::path::PathBuf,
     /// Data path of `--device` entries (cached or relay).
     pub device_io: DataPath,
+    /// Ask FUSE_INIT for the writeback cache: the mount serves devices only
+    /// (`--writeback`, decided at start).
+    pub writeback: bool,
 }
 
 /// The mount's one record: its configuration, the image registry, the
@@ -103,6 +106,11 @@ pub struct ControlPlane {
     /// Set once the kernel answered FUSE_INIT.
     pub passthrough_supported: AtomicBool,
     pub passthrough_active: AtomicBool,
+    /// The connection has the writeback cache (agreed at FUSE_INIT):
+    /// buffered writes of device entries stay in the FUSE inode's cache
+    /// until written back, and no regular file of the backing directory is
+    /// created or opened.
+    pub writeback_active: AtomicBool,
     /// Command requests in arrival order: each takes its tickets for its
     /// images' command queues in this order (a request still resolving its
     /// paths after `arrivals::RESOLVE_BOUND` is passed), so commands on one

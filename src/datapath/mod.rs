@@ -59,6 +59,42 @@ impl IoMode {
     }
 }
 
+/// `--writeback`: whether buffered writes to device entries stay in the
+/// FUSE inode's page cache and reach the device later (the kernel's FUSE
+/// writeback cache), or go through to the device before the write returns.
+/// The kernel negotiates it per connection and then trusts its own size
+/// and times of every regular file, so it is for mounts that serve devices
+/// only (DESIGN §2 "Write-back devices").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writeback {
+    /// On when the mount serves devices only: at least one `--device`, all
+    /// on the cached path, and an empty backing directory.
+    Auto,
+    /// On, and the start fails where it cannot be.
+    On,
+    Off,
+}
+
+impl Writeback {
+    /// The one home of the `--writeback` words, the default first. Off by
+    /// default: a write-back mount answers `inactivate` with EBUSY while a
+    /// writer still writes (write-through fences it), and refuses regular
+    /// files (DESIGN §2 "Write-back devices").
+    pub const ALL: [Writeback; 3] = [Writeback::Off, Writeback::Auto, Writeback::On];
+
+    pub fn from_name(word: &str) -> Option<Writeback> {
+        Writeback::ALL.into_iter().find(|m| m.name() == word)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Writeback::Auto => "auto",
+            Writeback::On => "on",
+            Writeback::Off => "off",
+        }
+    }
+}
+
 /// Which data path serves an open handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {

@@ -61,8 +61,39 @@ impl MigsafeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
+        writeback: bool,
     ) -> Result<usize, Error> {
         let h = self.file_handle(fh)?;
+        let res = self.write_handle(&h, offset, data);
+        if !writeback {
+            // A caller's write: its error fails that call and nothing more.
+            return res;
+        }
+        // A write-back: the writer's call returned long ago and learns of
+        // a loss only through its next fsync or close, so a failure stays
+        // on the image (sticky until `activate`).
+        match res {
+            // Written after the fence: never reaches the device, and the
+            // writer's next fsync or close gets EROFS from the sticky
+            // error. Answered as written, so the kernel records no error
+            // of its own: that one would reach every fd open now at its
+            // next fsync, also after `activate` (a cancelled migration's
+            // source VMM would fail its first flush after taking over).
+            Err(Error::Fenced) => {
+                h.image.writeback_failed(&Error::Fenced);
+                Ok(data.len())
+            }
+            Err(e) => Err(Error::Sticky(h.image.writeback_failed(&e))),
+            ok => ok,
+        }
+    }
+
+    fn write_handle(
+        &self,
+        h: &crate::image::Handle,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, Error> {
         let _admitted = h.image.admit_write(self.settings())?;
         let room = h.image.write_room(offset, data.len())?;
         let data = &data[..room];

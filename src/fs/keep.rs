@@ -22,7 +22,7 @@ use super::handles::Open;
 use crate::cache::{Identity, Incarnation};
 use crate::datapath::{DataPath, PassthroughBacking};
 use crate::image::Handle;
-use crate::session::Connection;
+use crate::session::{Connection, Negotiated};
 use crate::sys;
 
 /// Hears of every change of the kernel's view of this mount, in order.
@@ -192,10 +192,13 @@ impl MigsafeFs {
 
 impl MigsafeFs {
     /// Takes what FUSE_INIT agreed from the daemon that answered it.
-    pub fn adopted(&self, passthrough_active: bool, passthrough_supported: bool) {
+    pub fn adopted(&self, negotiated: &Negotiated, passthrough_supported: bool) {
         self.ctl
             .passthrough_active
-            .store(passthrough_active, Ordering::Relaxed);
+            .store(negotiated.passthrough(), Ordering::Relaxed);
+        self.ctl
+            .writeback_active
+            .store(negotiated.writeback(), Ordering::Relaxed);
         self.ctl
             .passthrough_supported
             .store(passthrough_supported, Ordering::Relaxed);

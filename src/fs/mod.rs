@@ -19,12 +19,12 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::session::{
     Errno, FileHandle, Filesystem, FopenFlags, INodeNo, InitFlags, KernelConfig, Notifier,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SetAttr, StatFs,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SetAttr, StatFs, WriteFlags,
 };
 
 use crate::ctl::{ControlPlane, FsConfig};
@@ -40,7 +40,7 @@ use reply::{
     reply_written, reply_xattr,
 };
 
-pub use crate::datapath::{DataPath, IoMode};
+pub use crate::datapath::{DataPath, IoMode, Writeback};
 
 pub struct MigsafeFs {
     /// The mount's one record: configuration, settings, registry, backing
@@ -119,6 +119,54 @@ impl MigsafeFs {
     pub(crate) fn passthrough_active(&self) -> bool {
         self.ctl.passthrough_active.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn writeback_active(&self) -> bool {
+        self.ctl.writeback_active.load(Ordering::Relaxed)
+    }
+
+    /// How long the kernel may keep these attributes. On a write-back
+    /// connection a buffered write asks for attributes (GETATTR with the
+    /// writer's handle) only when the kept ones are stale, and that request
+    /// is the one moment the daemon can refuse the write (see
+    /// `refuse_fenced_writer`); so the attributes of an image that is not
+    /// active are never kept. Elsewhere `attr::TTL`.
+    fn attr_ttl(&self, result: &Result<crate::session::FileAttr, Error>) -> Duration {
+        let not_active = || {
+            let Ok(a) = result else { return false };
+            self.inodes
+                .get(a.ino.0)
+                .and_then(|i| i.image().cloned())
+                .is_some_and(|img| !img.is_active())
+        };
+        if self.writeback_active() && not_active() {
+            Duration::ZERO
+        } else {
+            attr::TTL
+        }
+    }
+
+    /// On a write-back connection the kernel asks for attributes with the
+    /// writer's handle (FUSE_GETATTR_FH) before it copies a buffered write
+    /// into its cache, and only then: a size or time it keeps itself. So a
+    /// writable handle's request for a fenced image is a write after the
+    /// fence, refused here with `EROFS` at write time, as on the other data
+    /// paths; left to write-back it would fail at the writer's next fsync,
+    /// which QEMU (cache=writeback) turns into a permanent failure of every
+    /// later flush, also once a cancelled migration's source is active
+    /// again. A write racing the fence itself is refused at write-back.
+    fn refuse_fenced_writer(&self, fh: FileHandle) -> Result<(), Error> {
+        if !self.writeback_active() {
+            return Ok(());
+        }
+        let Ok(h) = self.file_handle(fh) else {
+            return Ok(());
+        };
+        if !h.writable {
+            return Ok(());
+        }
+        // Waits while `inactivate` decides, as a write does.
+        h.image.admit_write(self.settings()).map(drop)
+    }
 }
 
 impl Filesystem for MigsafeFs {
@@ -154,15 +202,26 @@ impl Filesystem for MigsafeFs {
         ] {
             config.request(flag);
         }
+        if self.config().writeback {
+            if !config.offered(InitFlags::WRITEBACK_CACHE) {
+                return Err(std::io::Error::other(
+                    "--writeback: the kernel does not offer the FUSE writeback cache; \
+                     use --writeback off",
+                ));
+            }
+            config.request(InitFlags::WRITEBACK_CACHE);
+            self.ctl.writeback_active.store(true, Ordering::Relaxed);
+        }
         config.set_max_write(self.config().max_write);
         config.set_max_background(self.config().max_background);
         // The most the kernel offers: FUSE_INIT can only lower the mount's
         // readahead window (mount/kernel.rs widens it through sysfs).
         config.set_max_readahead(self.config().max_write);
         log::info!(
-            "mounted: io={:?} passthrough={} max_write={} ctl={}",
+            "mounted: io={:?} passthrough={} writeback={} max_write={} ctl={}",
             self.config().io,
             self.passthrough_active(),
+            self.writeback_active(),
             self.config().max_write,
             self.config().ctl_name
         );
@@ -173,25 +232,35 @@ impl Filesystem for MigsafeFs {
         let result = self
             .ctl_lookup(parent, name)
             .unwrap_or_else(|| self.do_lookup(req, parent, name));
-        reply_entry(reply, result)
+        let ttl = self.attr_ttl(&result);
+        reply_entry(reply, result, ttl)
     }
 
     fn forget(&self, ino: INodeNo, nlookup: u64) {
         self.inodes.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if ctl_node::is_virtual(ino.0) {
-            return reply_attr(reply, Ok(self.ctl_attr(ino.0)));
+            return reply_attr(reply, Ok(self.ctl_attr(ino.0)), attr::TTL);
         }
-        reply_attr(reply, self.inode(ino).and_then(|i| self.attr_of(&i)))
+        if let Some(fh) = fh
+            && let Err(e) = self.refuse_fenced_writer(fh)
+        {
+            return reply_attr(reply, Err(e), attr::TTL);
+        }
+        let result = self.inode(ino).and_then(|i| self.attr_of(&i));
+        let ttl = self.attr_ttl(&result);
+        reply_attr(reply, result, ttl)
     }
 
     fn setattr(&self, req: &Request, ino: INodeNo, changes: SetAttr, reply: ReplyAttr) {
         if ctl_node::is_virtual(ino.0) {
-            return reply_attr(reply, self.ctl_setattr(req, ino.0));
+            return reply_attr(reply, self.ctl_setattr(req, ino.0), attr::TTL);
         }
-        reply_attr(reply, self.do_setattr(req, ino, changes))
+        let result = self.do_setattr(req, ino, changes);
+        let ttl = self.attr_ttl(&result);
+        reply_attr(reply, result, ttl)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -207,11 +276,15 @@ impl Filesystem for MigsafeFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.do_mknod(req, parent, name, mode, rdev))
+        reply_entry(
+            reply,
+            self.do_mknod(req, parent, name, mode, rdev),
+            attr::TTL,
+        )
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, reply: ReplyEntry) {
-        reply_entry(reply, self.do_mkdir(req, parent, name, mode))
+        reply_entry(reply, self.do_mkdir(req, parent, name, mode), attr::TTL)
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -230,7 +303,11 @@ impl Filesystem for MigsafeFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.do_symlink(req, parent, link_name, target))
+        reply_entry(
+            reply,
+            self.do_symlink(req, parent, link_name, target),
+            attr::TTL,
+        )
     }
 
     fn rename(
@@ -257,7 +334,7 @@ impl Filesystem for MigsafeFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.do_link(req, ino, newparent, newname))
+        reply_entry(reply, self.do_link(req, ino, newparent, newname), attr::TTL)
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: i32, reply: ReplyOpen) {
@@ -292,16 +369,22 @@ impl Filesystem for MigsafeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        kill_suidgid: bool,
+        flags: WriteFlags,
         reply: ReplyWrite,
     ) {
         if ctl_node::is_virtual(ino.0) {
             return self.ctl_write(req, fh, data, |result| reply_written(reply, result));
         }
-        if kill_suidgid && let Err(e) = self.clear_set_id_before_write(req, fh) {
+        if flags.kill_suidgid
+            && let Err(e) = self.clear_set_id_before_write(req, fh)
+        {
             return reply_written(reply, Err(e));
         }
-        reply_written(reply, self.do_write(fh, offset, data).map(|n| n as u32))
+        reply_written(
+            reply,
+            self.do_write(fh, offset, data, flags.writeback)
+                .map(|n| n as u32),
+        )
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {

@@ -186,6 +186,9 @@ impl MigsafeFs {
         rdev: u32,
     ) -> Result<FileAttr, Error> {
         self.check_name_allowed(parent, name)?;
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            self.refuse_regular_file_on_writeback(name)?;
+        }
         let dir = self.parent_dir(parent)?;
         let cname = component(name)?;
         // Any node type, as on the backing: device nodes are inert through

@@ -274,6 +274,9 @@ impl MigsafeFs {
             if flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_TRUNC != 0 {
                 image.check_writable(self.settings())?;
             }
+            if !image.is_device() {
+                self.refuse_regular_file_on_writeback(&std::ffi::OsString::from(image.path()))?;
+            }
             if is_internal_opener(req.pid()) {
                 return self.open_internal(inode, image);
             }
@@ -285,6 +288,25 @@ impl MigsafeFs {
             let file = self.open_image_backing(req, &inode, &image, flags)?;
             self.register_handle(req, inode, image, file, flags, ReplyOpenLike::Open(reply))
         }
+    }
+
+    /// A write-back connection serves device entries only: the kernel
+    /// trusts its own size and times of every regular file there, which a
+    /// file changed anywhere else would make wrong (`--writeback`, DESIGN
+    /// §2), so no other regular file is created or opened.
+    pub(super) fn refuse_regular_file_on_writeback(
+        &self,
+        name: &std::ffi::OsStr,
+    ) -> Result<(), Error> {
+        if !self.writeback_active() {
+            return Ok(());
+        }
+        log::warn!(
+            "{}: refused (EPERM): this mount serves devices only (--writeback on); \
+             keep regular files on a mount with --writeback off",
+            name.to_string_lossy()
+        );
+        Err(Errno::EPERM.into())
     }
 
     /// The control plane opening a file of this mount to measure or sync
@@ -329,6 +351,7 @@ impl MigsafeFs {
                 let inode = self.inodes.get(id).ok_or(Errno::EIO)?;
                 return self.open_created(req, inode, None, flags, reply);
             }
+            self.refuse_regular_file_on_writeback(name)?;
             let dir = self.parent_dir(parent)?;
             let cname = super::namespace::component(name)?;
             let dirfd = dir.fd.as_ref().ok_or(Errno::EIO)?;

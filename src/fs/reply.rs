@@ -6,6 +6,8 @@ use crate::session::{
     ReplyWrite, ReplyXattr,
 };
 
+use std::time::Duration;
+
 use super::{attr, namespace, open};
 use crate::error::Error;
 
@@ -16,16 +18,26 @@ pub(super) fn reply_empty(reply: ReplyEmpty, result: Result<(), Error>) {
     }
 }
 
-pub(super) fn reply_entry(reply: ReplyEntry, result: Result<crate::session::FileAttr, Error>) {
+/// `ttl`: how long the kernel may keep the attributes (`attr::TTL`, or
+/// none: `MigsafeFs::attr_ttl`).
+pub(super) fn reply_entry(
+    reply: ReplyEntry,
+    result: Result<crate::session::FileAttr, Error>,
+    ttl: Duration,
+) {
     match result {
-        Ok(a) => reply.entry(attr::ENTRY_TTL, attr::TTL, &a),
+        Ok(a) => reply.entry(attr::ENTRY_TTL, ttl, &a),
         Err(e) => reply.error(e.into()),
     }
 }
 
-pub(super) fn reply_attr(reply: ReplyAttr, result: Result<crate::session::FileAttr, Error>) {
+pub(super) fn reply_attr(
+    reply: ReplyAttr,
+    result: Result<crate::session::FileAttr, Error>,
+    ttl: Duration,
+) {
     match result {
-        Ok(a) => reply.attr(attr::TTL, &a),
+        Ok(a) => reply.attr(ttl, &a),
         Err(e) => reply.error(e.into()),
     }
 }

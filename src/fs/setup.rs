@@ -69,6 +69,7 @@ impl MigsafeFs {
             root_fd,
             passthrough_supported: AtomicBool::new(false),
             passthrough_active: AtomicBool::new(false),
+            writeback_active: AtomicBool::new(false),
             arrivals: Default::default(),
             arrival_order: Default::default(),
             writer_cache,

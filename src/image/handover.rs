@@ -90,15 +90,35 @@ impl Image {
             // through would be the unsafe side. The writes waiting for the
             // decision get EROFS before the record is on disk: still the
             // safe side, as no ok was reported yet.
-            let result = result.map(|o| self.stage_fence(o));
+            let staged = handed_over.then(|| self.stage_fence());
             decision.end(handed_over);
-            result
+            if handed_over {
+                // Attributes the kernel kept from before the fence would
+                // let a write-back connection's writer copy into its cache
+                // without asking (fs/mod.rs `refuse_fenced_writer`).
+                (ctx.invalidate_attrs)(self);
+            }
+            // What the result names (writers, holders) is read from /proc
+            // only now: a process may be waiting for this image's writes
+            // there (a close or an exec writing its dirty pages back), and
+            // a /proc read of it (stat, maps) waits for that process, so
+            // during the decision it would wait for the decision itself.
+            match result {
+                Ok(()) => Ok(Outcome {
+                    staged: staged.flatten(),
+                    ..self.fencing_outcome(ctx)
+                }),
+                Err(Refused::With(o)) => Err(o),
+                Err(Refused::StillDirty { left, mapped_dirty }) => {
+                    Err(self.still_dirty(ctx, left, mapped_dirty))
+                }
+            }
         })
     }
 
     /// Stages the record that the image is inactive; the outcome carries
     /// it to `settle`.
-    fn stage_fence(&self, outcome: Outcome) -> Outcome {
+    fn stage_fence(&self) -> Option<super::StagedRecord> {
         let staged = self.stage_change(Change::Fence, |r| {
             let mut r = r.unwrap_or_else(|| self.new_record());
             r.path = self.path();
@@ -109,10 +129,12 @@ impl Image {
             // No state file: nothing to wait for.
             self.fence_recorded();
         }
-        Outcome { staged, ..outcome }
+        staged
     }
 
-    fn inactivate_steps(&self, ctx: &CommandContext<'_>) -> Result<Outcome, Outcome> {
+    /// The steps of `inactivate` while writes wait: nothing here reads
+    /// /proc (see `inactivate`).
+    fn inactivate_steps(&self, ctx: &CommandContext<'_>) -> Result<(), Refused> {
         let file = self
             .open_backing(libc::O_RDONLY)
             .map_err(|e| Outcome::cannot_open_backing(&e))?;
@@ -122,7 +144,7 @@ impl Image {
             // inactive-writes=allow: the operator lets writes through, so
             // nothing can promise that none is left; sync what is there.
             self.sync_and_drop(&file, ctx.settings)?;
-            return Ok(self.fencing_outcome(ctx));
+            return Ok(());
         }
         let mut left = sys::PageCounts::default();
         let mut mapped_dirty = 0;
@@ -132,8 +154,9 @@ impl Image {
             // not "0 dirty".
             left = self.dirty_left(&file)?;
             // The FUSE inode's pages were written back and dropped before
-            // the decision; dirty ones now were written through a mapping
-            // since (counted, never written back here: see `inactivate`),
+            // the decision; dirty ones now were written since, through a
+            // mapping or by a writer of a write-back device (counted, never
+            // written back here: see `inactivate`),
             // on the file opened before the decision: no request to the
             // mount now (an image first opened through it meanwhile has
             // none, and the command is refused).
@@ -147,12 +170,31 @@ impl Image {
                 mapped_dirty = f.dirty + f.writeback;
             }
             if left.dirty + left.writeback == 0 {
-                return Ok(self.fencing_outcome(ctx));
+                return Ok(());
             }
         }
-        Err(self.still_dirty(ctx, left, mapped_dirty))
+        Err(Refused::StillDirty { left, mapped_dirty })
     }
+}
 
+/// Why `inactivate`'s steps refused: a finished outcome, or pages still
+/// dirty, whose report (naming writers and holders from /proc) is made once
+/// the decision is over.
+enum Refused {
+    With(Outcome),
+    StillDirty {
+        left: sys::PageCounts,
+        mapped_dirty: u64,
+    },
+}
+
+impl From<Outcome> for Refused {
+    fn from(o: Outcome) -> Refused {
+        Refused::With(o)
+    }
+}
+
+impl Image {
     /// Syncs every fd of the image, then drops the backing's cached pages
     /// (unless `drop-cache` is off).
     fn sync_and_drop(&self, file: &File, settings: &Settings) -> Result<(), Outcome> {
@@ -179,7 +221,10 @@ impl Image {
             left.dirty,
             left.writeback,
             if mapped_dirty > 0 {
-                format!(" ({mapped_dirty} of them by a mapping of the image through this mount)")
+                format!(
+                    " ({mapped_dirty} of them in this mount's page cache, written since \
+                     inactivate wrote it back: by a mapping, or a writer of a write-back device)"
+                )
             } else {
                 String::new()
             },

@@ -446,39 +446,51 @@ impl Image {
             file.sync_data()
         };
         res.map_err(|e| {
-            let errno = sys::errno_of(&e);
             self.counters.sync_errors.fetch_add(1, Ordering::Relaxed);
-            // Two syncs failing at once: the first error stays, and both
-            // callers report it.
-            let (sticky, first) = {
-                let mut st = self.state.lock().expect("state lock");
-                let first = st.sticky_error.is_none();
-                (*st.sticky_error.get_or_insert(errno), first)
-            };
-            // Recorded for a restarted daemon; the sync fails either way,
-            // so a record that cannot be written is only logged.
-            if first
-                && let Err(e) = self.record_update(Some("sync"), |r| {
-                    let mut r = r.unwrap_or_else(|| self.new_record());
-                    r.sticky_error = Some(sticky);
-                    Some(r)
-                })
-            {
-                log::error!(
-                    "image {}: cannot record its sticky error in the state file {}: {e}; \
-                     a restarted daemon would forget it",
-                    self.path(),
-                    self.journal_path()
-                );
-            }
-            log::warn!(
-                "image {}: sync failed: {} ({e}); it stays failed with {} until activate",
-                self.path(),
-                sys::errno_name(errno),
-                sys::errno_name(sticky)
-            );
-            Error::Sticky(sticky)
+            Error::Sticky(self.make_sticky(sys::errno_of(&e), "sync", &e))
         })
+    }
+
+    /// A write-back of this host's dirty pages failed: the kernel has
+    /// marked those pages clean and tells the writer once (its next fsync
+    /// or close), so the failure becomes the image's sticky error, as a
+    /// failed sync does, and every later sync reports it until `activate`.
+    pub fn writeback_failed(&self, e: &Error) -> i32 {
+        self.make_sticky(e.errno(), "write-back", e)
+    }
+
+    /// Records `errno` as the sticky error (the first one stays: two
+    /// failures at once both report it) in memory and in the state file;
+    /// returns the sticky errno.
+    fn make_sticky(&self, errno: i32, what: &str, e: &dyn std::fmt::Display) -> i32 {
+        let (sticky, first) = {
+            let mut st = self.state.lock().expect("state lock");
+            let first = st.sticky_error.is_none();
+            (*st.sticky_error.get_or_insert(errno), first)
+        };
+        // Recorded for a restarted daemon; the sync fails either way, so a
+        // record that cannot be written is only logged.
+        if first
+            && let Err(e) = self.record_update(Some("sync"), |r| {
+                let mut r = r.unwrap_or_else(|| self.new_record());
+                r.sticky_error = Some(sticky);
+                Some(r)
+            })
+        {
+            log::error!(
+                "image {}: cannot record its sticky error in the state file {}: {e}; \
+                 a restarted daemon would forget it",
+                self.path(),
+                self.journal_path()
+            );
+        }
+        log::warn!(
+            "image {}: {what} failed: {} ({e}); it stays failed with {} until activate",
+            self.path(),
+            sys::errno_name(errno),
+            sys::errno_name(sticky)
+        );
+        sticky
     }
 
     /// Runs one command on this image, then `conclude`s it; a command

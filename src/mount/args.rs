@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::fs::{DataPath, IoMode};
+use crate::fs::{DataPath, IoMode, Writeback};
 use crate::settings::Key;
 
 /// Everything `migsafe mount` was told.
@@ -14,6 +14,8 @@ pub struct MountArgs {
     pub io: IoMode,
     /// Data path of `--device` entries: cached (default) or relay.
     pub device_io: DataPath,
+    /// `--writeback`: the FUSE writeback cache for a devices-only mount.
+    pub writeback: Writeback,
     pub threads: usize,
     pub ctl_name: String,
     pub settings: Vec<(Key, String)>,

@@ -214,17 +214,33 @@ fn open_dev_fuse() -> Result<OwnedFd, StartError> {
 /// a sequential reader is served by fewer, larger reads with a wider window.
 const READAHEAD_KB: u32 = 1024;
 
-/// Sets the mount's readahead through its BDI in sysfs (root only; a
-/// failure only costs sequential speed). Found through mountinfo, never by
-/// a stat of the mountpoint: nothing serves this mount's requests yet.
-pub(super) fn widen_readahead(mountpoint: &Path) {
+/// Sets the mount's readahead and, for a write-back mount, its dirty-page
+/// limits through its BDI in sysfs (root only; a failure costs speed, never
+/// correctness). Found through mountinfo, never by a stat of the
+/// mountpoint: nothing serves this mount's requests yet.
+///
+/// FUSE gives every mount a strict dirty limit of 1% of the system's
+/// dirty threshold (`strict_limit`, `max_ratio` 1), which throttles a
+/// write-back mount's writers to the device's speed after a few MiB. A
+/// write-back mount of migsafe is a block device's cache in all but name,
+/// so it gets a block device's limits: no strict limit, up to the whole
+/// threshold (`vm.dirty_ratio` / `vm.dirty_bytes`, as for the device
+/// itself). An operator bounds one mount with `max_bytes` and
+/// `strict_limit` in the same directory (README "Write-back devices").
+pub(super) fn tune_bdi(mountpoint: &Path, writeback: bool) {
     let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let Some(dev) = top_mount_at(&canonical).map(|m| m.dev) else {
         return;
     };
-    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&knob, format!("{READAHEAD_KB}\n")) {
-        log::debug!("readahead of {}: {knob}: {e}", mountpoint.display());
+    let mut knobs = vec![("read_ahead_kb", READAHEAD_KB)];
+    if writeback {
+        knobs.extend([("strict_limit", 0), ("max_ratio", 100)]);
+    }
+    for (name, value) in knobs {
+        let knob = format!("/sys/class/bdi/{dev}/{name}");
+        if let Err(e) = std::fs::write(&knob, format!("{value}\n")) {
+            log::info!("{} ({name}): {knob}: {e}", mountpoint.display());
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use nix::sys::signal::SigSet;
 
 use crate::backing::{self, Device};
 use crate::ctl::FsConfig;
-use crate::fs::{IoMode, MigsafeFs};
+use crate::fs::{DataPath, IoMode, MigsafeFs, Writeback};
 use crate::image::state_file::{Record, StateFile};
 use crate::session::{Acl, Connection, Session};
 use crate::settings::Settings;
@@ -35,7 +35,7 @@ use daemon::{
     sd_notify,
 };
 use fusermount::UserMount;
-use kernel::{OwnMount, Unmounter, widen_readahead};
+use kernel::{OwnMount, Unmounter, tune_bdi};
 pub use options::parse_device;
 use options::{MountOption, apply_options};
 use placement::{check_mountpoint, warn_about_placement};
@@ -84,13 +84,14 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         let root = checked.root;
         return run_keeper(
             &args,
-            root,
+            (root, checked.writeback),
             mount_options,
             acl,
             (signals, upgrade),
             pid_file,
         );
     }
+    let writeback = checked.writeback;
     let fs = build_fs(&args, checked)?;
     let notifier_slot = fs.notifier.clone();
     let Started {
@@ -99,7 +100,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
         own_guard,
     } = start_session(fs, &args, mount_options, acl)?;
     let _ = notifier_slot.set(session.notifier());
-    widen_readahead(&args.mountpoint);
+    tune_bdi(&args.mountpoint, writeback);
     log::info!(
         "migsafe {} serving {} on {} ({} threads)",
         env!("CARGO_PKG_VERSION"),
@@ -121,7 +122,7 @@ pub fn run(mut args: MountArgs) -> Result<(), StartError> {
 /// connection (mount/keeper.rs) until the mount goes away.
 fn run_keeper(
     args: &MountArgs,
-    root: OwnedFd,
+    (root, writeback): (OwnedFd, bool),
     mount_options: Vec<MountOption>,
     acl: Acl,
     (signals, upgrade): (SigSet, SigSet),
@@ -153,7 +154,7 @@ fn run_keeper(
             let Some((pid_file, signals, unmounter)) = first.take() else {
                 return;
             };
-            widen_readahead(&args.mountpoint);
+            tune_bdi(&args.mountpoint, writeback);
             live(args, pid_file, signals, unmounter);
         },
     );
@@ -186,6 +187,8 @@ struct Checked {
     settings: Arc<Settings>,
     devices: Vec<Device>,
     state: Option<(StateFile, Vec<Record>)>,
+    /// Ask FUSE_INIT for the writeback cache (`--writeback`, decided).
+    writeback: bool,
 }
 
 /// Every check that can refuse the start, in the order an operator meets
@@ -244,13 +247,59 @@ fn check(args: &MountArgs, root: Option<OwnedFd>) -> Result<Checked, StartError>
         return err(format!("invalid --ctl-name {:?}", args.ctl_name));
     }
     let devices = open_devices(args, &root)?;
+    let writeback = decide_writeback(args, &root)?;
     let state = load_state(args)?;
     Ok(Checked {
         root,
         settings,
         devices,
         state,
+        writeback,
     })
+}
+
+/// `--writeback`: on for a mount that serves devices only. The writeback
+/// cache is the connection's, and with it the kernel trusts its own size
+/// and times of every regular file, which a file another host changes
+/// would make wrong; a device's size never changes. So it needs `--device`
+/// entries on the cached path (relay has no FUSE cache for writes) and a
+/// backing directory with nothing in it (the mount then refuses to create
+/// or open a regular file of the directory).
+fn decide_writeback(args: &MountArgs, root: &OwnedFd) -> Result<bool, StartError> {
+    let why_not = if args.devices.is_empty() {
+        Some("no --device entry".to_string())
+    } else if args.device_io != DataPath::Cached {
+        Some(format!("--device-io {}", args.device_io.name()))
+    } else {
+        first_entry(root).map(|name| {
+            format!(
+                "the backing directory {} is not empty (it holds {name:?})",
+                args.backing.display()
+            )
+        })
+    };
+    match (args.writeback, why_not) {
+        (Writeback::Off, _) => Ok(false),
+        (Writeback::On, Some(why)) => err(format!(
+            "--writeback on: {why}; write-back serves devices only (--device entries on the \
+             cached path, an empty backing directory): fix that, or use --writeback off"
+        )),
+        (Writeback::Auto, Some(why)) => {
+            log::info!("--writeback auto: off ({why})");
+            Ok(false)
+        }
+        (_, None) => Ok(true),
+    }
+}
+
+/// The name of some entry of the directory `root`, if it has one.
+fn first_entry(root: &OwnedFd) -> Option<std::ffi::OsString> {
+    let dir = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(root));
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .next()
 }
 
 /// Opens each `--device` entry (a name given twice is refused), and warns
@@ -287,6 +336,7 @@ fn build_fs(args: &MountArgs, checked: Checked) -> Result<MigsafeFs, StartError>
         max_background: 64,
         mountpoint: args.canonical_mountpoint(),
         device_io: args.device_io,
+        writeback: checked.writeback,
     };
     let fs = MigsafeFs::new(config, checked.settings, checked.root, checked.devices)
         .map_err(|e| StartError(format!("backing {}: {e}", args.backing.display())))?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::session::Acl;
 
 use super::args::{MountArgs, StartError, err};
-use crate::fs::{DataPath, IoMode};
+use crate::fs::{DataPath, IoMode, Writeback};
 use crate::settings::Key;
 
 /// A mount option for mount(2) or fusermount3, as `-o` named it.
@@ -105,6 +105,7 @@ pub(super) fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, A
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             ("io", Some(v)) => args.io = parse_io(v)?,
             ("device-io" | "device_io", Some(v)) => args.device_io = parse_device_io(v)?,
+            ("writeback", Some(v)) => args.writeback = parse_writeback(v)?,
             ("device", Some(v)) => args.devices.push(parse_device(v)?),
             ("threads", Some(v)) => {
                 args.threads = v
@@ -137,6 +138,11 @@ pub(super) fn apply_options(args: &mut MountArgs) -> Result<(Vec<MountOption>, A
 fn parse_device_io(v: &str) -> Result<DataPath, StartError> {
     let words = DataPath::DEVICE.map(DataPath::name);
     choice(DataPath::device_from_name(v), v, "device io", &words)
+}
+
+fn parse_writeback(v: &str) -> Result<Writeback, StartError> {
+    let words = Writeback::ALL.map(Writeback::name);
+    choice(Writeback::from_name(v), v, "writeback", &words)
 }
 
 fn parse_io(v: &str) -> Result<IoMode, StartError> {

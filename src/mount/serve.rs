@@ -101,7 +101,7 @@ pub(super) fn serve_child(mut args: MountArgs, env: ServeEnv) -> Result<(), Star
     let notifier_slot = fs.notifier.clone();
     let session = match adopted {
         Some((negotiated, supported)) => {
-            fs.adopted(negotiated.passthrough(), supported);
+            fs.adopted(&negotiated, supported);
             Session::adopt(fs, conn, acl, negotiated)
         }
         None => {

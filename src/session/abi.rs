@@ -57,6 +57,7 @@ pub mod init {
     pub const ASYNC_READ: u64 = 1 << 0;
     pub const BIG_WRITES: u64 = 1 << 5;
     pub const ASYNC_DIO: u64 = 1 << 15;
+    pub const WRITEBACK_CACHE: u64 = 1 << 16;
     pub const PARALLEL_DIROPS: u64 = 1 << 18;
     pub const MAX_PAGES: u64 = 1 << 22;
     pub const INIT_EXT: u64 = 1 << 30;
@@ -86,6 +87,9 @@ pub mod fattr {
     pub const MTIME_NOW: u32 = 1 << 8;
 }
 
+/// `fuse_write_in.write_flags`: the kernel writing back its own dirty
+/// pages (writeback cache, or a shared mapping), not a caller's write.
+pub const WRITE_CACHE: u32 = 1 << 0;
 /// `fuse_write_in.write_flags`.
 pub const WRITE_KILL_SUIDGID: u32 = 1 << 2;
 /// `fuse_getattr_in.getattr_flags`: `fh` is valid.

@@ -114,7 +114,7 @@ pub trait Filesystem: Send + Sync + 'static {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        kill_suidgid: bool,
+        flags: WriteFlags,
         reply: ReplyWrite,
     );
     fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty);
@@ -192,6 +192,17 @@ pub trait Filesystem: Send + Sync + 'static {
     );
 }
 
+/// What a FUSE_WRITE says of itself besides its range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// The writer lacks CAP_FSETID: set-id bits go before the write.
+    pub kill_suidgid: bool,
+    /// The kernel writing back pages already written into its cache (the
+    /// writeback cache, a shared mapping): the writer's call returned long
+    /// ago, so a failure reaches it only through its next fsync or close.
+    pub writeback: bool,
+}
+
 /// What FUSE_INIT offers and what the op table asks for.
 #[derive(Debug, Clone)]
 pub struct KernelConfig {
@@ -256,6 +267,9 @@ pub struct Negotiated {
 impl Negotiated {
     pub fn passthrough(&self) -> bool {
         self.flags & InitFlags::PASSTHROUGH != 0
+    }
+    pub fn writeback(&self) -> bool {
+        self.flags & InitFlags::WRITEBACK_CACHE != 0
     }
 }
 
@@ -637,8 +651,11 @@ impl<FS: Filesystem> Worker<FS> {
                 data,
                 write_flags,
             } => {
-                let kill = write_flags & abi::WRITE_KILL_SUIDGID != 0;
-                fs.write(req, ino, fh, offset, data, kill, ReplyWrite(replier()))
+                let flags = WriteFlags {
+                    kill_suidgid: write_flags & abi::WRITE_KILL_SUIDGID != 0,
+                    writeback: write_flags & abi::WRITE_CACHE != 0,
+                };
+                fs.write(req, ino, fh, offset, data, flags, ReplyWrite(replier()))
             }
             Operation::StatFs => fs.statfs(req, ino, ReplyStatfs(replier())),
             Operation::Release { fh } => fs.release(req, ino, fh, ReplyEmpty(replier())),

@@ -9,6 +9,7 @@ mod direct;
 mod errno;
 mod kmount;
 mod loopbed;
+mod pages;
 mod pin;
 mod procs;
 mod status;
@@ -17,7 +18,9 @@ mod strace;
 // Re-exported so tests write `common::X` whatever file X lives in; each test
 // binary uses a subset, so a glob may be unused in one of them.
 #[allow(unused_imports)]
-pub use {direct::*, errno::*, kmount::*, loopbed::*, pin::*, procs::*, status::*, strace::*};
+pub use {
+    direct::*, errno::*, kmount::*, loopbed::*, pages::*, pin::*, procs::*, status::*, strace::*,
+};
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
