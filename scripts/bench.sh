@@ -782,6 +782,9 @@ start_migsafe_bin() {
 	# The state file in the work dir (removed with it), not root's default
 	# /run/migsafe-state: the bench leaves nothing behind.
 	targs+=(--state-file "$WORK/state-$name.json")
+	# The pid file names the process that serves requests (the mount's own
+	# process is its keeper, which serves none): its CPU is the daemon's.
+	targs+=(--pid-file "$WORK/pid-$name")
 	RUST_LOG=${RUST_LOG:-warn} "$bin" mount "${targs[@]+"${targs[@]}"}" "$@" \
 		"${EXTRA_MOUNT_ARGS[@]+"${EXTRA_MOUNT_ARGS[@]}"}" "$backing" "$mnt" \
 		>"$WORK/log-$name" 2>&1 &
@@ -792,6 +795,9 @@ start_migsafe_bin() {
 	if ! wait_mounted "$mnt" "$pid" "$WORK/log-$name" "migsafe ($name)"; then
 		stop_pid "$pid"
 		return 1
+	fi
+	if [[ -s $WORK/pid-$name ]]; then
+		LAST_PID=$(<"$WORK/pid-$name")
 	fi
 }
 
