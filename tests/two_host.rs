@@ -98,6 +98,9 @@ fn loop_bed(device_io: &str) {
     // Destination reads X early: it lands in the destination's cache.
     let before = read_at(&disk2, X, MIB);
     assert!(all(&before, b'A'), "initial read: {}", describe(&before));
+    // Held in the destination's cache until the negative control has read
+    // it (common/pin.rs: the kernel may reclaim it meanwhile).
+    let pin = pin_cached(&cache_b, X, MIB);
     let rb = residency(&cache_b);
     assert!(
         rb.cached >= (MIB / 4096) as u64,
@@ -113,17 +116,16 @@ fn loop_bed(device_io: &str) {
         );
     }
 
-    // Hold the destination's copy of X in its cache until the negative
-    // control has read it (common/pin.rs: the kernel may reclaim it).
-    let pin = pin_cached(&cache_b, X, MIB);
-
     // Source writes X (with fsync) and inactivates.
     write_at_sync(&disk1, X, &vec![b'B'; MIB]);
+    let held = pin_cached(&cache_a, X, MIB);
     assert!(
         residency(&cache_a).cached >= (MIB / 4096) as u64,
         "precondition: the source caches what it wrote in {}",
         cache_a.display()
     );
+    // Unmapped before inactivate, which must drop these pages.
+    drop(held);
     let (res, out) = ctl_write_read(&m1.ctl("inactivate"), "disk\n");
     assert_eq!(
         res,
@@ -212,6 +214,8 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
     let _source_vmm = hold_open(&disk1);
     let before = read_at(&disk2, X, MIB);
     assert!(all(&before, b'A'), "initial read: {}", describe(&before));
+    // Held until the negative control has read it (common/pin.rs).
+    let pin = pin_cached(&cache_b, X, MIB);
     let rb = residency(&cache_b);
     assert!(
         rb.cached >= (MIB / 4096) as u64,
@@ -239,8 +243,6 @@ fn mergerfs_bed(src_io: &str, dst_io: &str) {
         "destination must use the {dst_io} data path; log:\n{log2}"
     );
 
-    // Hold the destination's copy of X until the negative control read it.
-    let pin = pin_cached(&cache_b, X, MIB);
     write_at_sync(&disk1, X, &vec![b'B'; MIB]);
     let log1 = m1.log_text();
     assert!(
