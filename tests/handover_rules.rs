@@ -551,6 +551,17 @@ fn writers_that_bypass_fencing_are_named() {
     assert!(out.contains("opened after inactivate"), "{out:?}");
     drop(early);
     drop(late);
+    // close() waits for FLUSH, not for RELEASE, which the kernel sends on
+    // its own afterwards: the handles are gone once the daemon had it
+    // (seen in CI: an inactivate right after the close still named one).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_image(&m, "vm.img")["fencing"] != "full" {
+        assert!(
+            Instant::now() < deadline,
+            "the closed handles were never released"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 
     // With no writer left, fencing is full again.
     let (res, out) = ctl_write_read(&m.ctl("inactivate"), "vm.img\n");
