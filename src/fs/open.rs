@@ -275,7 +275,7 @@ impl MigsafeFs {
                 image.check_writable(self.settings())?;
             }
             if !image.is_device() {
-                self.refuse_regular_file_on_writeback(&std::ffi::OsString::from(image.path()))?;
+                self.refuse_regular_file_on_writeback(&image.path())?;
             }
             if is_internal_opener(req.pid()) {
                 return self.open_internal(inode, image);
@@ -296,7 +296,7 @@ impl MigsafeFs {
     /// §2), so no other regular file is created or opened.
     pub(super) fn refuse_regular_file_on_writeback(
         &self,
-        name: &std::ffi::OsStr,
+        name: &(impl AsRef<std::ffi::OsStr> + ?Sized),
     ) -> Result<(), Error> {
         if !self.writeback_active() {
             return Ok(());
@@ -304,7 +304,7 @@ impl MigsafeFs {
         log::warn!(
             "{}: refused (EPERM): this mount serves devices only (--writeback on); \
              keep regular files on a mount with --writeback off",
-            name.to_string_lossy()
+            name.as_ref().to_string_lossy()
         );
         Err(Errno::EPERM.into())
     }

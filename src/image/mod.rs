@@ -468,10 +468,11 @@ impl Image {
             let first = st.sticky_error.is_none();
             (*st.sticky_error.get_or_insert(errno), first)
         };
-        // Recorded for a restarted daemon; the sync fails either way, so a
-        // record that cannot be written is only logged.
+        // Recorded for a restarted daemon (stamped "sync" or "write-back");
+        // the request fails either way, so a record that cannot be written
+        // is only logged.
         if first
-            && let Err(e) = self.record_update(Some("sync"), |r| {
+            && let Err(e) = self.record_update(Some(what), |r| {
                 let mut r = r.unwrap_or_else(|| self.new_record());
                 r.sticky_error = Some(sticky);
                 Some(r)

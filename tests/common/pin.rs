@@ -1,5 +1,5 @@
-//! Keeping a bed's stale pages in the page cache while a negative control
-//! needs them.
+//! Keeping a bed's pages in the page cache while a negative control (or
+//! a precondition that counts them) needs them.
 //!
 //! A negative control reads the destination's cached copy of a block after
 //! the source rewrote it, and must see the old bytes. The kernel may reclaim
